@@ -1,0 +1,437 @@
+//! Typed configuration: a TOML file, then environment overrides `TEACHD__SECTION__KEY=value`
+//! (array elements by index: `TEACHD__MODELS__0__MAX_TOP_K=64`). Secrets are redacted in Debug.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub limits: DefaultLimits,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    /// The teacher models served. Several may be served at once.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. `0.0.0.0:8080` in containers.
+    pub bind: String,
+    /// Largest accepted request body. Larger bodies get 413 before any parsing. Token-id bodies
+    /// of a full 8k context are ~60 KiB, so the default leaves room for batched judgments.
+    pub body_limit_bytes: usize,
+    /// Wall-clock limit for one request (generation included). Long limits let slow CPU teachers
+    /// finish; short ones free capacity from stuck clients sooner.
+    pub request_timeout_secs: u64,
+    /// Requests in flight across all clients before new ones get 503 `overloaded` instead of
+    /// queueing without bound.
+    pub max_in_flight: usize,
+    /// Grace period on SIGTERM for in-flight requests and the ledger drain.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            body_limit_bytes: 4 * 1024 * 1024,
+            request_timeout_secs: 600,
+            max_in_flight: 256,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Postgres URL. May hold a password: it is redacted from Debug output and logs.
+    pub url: String,
+    /// Pool size. The ledger writer holds one connection; the rest serve auth and admin queries.
+    pub max_connections: u32,
+    /// Run migrations when `serve` starts (also available as `teachd migrate`).
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/teachd".into(),
+            max_connections: 16,
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Limits applied to clients that have no override of their own.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultLimits {
+    /// Requests per minute.
+    pub rpm: u32,
+    /// Tokens per minute (prompt + scored/generated).
+    pub tpm: u32,
+    /// Requests in flight at once per client.
+    pub max_concurrent: u32,
+    /// Tokens per UTC day, persisted: survives restarts.
+    pub daily_tokens: i64,
+}
+
+impl Default for DefaultLimits {
+    fn default() -> Self {
+        Self {
+            rpm: 600,
+            tpm: 1_000_000,
+            max_concurrent: 8,
+            daily_tokens: 100_000_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Most rows in one group commit. Bigger batches mean fewer fsyncs under load.
+    pub max_batch: usize,
+    /// Longest a row waits for companions before its batch is committed. Adds at most this
+    /// much latency to a lone request; 0 commits every row as soon as the writer is free.
+    pub max_wait_ms: u64,
+    /// Store full request/response bodies (evidence table) in addition to their SHA-256.
+    /// Off by default: bodies can be large and may be sensitive.
+    pub store_bodies: bool,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 512,
+            max_wait_ms: 2,
+            store_bodies: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Pause after each engine request before the next is admitted. mistralrs 0.8.1 may run one
+    /// leftover decode step after a request finishes; batching that step with the next request
+    /// panics its engine thread. ~2 decode steps of the CPU default model.
+    pub settle_ms: u64,
+    /// Requests waiting for one model's engine before new ones get 503 `overloaded`.
+    pub max_queue: usize,
+    /// Longest generation allowed (`max_tokens` cap).
+    pub max_new_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            settle_ms: 40,
+            max_queue: 64,
+            max_new_tokens: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The id clients put in `model`.
+    pub id: String,
+    pub source: ModelSource,
+    /// Activation dtype. `auto`: F32 on CPU (exact and fastest there with dequantized weights),
+    /// BF16 on CUDA.
+    #[serde(default)]
+    pub dtype: DTypeSetting,
+    /// `cpu`, or `cuda` / `cuda:N` (needs the `cuda` cargo feature).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// On CPU, dequantize GGUF weights to F32 at load: ~12x faster teacher forcing with 2 threads
+    /// and exact logits, for ~4x the memory of the quantized file. Ignored on CUDA.
+    #[serde(default = "default_true")]
+    pub dequantize_on_cpu: bool,
+    pub licence: LicenceConfig,
+    /// Cap on `top_k` / `top_logprobs` / `prompt_logprobs`.
+    #[serde(default = "default_max_top_k")]
+    pub max_top_k: usize,
+    /// Quantization label reported to clients (e.g. `Q4_1`); derived from the file when absent.
+    #[serde(default)]
+    pub quantization: Option<String>,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_top_k() -> usize {
+    256
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeSetting {
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelSource {
+    /// A local GGUF file; tokenizer and chat template come from the file.
+    Gguf { path: PathBuf },
+    /// A local directory with `config.json`, `tokenizer.json` and safetensors weights,
+    /// optionally quantized in situ (`isq = "Q4K"`, `"Q8_0"`, ...).
+    Safetensors {
+        path: PathBuf,
+        #[serde(default)]
+        isq: Option<String>,
+    },
+    /// A Hugging Face hub repository (needs network); `file` selects a GGUF file in it,
+    /// otherwise safetensors are loaded (with optional `isq`).
+    Hub {
+        repo: String,
+        #[serde(default)]
+        file: Option<String>,
+        #[serde(default)]
+        isq: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LicenceConfig {
+    /// SPDX-like id, e.g. `apache-2.0`, `llama3.1`.
+    pub id: String,
+    pub distillation: DistillationPolicy,
+    /// Required attribution text, sent as `x-teacher-attribution` (e.g. "Built with Llama").
+    #[serde(default)]
+    pub attribution: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillationPolicy {
+    Allowed,
+    AttributionRequired,
+    NonCommercial,
+    Prohibited,
+}
+
+impl Config {
+    /// Load the file (if given), then apply `TEACHD__…` environment overrides.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<Config> {
+        let mut value = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("parsing config {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut overrides: BTreeMap<&str, &str> = BTreeMap::new();
+        for (key, val) in env {
+            if let Some(rest) = key.strip_prefix("TEACHD__") {
+                overrides.insert(rest, val);
+            }
+        }
+        for (key, val) in overrides {
+            let path: Vec<String> = key.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            set_path(&mut value, &path, parse_scalar(val))
+                .with_context(|| format!("applying TEACHD__{key}"))?;
+        }
+        let mut config: Config = toml::Value::Table(value)
+            .try_into()
+            .context("invalid configuration")?;
+        for model in &mut config.models {
+            model.source = match std::mem::replace(
+                &mut model.source,
+                ModelSource::Gguf {
+                    path: PathBuf::new(),
+                },
+            ) {
+                ModelSource::Gguf { path } => ModelSource::Gguf {
+                    path: expand_home(&path),
+                },
+                ModelSource::Safetensors { path, isq } => ModelSource::Safetensors {
+                    path: expand_home(&path),
+                    isq,
+                },
+                other => other,
+            };
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.models {
+            if !seen.insert(&m.id) {
+                bail!("model id `{}` is configured twice", m.id);
+            }
+            if m.max_top_k == 0 {
+                bail!("model `{}`: max_top_k must be at least 1", m.id);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn expand_home(path: &Path) -> PathBuf {
+    match path.strip_prefix("~") {
+        Ok(rest) => match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(rest),
+            None => path.to_path_buf(),
+        },
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+fn parse_scalar(raw: &str) -> toml::Value {
+    if let Ok(v) = raw.parse::<i64>() {
+        return toml::Value::Integer(v);
+    }
+    if let Ok(v) = raw.parse::<f64>() {
+        return toml::Value::Float(v);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> anyhow::Result<()> {
+    let (head, rest) = path.split_first().context("empty key")?;
+    if rest.is_empty() {
+        table.insert(head.clone(), value);
+        return Ok(());
+    }
+    let entry = table
+        .entry(head.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    set_value_path(entry, rest, value)
+}
+
+fn set_value_path(node: &mut toml::Value, path: &[String], value: toml::Value) -> anyhow::Result<()> {
+    match node {
+        toml::Value::Table(t) => set_path(t, path, value),
+        toml::Value::Array(items) => {
+            let (head, rest) = path.split_first().context("empty key")?;
+            let idx: usize = head.parse().context("array index expected")?;
+            while items.len() <= idx {
+                items.push(toml::Value::Table(toml::Table::new()));
+            }
+            if rest.is_empty() {
+                items[idx] = value;
+                Ok(())
+            } else {
+                set_value_path(&mut items[idx], rest, value)
+            }
+        }
+        _ => bail!("cannot set a key below a scalar"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_nested_keys_and_array_items() {
+        let dir = std::env::temp_dir().join(format!("teachd-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            r#"
+[[models]]
+id = "m"
+source = { kind = "gguf", path = "/x.gguf" }
+licence = { id = "apache-2.0", distillation = "allowed" }
+"#,
+        )
+        .unwrap();
+        let env = vec![
+            ("TEACHD__SERVER__BIND".to_string(), "0.0.0.0:9".to_string()),
+            ("TEACHD__MODELS__0__MAX_TOP_K".to_string(), "7".to_string()),
+            ("TEACHD__LIMITS__RPM".to_string(), "5".to_string()),
+        ];
+        let cfg = Config::load_with_env(Some(&file), &env).unwrap();
+        assert_eq!(cfg.server.bind, "0.0.0.0:9");
+        assert_eq!(cfg.models[0].max_top_k, 7);
+        assert_eq!(cfg.limits.rpm, 5);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let env = vec![("TEACHD__SERVER__NOPE".to_string(), "1".to_string())];
+        assert!(Config::load_with_env(None, &env).is_err());
+    }
+
+    #[test]
+    fn database_password_is_redacted() {
+        let db = DatabaseConfig {
+            url: "postgres://u:hunter2@h:5432/d".into(),
+            ..Default::default()
+        };
+        let shown = format!("{db:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("u:***@h"), "{shown}");
+    }
+}

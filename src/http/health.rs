@@ -1,0 +1,28 @@
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+
+use crate::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+/// The process is up.
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Models loaded and the ledger's database reachable.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.models.iter().next().is_none() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no model loaded");
+    }
+    match sqlx::query("SELECT 1").execute(&state.db).await {
+        Ok(_) => (StatusCode::OK, "ready"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable"),
+    }
+}

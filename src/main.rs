@@ -1,0 +1,60 @@
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "teachd", version, about = "Teacher LLMs for distillation, with keys, limits and a usage ledger")]
+struct Cli {
+    /// Config file (TOML). Environment variables `TEACHD__SECTION__KEY` override it.
+    #[arg(long, short, env = "TEACHD_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Serve,
+    /// Run database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,mistralrs_core=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let config = teachd::config::Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => {
+            let listener = tokio::net::TcpListener::bind(&config.server.bind).await?;
+            let state = teachd::build_state(config).await?;
+            tracing::info!(addr = %listener.local_addr()?, "teachd listening");
+            teachd::serve(listener, state, shutdown_signal()).await
+        }
+        Command::Migrate => {
+            let db = teachd::db::connect(&config.database).await?;
+            teachd::db::migrate(&db).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown signal received");
+}
