@@ -18,6 +18,8 @@ enum Command {
     Serve,
     /// Run database migrations and exit.
     Migrate,
+    /// Print the OpenAPI document (JSON).
+    Openapi,
 }
 
 #[tokio::main]
@@ -29,6 +31,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        println!("{}", teachd::http::openapi().to_pretty_json()?);
+        return Ok(());
+    }
     let config = teachd::config::Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Serve => {
@@ -43,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
+        Command::Openapi => unreachable!("handled above"),
     }
 }
 

@@ -23,3 +23,51 @@ impl Usage {
         self.prompt_tokens + self.generated_tokens
     }
 }
+
+/// The usage of a streamed response, known only when its stream ends. Streaming handlers put
+/// one in their response's extensions and fill it from the producing task; the gate waits for
+/// [`UsageCell::finished`] to settle limits and write the ledger row.
+#[derive(Clone, Debug)]
+pub struct UsageCell {
+    usage: std::sync::Arc<std::sync::Mutex<Usage>>,
+    done: tokio::sync::watch::Sender<Option<StreamOutcome>>,
+}
+
+/// How a stream ended: completed, or failed with the status its error would have had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamOutcome {
+    Completed,
+    Failed(u16),
+}
+
+impl UsageCell {
+    pub fn new(initial: Usage) -> Self {
+        Self {
+            usage: std::sync::Arc::new(std::sync::Mutex::new(initial)),
+            done: tokio::sync::watch::Sender::new(None),
+        }
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Usage)) {
+        f(&mut self.usage.lock().expect("usage lock"));
+    }
+
+    pub fn finish(&self) {
+        self.done.send_replace(Some(StreamOutcome::Completed));
+    }
+
+    pub fn fail(&self, status: u16) {
+        self.done.send_replace(Some(StreamOutcome::Failed(status)));
+    }
+
+    pub fn snapshot(&self) -> Usage {
+        self.usage.lock().expect("usage lock").clone()
+    }
+
+    /// Resolves when the producer finished or failed; `None` if it vanished without saying.
+    pub async fn finished(&self) -> Option<StreamOutcome> {
+        let mut rx = self.done.subscribe();
+        let outcome = rx.wait_for(|o| o.is_some()).await.ok()?.to_owned();
+        outcome
+    }
+}

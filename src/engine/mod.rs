@@ -1,10 +1,20 @@
-//! The teacher engine: model registry, mistralrs backend, logprob math, judge prompts.
+//! The teacher engine: model registry, mistralrs backend, logprob math.
 //! Knows nothing of HTTP, clients or Postgres.
+
+mod backend;
+mod generate;
+mod load;
+pub mod math;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::config::{EngineConfig, LicenceConfig, ModelConfig};
+
+pub use generate::{FinishReason, GenEvent, GenHandle, GenToken, GenerateParams};
+pub use math::PositionStats;
 
 /// Facts about a loaded teacher that clients see.
 #[derive(Clone, Debug)]
@@ -20,8 +30,203 @@ pub struct ModelInfo {
     pub licence: LicenceConfig,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{message}")]
+    BadInput {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("sequence of {len} tokens exceeds the context length {max}")]
+    ContextLength { len: usize, max: usize },
+    #[error("the engine queue is full")]
+    Overloaded,
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl EngineError {
+    pub fn bad(param: &'static str, message: impl Into<String>) -> Self {
+        EngineError::BadInput {
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+}
+
+/// One loaded teacher model.
 pub struct Teacher {
     pub info: ModelInfo,
+    backend: backend::Backend,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Raw bytes of every token (byte-level BPE undone), for `bytes` in chat logprobs.
+    token_bytes: Vec<Vec<u8>>,
+    eos: Vec<u32>,
+    max_new_tokens: usize,
+}
+
+/// One scored sequence.
+#[derive(Clone, Debug)]
+pub struct ScoreResult {
+    /// Row j is token index `score_from + j`.
+    pub rows: Vec<PositionStats>,
+}
+
+impl Teacher {
+    pub fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, EngineError> {
+        let enc = self
+            .tokenizer
+            .encode_fast(text, add_special_tokens)
+            .map_err(|e| EngineError::bad("prompt", format!("cannot tokenize: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Render `messages` with the model's chat template and tokenize the result.
+    pub async fn tokenize_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, EngineError> {
+        if messages.is_empty() {
+            return Err(EngineError::bad("messages", "messages must not be empty"));
+        }
+        let converted = messages
+            .iter()
+            .map(|m| {
+                let mut map = indexmap::IndexMap::new();
+                map.insert("role".to_string(), either::Either::Left(m.role.clone()));
+                map.insert(
+                    "content".to_string(),
+                    either::Either::Left(m.content.clone()),
+                );
+                map
+            })
+            .collect();
+        self.backend
+            .tokenize_chat(converted, add_generation_prompt)
+            .await
+    }
+
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.check_ids(ids, "token_ids")?;
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| EngineError::Internal(anyhow::anyhow!("decode: {e}")))
+    }
+
+    /// The vocabulary entry of `id` (e.g. `Ġhello`).
+    pub fn token_str(&self, id: u32) -> String {
+        self.tokenizer.id_to_token(id).unwrap_or_default()
+    }
+
+    /// The text `id` decodes to on its own (lossy for partial UTF-8).
+    pub fn decode_one(&self, id: u32) -> String {
+        String::from_utf8_lossy(self.token_bytes(id)).into_owned()
+    }
+
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes
+            .get(id as usize)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos.contains(&id)
+    }
+
+    pub fn max_new_tokens(&self) -> usize {
+        self.max_new_tokens
+    }
+
+    pub fn check_ids(&self, ids: &[u32], param: &'static str) -> Result<(), EngineError> {
+        if let Some((i, bad)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.info.vocab_size)
+        {
+            return Err(EngineError::bad(
+                param,
+                format!(
+                    "token id {bad} at index {i} is out of range for vocabulary size {}",
+                    self.info.vocab_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn check_len(&self, len: usize) -> Result<(), EngineError> {
+        if len > self.info.context_length {
+            return Err(EngineError::ContextLength {
+                len,
+                max: self.info.context_length,
+            });
+        }
+        Ok(())
+    }
+
+    /// Teacher forcing: stats for every position `i >= score_from` of `tokens`, each given
+    /// `tokens[..i]`, over the full vocabulary at `temperature`.
+    pub async fn score(
+        &self,
+        tokens: &[u32],
+        score_from: usize,
+        top_k: usize,
+        temperature: f64,
+    ) -> Result<ScoreResult, EngineError> {
+        self.check_ids(tokens, "token_ids")?;
+        self.check_len(tokens.len())?;
+        if score_from == 0 || score_from >= tokens.len() {
+            return Err(EngineError::bad(
+                "score_from",
+                format!(
+                    "score_from must satisfy 1 <= score_from < len (len = {})",
+                    tokens.len()
+                ),
+            ));
+        }
+        let (logits, vocab) = self.backend.raw_logits(tokens.to_vec()).await?;
+        if vocab == 0 || logits.len() / vocab < tokens.len() - 1 {
+            return Err(EngineError::Internal(anyhow::anyhow!(
+                "engine returned {} logit rows for {} tokens",
+                logits.len() / vocab.max(1),
+                tokens.len()
+            )));
+        }
+        let tokens = tokens.to_vec();
+        let rows = tokio::task::spawn_blocking(move || {
+            (score_from..tokens.len())
+                .into_par_iter()
+                .map(|i| {
+                    let row = &logits[(i - 1) * vocab..i * vocab];
+                    math::score_position(row, tokens[i], top_k, temperature)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| EngineError::Internal(anyhow::anyhow!(e)))?;
+        Ok(ScoreResult { rows })
+    }
+
+    /// Start a generation; tokens arrive on the returned handle as they are sampled.
+    pub fn generate(self: &Arc<Self>, params: GenerateParams) -> Result<GenHandle, EngineError> {
+        self.check_ids(&params.prompt, "prompt")?;
+        self.check_len(params.prompt.len())?;
+        if params.prompt.is_empty() {
+            return Err(EngineError::bad("prompt", "the prompt must not be empty"));
+        }
+        Ok(generate::start(self.clone(), params))
+    }
+}
+
+/// A chat message with text content.
+#[derive(Clone, Debug)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
 }
 
 /// Every configured teacher, by id, in configuration order.
@@ -31,11 +236,31 @@ pub struct ModelRegistry {
 }
 
 impl ModelRegistry {
-    pub async fn load(_models: &[ModelConfig], _engine: &EngineConfig) -> anyhow::Result<Self> {
-        Ok(Self {
+    /// Load every configured model (sequentially: each load takes the machine's memory
+    /// bandwidth).
+    pub async fn load(models: &[ModelConfig], engine: &EngineConfig) -> anyhow::Result<Self> {
+        let mut registry = Self::empty();
+        for cfg in models {
+            let teacher = load::load_teacher(cfg, engine).await?;
+            tracing::info!(
+                model = %cfg.id,
+                weights_sha256 = %teacher.info.weights_sha256,
+                vocab = teacher.info.vocab_size,
+                context = teacher.info.context_length,
+                "teacher loaded"
+            );
+            registry.order.push(cfg.id.clone());
+            registry.models.insert(cfg.id.clone(), Arc::new(teacher));
+        }
+        Ok(registry)
+    }
+
+    /// A registry without models (admin-only deployments, tests of the non-model surface).
+    pub fn empty() -> Self {
+        Self {
             models: BTreeMap::new(),
             order: Vec::new(),
-        })
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<&Arc<Teacher>> {

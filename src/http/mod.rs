@@ -1,11 +1,167 @@
-//! HTTP surface: one module per resource, each exposing `routes()`.
+//! HTTP surface: one module per resource, each exposing `routes()`; routes and their OpenAPI
+//! entries are registered together (utoipa_axum).
 
+mod arrow;
+mod chat;
+pub mod common;
+mod completions;
+mod generation;
 pub mod health;
+pub mod logprobs;
+pub mod models;
+mod tokenize;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
+use tokio::sync::Semaphore;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
 
+use crate::error::{ApiError, REQUEST_ID};
 use crate::AppState;
 
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "teachd",
+        description = "Teacher LLMs for distillation: teacher-forced logprobs, generations with logprobs and LLM-as-a-judge scores, behind per-client keys, rate limits and a tamper-evident usage ledger.",
+        license(name = "Apache-2.0")
+    ),
+    modifiers(&BearerAuth),
+    tags((name = "teacher", description = "Teacher endpoints (scope `teacher`)"),
+         (name = "admin", description = "Admin endpoints (scope `admin`)"),
+         (name = "ops", description = "Health and metrics"))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("tk_…")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The teacher endpoints (scope `teacher`).
+fn teacher_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .merge(models::routes())
+        .merge(logprobs::routes())
+        .merge(tokenize::routes())
+        .merge(completions::routes())
+        .merge(chat::routes())
+}
+
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(teacher_routes())
+}
+
+/// The OpenAPI document, as `teachd openapi` prints it and `/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new().merge(health::routes()).with_state(state)
+    let (api, spec) = api_routes().split_for_parts();
+    let spec = Arc::new(spec);
+    let spec_json = serde_json::to_string_pretty(&*spec).unwrap_or_default();
+    let in_flight = Arc::new(Semaphore::new(state.config.server.max_in_flight));
+    let timeout = Duration::from_secs(state.config.server.request_timeout_secs);
+    Router::new()
+        .merge(api)
+        .merge(health::routes())
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move {
+                ([("content-type", "application/json")], spec_json)
+            }),
+        )
+        .merge(utoipa_scalar::Scalar::with_url("/docs", (*spec).clone()))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::BadRequest {
+                message: "method not allowed on this route".into(),
+                param: None,
+                code: Some("method_not_allowed"),
+            }
+        })
+        .layer(DefaultBodyLimit::max(state.config.server.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(
+            (in_flight, timeout),
+            admission,
+        ))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Global load shedding and the per-request timeout (the handler, not a stream's body).
+async fn admission(
+    State((in_flight, timeout)): State<(Arc<Semaphore>, Duration)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Ok(_permit) = in_flight.try_acquire() else {
+        return ApiError::Overloaded("too many requests in flight; retry shortly".into())
+            .into_response();
+    };
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Overloaded(format!(
+            "the request did not finish within {} s",
+            timeout.as_secs()
+        ))
+        .into_response(),
+    }
+}
+
+/// The id of the request, echoed from the caller when valid.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+fn valid_request_id(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Echo a valid caller `x-request-id`, else mint a UUID; every response carries it, and errors
+/// built below see it through the task-local.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_request_id(v))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = REQUEST_ID
+        .scope(id.clone(), tracing::Instrument::instrument(next.run(req), span))
+        .await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
+    }
+    resp
 }

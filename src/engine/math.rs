@@ -1,0 +1,243 @@
+//! Logprob math over one position's full-vocabulary logits. Pure functions, natural logs.
+//!
+//! Everything is accumulated in f64 so that a 49k-entry softmax loses nothing measurable; the
+//! results are reported as f32-precision numbers by callers.
+
+/// `log_softmax(logits / temperature)` over the whole vocabulary.
+pub fn log_softmax(logits: &[f32], temperature: f64) -> Vec<f64> {
+    let inv_t = 1.0 / temperature;
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64 * inv_t));
+    let sum: f64 = logits
+        .iter()
+        .map(|&x| (x as f64 * inv_t - max).exp())
+        .sum();
+    let lse = max + sum.ln();
+    logits.iter().map(|&x| x as f64 * inv_t - lse).collect()
+}
+
+/// Indices of the `k` largest values, sorted by value descending, ties by lower index first
+/// (deterministic across runs and thread counts).
+pub fn top_k(logprobs: &[f64], k: usize) -> Vec<u32> {
+    let k = k.min(logprobs.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let cmp = |a: &u32, b: &u32| {
+        logprobs[*b as usize]
+            .total_cmp(&logprobs[*a as usize])
+            .then(a.cmp(b))
+    };
+    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(cmp);
+    idx
+}
+
+/// 1-based rank of `token`: one plus the number of tokens strictly more likely.
+pub fn rank_of(logprobs: &[f64], token: u32) -> u32 {
+    let lp = logprobs[token as usize];
+    1 + logprobs.iter().filter(|&&x| x > lp).count() as u32
+}
+
+/// Shannon entropy (nats) of the distribution given by `logprobs`.
+pub fn entropy(logprobs: &[f64]) -> f64 {
+    -logprobs
+        .iter()
+        .filter(|x| x.is_finite())
+        .map(|&lp| lp.exp() * lp)
+        .sum::<f64>()
+}
+
+/// `log(1 - sum(exp(top)))`: the log of the probability mass outside the top-k, computed as a
+/// log-sum-exp over the entries outside the top-k, which keeps full precision when the tail is
+/// tiny. `None` when the top-k covers the whole vocabulary (the tail is empty: log 0).
+pub fn tail_logmass(logprobs: &[f64], top: &[u32]) -> Option<f64> {
+    if top.len() >= logprobs.len() {
+        return None;
+    }
+    if top.is_empty() {
+        return Some(0.0);
+    }
+    let mut in_top = vec![false; logprobs.len()];
+    for &t in top {
+        in_top[t as usize] = true;
+    }
+    let rest = logprobs
+        .iter()
+        .zip(&in_top)
+        .filter(|(_, &inside)| !inside)
+        .map(|(&lp, _)| lp);
+    let max = rest.clone().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return None;
+    }
+    Some(max + rest.map(|lp| (lp - max).exp()).sum::<f64>().ln())
+}
+
+/// Everything reported for one scored position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PositionStats {
+    pub token_logprob: f64,
+    pub token_rank: u32,
+    pub top_ids: Vec<u32>,
+    pub top_logprobs: Vec<f64>,
+    pub tail_logmass: Option<f64>,
+    pub entropy: f64,
+}
+
+/// Stats for the position whose logits are `logits`, the actual next token being `target`.
+pub fn score_position(logits: &[f32], target: u32, k: usize, temperature: f64) -> PositionStats {
+    let lp = log_softmax(logits, temperature);
+    stats_from_logprobs(&lp, target, k)
+}
+
+pub fn stats_from_logprobs(lp: &[f64], target: u32, k: usize) -> PositionStats {
+    let top_ids = top_k(lp, k);
+    let top_logprobs = top_ids.iter().map(|&i| lp[i as usize]).collect();
+    PositionStats {
+        token_logprob: lp[target as usize],
+        token_rank: rank_of(lp, target),
+        tail_logmass: tail_logmass(lp, &top_ids),
+        entropy: entropy(lp),
+        top_ids,
+        top_logprobs,
+    }
+}
+
+/// Smallest set of most likely tokens whose mass reaches `top_p` (nucleus), in descending order.
+/// Returns the whole vocabulary order-free when `top_p >= 1`.
+pub fn nucleus(logprobs: &[f64], top_p: f64) -> Vec<u32> {
+    if top_p >= 1.0 {
+        return (0..logprobs.len() as u32).collect();
+    }
+    let order = top_k(logprobs, logprobs.len());
+    let mut mass = 0.0;
+    let mut out = Vec::new();
+    for id in order {
+        out.push(id);
+        mass += logprobs[id as usize].exp();
+        if mass >= top_p {
+            break;
+        }
+    }
+    out
+}
+
+/// Sample one token from `logprobs` restricted to `candidates`, with a uniform draw `u` in [0,1).
+pub fn sample_from(logprobs: &[f64], candidates: &[u32], u: f64) -> u32 {
+    let total: f64 = candidates.iter().map(|&i| logprobs[i as usize].exp()).sum();
+    let mut acc = 0.0;
+    let target = u * total;
+    for &i in candidates {
+        acc += logprobs[i as usize].exp();
+        if acc > target {
+            return i;
+        }
+    }
+    *candidates.last().expect("non-empty candidates")
+}
+
+/// Index of the largest value, lowest index on ties.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64, tol: f64) -> bool {
+        (a - b).abs() <= tol
+    }
+
+    #[test]
+    fn log_softmax_sums_to_one_and_matches_definition() {
+        let logits = [1.0f32, 2.0, 3.0, -1.0];
+        let lp = log_softmax(&logits, 1.0);
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        for (l, &x) in lp.iter().zip(&logits) {
+            assert!(close(*l, x as f64 - z.ln(), 1e-12));
+        }
+        assert!(close(lp.iter().map(|x| x.exp()).sum(), 1.0, 1e-12));
+    }
+
+    #[test]
+    fn temperature_divides_logits() {
+        let logits = [1.0f32, 2.0, 4.0];
+        let a = log_softmax(&logits, 2.0);
+        let b = log_softmax(&[0.5, 1.0, 2.0], 1.0);
+        for (x, y) in a.iter().zip(&b) {
+            assert!(close(*x, *y, 1e-12));
+        }
+    }
+
+    #[test]
+    fn huge_logits_do_not_overflow() {
+        let lp = log_softmax(&[1e30, 0.0], 1.0);
+        assert_eq!(lp[0], 0.0);
+        assert!(lp[1] < -1e29);
+    }
+
+    #[test]
+    fn top_k_sorted_desc_with_deterministic_ties() {
+        let lp = [-1.0, -0.5, -1.0, -3.0, -0.5];
+        assert_eq!(top_k(&lp, 3), vec![1, 4, 0]);
+        assert_eq!(top_k(&lp, 0), Vec::<u32>::new());
+        assert_eq!(top_k(&lp, 10), vec![1, 4, 0, 2, 3]);
+    }
+
+    #[test]
+    fn rank_is_one_based_and_counts_strictly_better() {
+        let lp = [-1.0, -0.5, -1.0, -3.0];
+        assert_eq!(rank_of(&lp, 1), 1);
+        assert_eq!(rank_of(&lp, 0), 2);
+        assert_eq!(rank_of(&lp, 2), 2);
+        assert_eq!(rank_of(&lp, 3), 4);
+    }
+
+    #[test]
+    fn tail_logmass_is_log_of_remaining_mass() {
+        let lp = log_softmax(&[3.0, 2.0, 1.0, 0.0], 1.0);
+        let top = top_k(&lp, 2);
+        let expect = (1.0 - lp[0].exp() - lp[1].exp()).ln();
+        assert!(close(tail_logmass(&lp, &top).unwrap(), expect, 1e-12));
+        assert_eq!(tail_logmass(&lp, &[]), Some(0.0));
+        assert_eq!(tail_logmass(&lp, &top_k(&lp, 4)), None);
+    }
+
+    #[test]
+    fn entropy_of_uniform_is_log_n() {
+        let lp = log_softmax(&[0.0; 8], 1.0);
+        assert!(close(entropy(&lp), (8f64).ln(), 1e-12));
+    }
+
+    #[test]
+    fn score_position_is_consistent() {
+        let logits = [0.1f32, 2.0, -1.0, 0.5];
+        let s = score_position(&logits, 3, 2, 1.0);
+        assert_eq!(s.top_ids, vec![1, 3]);
+        assert_eq!(s.token_rank, 2);
+        assert!(close(s.token_logprob, s.top_logprobs[1], 0.0));
+    }
+
+    #[test]
+    fn nucleus_and_sampling() {
+        let lp = log_softmax(&[2.0, 1.0, 0.0, -5.0], 1.0);
+        let n = nucleus(&lp, 0.7);
+        assert_eq!(n, vec![0, 1]);
+        assert_eq!(sample_from(&lp, &n, 0.0), 0);
+        assert_eq!(sample_from(&lp, &n, 0.999), 1);
+        assert_eq!(argmax(&[0.0, 3.0, 3.0]), 1);
+    }
+}

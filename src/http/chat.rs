@@ -1,0 +1,304 @@
+//! `POST /v1/chat/completions`: OpenAI compatible, streaming included. Logprobs are the
+//! natural-log probabilities of the distribution each token was sampled from.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt as _;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::common::{self, f, Message};
+use super::completions::{CompletionUsage, StreamOptions};
+use super::generation;
+use crate::engine::{GenToken, GenerateParams, Teacher};
+use crate::error::{ApiError, ErrorEnvelope, Json};
+use crate::usage::{Usage, UsageCell};
+use crate::AppState;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(chat_completions))
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[schema(example = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16, "logprobs": true, "top_logprobs": 5, "seed": 7}))]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    /// Preferred over `max_tokens` when both are given.
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub stop: Option<serde_json::Value>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// 0..=max_top_k; needs `logprobs: true`.
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
+    #[serde(default)]
+    pub n: Option<usize>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatResponse {
+    pub id: String,
+    pub object: String,
+    pub created: i64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: CompletionUsage,
+    pub system_fingerprint: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChoiceLogprobs>,
+    pub finish_reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AssistantMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct ChoiceLogprobs {
+    pub content: Vec<TokenLogprob>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+fn token_logprob(t: &Teacher, tok: &GenToken) -> TokenLogprob {
+    TokenLogprob {
+        token: t.decode_one(tok.id),
+        logprob: f(tok.logprob),
+        bytes: t.token_bytes(tok.id).to_vec(),
+        top_logprobs: tok
+            .top
+            .iter()
+            .map(|&(id, lp)| TopLogprob {
+                token: t.decode_one(id),
+                logprob: f(lp),
+                bytes: t.token_bytes(id).to_vec(),
+            })
+            .collect(),
+    }
+}
+
+/// OpenAI-compatible chat completions.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "teacher", request_body = ChatRequest,
+    responses(
+        (status = 200, description = "Completion (JSON, or SSE `chat.completion.chunk`s with `stream: true`)", body = ChatResponse),
+        (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope),
+        (status = 403, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
+        (status = 413, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope),
+        (status = 503, body = ErrorEnvelope)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Json(req): Json<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let teacher = common::teacher(&state, &req.model)?;
+    if req.n.unwrap_or(1) != 1 {
+        return Err(ApiError::bad_param("n", "only n = 1 is supported"));
+    }
+    for (name, v) in [("frequency_penalty", req.frequency_penalty), ("presence_penalty", req.presence_penalty)] {
+        if v.is_some_and(|x| x != 0.0) {
+            return Err(ApiError::bad_param(name, format!("{name} is not supported; omit it or send 0")));
+        }
+    }
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    let top_n = req.top_logprobs.unwrap_or(0);
+    if req.top_logprobs.is_some() && !want_logprobs {
+        return Err(ApiError::bad_param("top_logprobs", "top_logprobs needs `logprobs: true`"));
+    }
+    common::validate_top_k(&teacher, top_n, "top_logprobs")?;
+    let temperature = req.temperature.unwrap_or(1.0);
+    common::validate_temperature(temperature, true)?;
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_param("top_p", "top_p must be in (0, 1]"));
+    }
+    let stops = generation::parse_stop(req.stop)?;
+    let messages = common::convert_messages(&req.messages)?;
+    let prompt = teacher.tokenize_chat(&messages, true).await?;
+    teacher.check_len(prompt.len())?;
+    let (requested, param) = match req.max_completion_tokens {
+        Some(n) => (Some(n), "max_completion_tokens"),
+        None => (req.max_tokens, "max_tokens"),
+    };
+    let max_new = generation::resolve_max_tokens(&teacher, prompt.len(), requested, usize::MAX, param)?;
+    if max_new == 0 {
+        return Err(ApiError::bad_param(param, format!("{param} must be at least 1")));
+    }
+    let params = GenerateParams {
+        prompt: prompt.clone(),
+        max_new_tokens: max_new,
+        temperature,
+        top_p,
+        seed: common::seed_or_random(req.seed),
+        top_logprobs: top_n,
+    };
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = chrono::Utc::now().timestamp();
+    let usage = Usage {
+        model: Some(teacher.info.id.clone()),
+        weights_sha256: Some(teacher.info.weights_sha256.clone()),
+        prompt_tokens: prompt.len() as u64,
+        top_k: want_logprobs.then_some(top_n as u32),
+        ..Default::default()
+    };
+
+    if req.stream.unwrap_or(false) {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(stream(teacher, params, stops, want_logprobs, id, created, usage, include_usage));
+    }
+
+    let mut content = String::new();
+    let mut lps = want_logprobs.then(ChoiceLogprobs::default);
+    let finished = generation::run(&teacher, params, stops, |d| {
+        content.push_str(&d.text);
+        if let Some(l) = lps.as_mut() {
+            l.content.extend(d.tokens.iter().map(|t| token_logprob(&teacher, t)));
+        }
+        true
+    })
+    .await?;
+    let usage_body = CompletionUsage {
+        prompt_tokens: prompt.len(),
+        completion_tokens: finished.sampled_tokens,
+        total_tokens: prompt.len() + finished.sampled_tokens,
+    };
+    let mut response = Json(ChatResponse {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model: teacher.info.id.clone(),
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage { role: "assistant".into(), content },
+            logprobs: lps,
+            finish_reason: finished.finish_reason.into(),
+        }],
+        usage: usage_body,
+        system_fingerprint: fingerprint(&teacher),
+    })
+    .into_response();
+    response.headers_mut().extend(common::provenance_headers(&teacher));
+    response.extensions_mut().insert(Usage {
+        generated_tokens: finished.sampled_tokens as u64,
+        ..usage
+    });
+    Ok(response)
+}
+
+fn fingerprint(t: &Teacher) -> String {
+    format!("fp_{}", &t.info.weights_sha256[..t.info.weights_sha256.len().min(12)])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    teacher: Arc<Teacher>,
+    params: GenerateParams,
+    stops: Vec<String>,
+    want_logprobs: bool,
+    id: String,
+    created: i64,
+    usage: Usage,
+    include_usage: bool,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let cell = UsageCell::new(usage);
+    let producer_cell = cell.clone();
+    let t = teacher.clone();
+    tokio::spawn(async move {
+        let model = t.info.id.clone();
+        let fp = fingerprint(&t);
+        let chunk = |delta: serde_json::Value, logprobs: serde_json::Value, finish: Option<&str>, usage: Option<CompletionUsage>| {
+            let choices = if usage.is_some() {
+                serde_json::json!([])
+            } else {
+                serde_json::json!([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+            };
+            let body = serde_json::json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": fp, "choices": choices, "usage": usage,
+            });
+            Event::default().data(body.to_string())
+        };
+        let _ = tx.send(chunk(serde_json::json!({"role": "assistant", "content": ""}), serde_json::Value::Null, None, None));
+        let prompt_len = params.prompt.len();
+        let result = generation::run(&t, params, stops, |d| {
+            let logprobs = if want_logprobs {
+                serde_json::json!({"content": d.tokens.iter().map(|x| token_logprob(&t, x)).collect::<Vec<_>>()})
+            } else {
+                serde_json::Value::Null
+            };
+            tx.send(chunk(serde_json::json!({"content": d.text}), logprobs, None, None)).is_ok()
+        })
+        .await;
+        match result {
+            Ok(finished) => {
+                producer_cell.update(|u| u.generated_tokens = finished.sampled_tokens as u64);
+                let _ = tx.send(chunk(serde_json::json!({}), serde_json::Value::Null, Some(finished.finish_reason), None));
+                if include_usage {
+                    let u = CompletionUsage {
+                        prompt_tokens: prompt_len,
+                        completion_tokens: finished.sampled_tokens,
+                        total_tokens: prompt_len + finished.sampled_tokens,
+                    };
+                    let _ = tx.send(chunk(serde_json::Value::Null, serde_json::Value::Null, None, Some(u)));
+                }
+                producer_cell.finish();
+                let _ = tx.send(Event::default().data("[DONE]"));
+            }
+            Err(e) => {
+                producer_cell.fail(e.status().as_u16());
+                let _ = tx.send(Event::default().data(serde_json::to_string(&e.envelope(None)).unwrap_or_default()));
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
+    let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+    response.headers_mut().extend(common::provenance_headers(&teacher));
+    response.extensions_mut().insert(cell);
+    response
+}

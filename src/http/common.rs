@@ -1,0 +1,144 @@
+//! Pieces shared by the teacher handlers: model lookup, engine error mapping, input resolution.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::engine::{ChatMessage, EngineError, Teacher};
+use crate::error::ApiError;
+use crate::AppState;
+
+pub fn teacher(state: &AppState, model: &str) -> Result<Arc<Teacher>, ApiError> {
+    state
+        .models
+        .get(model)
+        .cloned()
+        .ok_or_else(|| ApiError::model_not_found(model))
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::BadInput { message, param } => ApiError::BadRequest {
+                message,
+                param: param.map(str::to_string),
+                code: None,
+            },
+            EngineError::ContextLength { len, max } => ApiError::context_length_exceeded(len, max),
+            EngineError::Overloaded => {
+                ApiError::Overloaded("the teacher's queue is full; retry shortly".into())
+            }
+            EngineError::Unavailable(msg) => ApiError::Internal(anyhow::anyhow!(msg)),
+            EngineError::Internal(err) => ApiError::Internal(err),
+        }
+    }
+}
+
+/// An OpenAI chat message. `content` is a string or an array of `{"type":"text","text":…}`.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+pub struct Message {
+    pub role: String,
+    #[schema(value_type = Object)]
+    pub content: serde_json::Value,
+}
+
+pub fn convert_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_param("messages", "messages must not be empty"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match &m.content {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::Array(parts) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.get("type").and_then(|t| t.as_str()), part.get("text")) {
+                            (Some("text"), Some(serde_json::Value::String(t))) => text.push_str(t),
+                            _ => {
+                                return Err(ApiError::bad_param(
+                                    &format!("messages[{i}].content"),
+                                    "only text content parts are supported",
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                _ => {
+                    return Err(ApiError::bad_param(
+                        &format!("messages[{i}].content"),
+                        "content must be a string or an array of text parts",
+                    ))
+                }
+            };
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
+                return Err(ApiError::bad_param(
+                    &format!("messages[{i}].role"),
+                    format!("unknown role `{}`", m.role),
+                ));
+            }
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content,
+            })
+        })
+        .collect()
+}
+
+/// Provenance headers of every teacher response.
+pub fn provenance_headers(teacher: &Teacher) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let info = &teacher.info;
+    if let Ok(v) = HeaderValue::from_str(&info.id) {
+        h.insert(HeaderName::from_static("x-teacher-model"), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&info.weights_sha256) {
+        h.insert(HeaderName::from_static("x-teacher-weights-sha256"), v);
+    }
+    if let Some(attr) = &info.licence.attribution {
+        if let Ok(v) = HeaderValue::from_str(attr) {
+            h.insert(HeaderName::from_static("x-teacher-attribution"), v);
+        }
+    }
+    h
+}
+
+/// Output precision: the model computes in f32, more digits would be noise.
+pub fn f(x: f64) -> f32 {
+    x as f32
+}
+
+pub fn validate_temperature(t: f64, allow_zero: bool) -> Result<(), ApiError> {
+    let ok = t.is_finite() && if allow_zero { t >= 0.0 } else { t > 0.0 } && t <= 100.0;
+    if ok {
+        Ok(())
+    } else if allow_zero {
+        Err(ApiError::bad_param("temperature", "temperature must be in [0, 100]"))
+    } else {
+        Err(ApiError::bad_param("temperature", "temperature must be in (0, 100]"))
+    }
+}
+
+pub fn validate_top_k(teacher: &Teacher, k: usize, param: &str) -> Result<(), ApiError> {
+    if k > teacher.info.max_top_k {
+        return Err(ApiError::bad_param(
+            param,
+            format!(
+                "{param} is {k}; this model's max_top_k is {}",
+                teacher.info.max_top_k
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A random seed when the caller gave none.
+pub fn seed_or_random(seed: Option<i64>) -> u64 {
+    seed.map(|s| s as u64).unwrap_or_else(rand::random)
+}

@@ -1,0 +1,125 @@
+//! `POST /v1/tokenize`, `POST /v1/detokenize`.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::common::{self, Message};
+use super::logprobs::resolve_input;
+use crate::error::{ApiError, ErrorEnvelope, Json};
+use crate::usage::Usage;
+use crate::AppState;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(tokenize))
+        .routes(routes!(detokenize))
+}
+
+/// Exactly one of `prompt` or `messages` (rendered with the chat template, with the
+/// generation prompt appended when `add_generation_prompt` is true).
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"model": "smollm2-135m-instruct", "prompt": "Hello world"}))]
+pub struct TokenizeRequest {
+    pub model: String,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    /// Applies to `prompt`; default true.
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+    /// Applies to `messages`; default false.
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct TokenizeResponse {
+    pub token_ids: Vec<u32>,
+    /// Vocabulary entries, e.g. `Ġworld`.
+    pub tokens: Vec<String>,
+    pub count: usize,
+    pub max_model_len: usize,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"model": "smollm2-135m-instruct", "token_ids": [19556, 905]}))]
+pub struct DetokenizeRequest {
+    pub model: String,
+    pub token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct DetokenizeResponse {
+    pub text: String,
+}
+
+/// Tokenize a prompt or a chat with the model's tokenizer and template.
+#[utoipa::path(post, path = "/v1/tokenize", tag = "teacher", request_body = TokenizeRequest,
+    responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorEnvelope),
+              (status = 401, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn tokenize(
+    State(state): State<AppState>,
+    Json(req): Json<TokenizeRequest>,
+) -> Result<Response, ApiError> {
+    let teacher = common::teacher(&state, &req.model)?;
+    let ids = match (req.prompt, req.messages) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(ApiError::bad_request(
+                "give exactly one input: `prompt` or `messages`",
+            ))
+        }
+        (Some(prompt), None) => teacher.tokenize(&prompt, req.add_special_tokens.unwrap_or(true))?,
+        (None, Some(messages)) if req.add_generation_prompt.unwrap_or(false) => {
+            let messages = common::convert_messages(&messages)?;
+            teacher.tokenize_chat(&messages, true).await?
+        }
+        (None, Some(messages)) => {
+            resolve_input(&teacher, None, None, Some(messages), true).await?
+        }
+    };
+    let tokens = ids.iter().map(|&id| teacher.token_str(id)).collect();
+    let mut response = Json(TokenizeResponse {
+        count: ids.len(),
+        token_ids: ids,
+        tokens,
+        max_model_len: teacher.info.context_length,
+    })
+    .into_response();
+    response.headers_mut().extend(common::provenance_headers(&teacher));
+    response.extensions_mut().insert(Usage {
+        model: Some(teacher.info.id.clone()),
+        weights_sha256: Some(teacher.info.weights_sha256.clone()),
+        ..Default::default()
+    });
+    Ok(response)
+}
+
+/// Decode token ids to text.
+#[utoipa::path(post, path = "/v1/detokenize", tag = "teacher", request_body = DetokenizeRequest,
+    responses((status = 200, body = DetokenizeResponse), (status = 400, body = ErrorEnvelope),
+              (status = 401, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn detokenize(
+    State(state): State<AppState>,
+    Json(req): Json<DetokenizeRequest>,
+) -> Result<Response, ApiError> {
+    let teacher = common::teacher(&state, &req.model)?;
+    let text = teacher.detokenize(&req.token_ids)?;
+    let mut response = Json(DetokenizeResponse { text }).into_response();
+    response.headers_mut().extend(common::provenance_headers(&teacher));
+    response.extensions_mut().insert(Usage {
+        model: Some(teacher.info.id.clone()),
+        weights_sha256: Some(teacher.info.weights_sha256.clone()),
+        ..Default::default()
+    });
+    Ok(response)
+}
