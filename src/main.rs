@@ -3,7 +3,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "teachd", version, about = "Teacher LLMs for distillation, with keys, limits and a usage ledger")]
+#[command(
+    name = "teachd",
+    version,
+    about = "Teacher LLMs for distillation, with keys, limits and a usage ledger"
+)]
 struct Cli {
     /// Config file (TOML). Environment variables `TEACHD__SECTION__KEY` override it.
     #[arg(long, short, env = "TEACHD_CONFIG", global = true)]
@@ -58,7 +62,8 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     };
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

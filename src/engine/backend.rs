@@ -182,7 +182,10 @@ impl Backend {
                 }
                 Some(other) => return Err(response_error(other)),
                 None => {
-                    tracing::warn!(attempt, "engine channel closed during a raw request; retrying");
+                    tracing::warn!(
+                        attempt,
+                        "engine channel closed during a raw request; retrying"
+                    );
                 }
             }
         }
@@ -262,9 +265,10 @@ impl Backend {
             .map_err(|e| EngineError::Internal(anyhow!(e)))?;
         match result {
             Some(Ok(ids)) => Ok(ids),
-            Some(Err(e)) => Err(EngineError::BadInput(format!(
-                "cannot render the chat template: {e}"
-            ))),
+            Some(Err(e)) => Err(EngineError::BadInput {
+                message: format!("cannot render the chat template: {e}"),
+                param: Some("messages"),
+            }),
             None => Err(EngineError::Unavailable("engine channel closed".into())),
         }
     }
@@ -276,7 +280,10 @@ fn is_terminal(resp: &Response) -> bool {
 
 fn response_error(resp: Response) -> EngineError {
     match resp {
-        Response::ValidationError(e) => EngineError::BadInput(e.to_string()),
+        Response::ValidationError(e) => EngineError::BadInput {
+            message: e.to_string(),
+            param: None,
+        },
         Response::InternalError(e) => EngineError::Internal(anyhow!("engine: {e}")),
         Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
             EngineError::Internal(anyhow!("model: {e}"))

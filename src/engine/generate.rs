@@ -117,12 +117,7 @@ pub(super) fn start(teacher: Arc<Teacher>, params: GenerateParams) -> GenHandle 
     tokio::spawn(async move {
         let result = teacher
             .backend
-            .generate(
-                params.prompt.clone(),
-                params.max_new_tokens,
-                step,
-                started,
-            )
+            .generate(params.prompt.clone(), params.max_new_tokens, step, started)
             .await;
         let event = match result {
             Ok(_) => {

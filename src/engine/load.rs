@@ -4,11 +4,10 @@
 use std::io::Read;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use mistralrs_core::llguidance::toktrie::{TokTrie, TokenizerEnv};
+use mistralrs_core::llguidance::toktrie::TokTrie;
 use mistralrs_core::{
     AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
     GGUFSpecificConfig, Loader, MistralRsBuilder, ModelDType, NormalLoaderBuilder,
@@ -20,7 +19,10 @@ use super::backend::Backend;
 use super::{ModelInfo, Teacher};
 use crate::config::{DTypeSetting, EngineConfig, ModelConfig, ModelSource};
 
-pub(super) async fn load_teacher(cfg: &ModelConfig, engine: &EngineConfig) -> anyhow::Result<Teacher> {
+pub(super) async fn load_teacher(
+    cfg: &ModelConfig,
+    engine: &EngineConfig,
+) -> anyhow::Result<Teacher> {
     let device = parse_device(&cfg.device)?;
     let on_cpu = device.is_cpu();
     let dtype = match (&cfg.dtype, on_cpu) {
@@ -51,7 +53,11 @@ pub(super) async fn load_teacher(cfg: &ModelConfig, engine: &EngineConfig) -> an
                         path.display()
                     );
                 }
-                let dir = path.parent().unwrap_or(Path::new(".")).to_string_lossy().into_owned();
+                let dir = path
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .to_string_lossy()
+                    .into_owned();
                 let file = path
                     .file_name()
                     .context("GGUF path has no file name")?
@@ -69,7 +75,11 @@ pub(super) async fn load_teacher(cfg: &ModelConfig, engine: &EngineConfig) -> an
                 .build();
                 (loader, vec![path.clone()], gguf_quantization(path).ok())
             }
-            ModelSource::Hub { repo, file: Some(file), .. } => {
+            ModelSource::Hub {
+                repo,
+                file: Some(file),
+                ..
+            } => {
                 let loader = GGUFLoaderBuilder::new(
                     None,
                     None,
@@ -94,7 +104,11 @@ pub(super) async fn load_teacher(cfg: &ModelConfig, engine: &EngineConfig) -> an
                 .build(None)?;
                 (loader, safetensors_files(path), isq.clone())
             }
-            ModelSource::Hub { repo, file: None, isq } => {
+            ModelSource::Hub {
+                repo,
+                file: None,
+                isq,
+            } => {
                 let loader = NormalLoaderBuilder::new(
                     NormalSpecificConfig::default(),
                     None,
@@ -136,7 +150,12 @@ pub(super) async fn load_teacher(cfg: &ModelConfig, engine: &EngineConfig) -> an
         let meta = p.get_metadata();
         let tokenizer = p.tokenizer().context("model has no tokenizer")?;
         let trie_bytes = meta.tok_env().map(|env| all_token_bytes(env.tok_trie()));
-        (tokenizer, meta.max_seq_len, meta.eos_tok.clone(), trie_bytes)
+        (
+            tokenizer,
+            meta.max_seq_len,
+            meta.eos_tok.clone(),
+            trie_bytes,
+        )
     };
     let architecture = {
         let p = pipeline.lock().await;
@@ -242,7 +261,8 @@ fn all_token_bytes(trie: &TokTrie) -> Vec<Vec<u8>> {
 fn sha256_files(files: &[PathBuf]) -> anyhow::Result<String> {
     let mut digests = Vec::new();
     for f in files {
-        let mut file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
+        let mut file =
+            std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -281,12 +301,20 @@ fn safetensors_files(dir: &Path) -> Vec<PathBuf> {
 
 /// The files of a hub repository as mistralrs cached them (`<hf cache>/models--org--name`).
 fn hub_cached_files(repo: &str, file: Option<&str>) -> Vec<PathBuf> {
-    let root = mistralrs_core::hf_hub_cache_dir().join(format!("models--{}", repo.replace('/', "--")));
+    let Some(cache) = mistralrs_core::hf_hub_cache_dir() else {
+        return Vec::new();
+    };
+    let root = cache.join(format!("models--{}", repo.replace('/', "--")));
     let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("snapshots"))
         .into_iter()
         .flatten()
         .flatten()
-        .flat_map(|snap| std::fs::read_dir(snap.path()).into_iter().flatten().flatten())
+        .flat_map(|snap| {
+            std::fs::read_dir(snap.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
         .map(|e| e.path())
         .filter(|p| match file {
             Some(f) => p.file_name().is_some_and(|n| n == f),
@@ -319,7 +347,9 @@ fn gguf_quantization(path: &Path) -> anyhow::Result<String> {
 }
 
 fn gguf_architecture(files: &[PathBuf]) -> Option<String> {
-    let path = files.first().filter(|p| p.extension().is_some_and(|e| e == "gguf"))?;
+    let path = files
+        .first()
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))?;
     let content = read_gguf(path).ok()?;
     content
         .metadata

@@ -9,10 +9,7 @@ pub fn log_softmax(logits: &[f32], temperature: f64) -> Vec<f64> {
     let max = logits
         .iter()
         .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64 * inv_t));
-    let sum: f64 = logits
-        .iter()
-        .map(|&x| (x as f64 * inv_t - max).exp())
-        .sum();
+    let sum: f64 = logits.iter().map(|&x| (x as f64 * inv_t - max).exp()).sum();
     let lse = max + sum.ln();
     logits.iter().map(|&x| x as f64 * inv_t - lse).collect()
 }

@@ -211,6 +211,14 @@ impl Teacher {
         Ok(ScoreResult { rows })
     }
 
+    /// The model's full-vocabulary logits for `tokens`, row-major `[len, vocab]`; row i
+    /// predicts token i+1. For reference checks; clients get [`Teacher::score`].
+    pub async fn raw_logits(&self, tokens: &[u32]) -> Result<(Vec<f32>, usize), EngineError> {
+        self.check_ids(tokens, "token_ids")?;
+        self.check_len(tokens.len())?;
+        self.backend.raw_logits(tokens.to_vec()).await
+    }
+
     /// Start a generation; tokens arrive on the returned handle as they are sampled.
     pub fn generate(self: &Arc<Self>, params: GenerateParams) -> Result<GenHandle, EngineError> {
         self.check_ids(&params.prompt, "prompt")?;

@@ -36,9 +36,18 @@ pub fn encode(r: &LogprobsResponse) -> Result<Vec<u8>, ApiError> {
         ("score_from".to_string(), r.score_from.to_string()),
         ("top_k".to_string(), r.top_k.to_string()),
         ("temperature".to_string(), r.temperature.to_string()),
-        ("prompt_tokens".to_string(), r.usage.prompt_tokens.to_string()),
-        ("weights_sha256".to_string(), r.teacher.weights_sha256.clone()),
-        ("tokenizer_sha256".to_string(), r.teacher.tokenizer_sha256.clone()),
+        (
+            "prompt_tokens".to_string(),
+            r.usage.prompt_tokens.to_string(),
+        ),
+        (
+            "weights_sha256".to_string(),
+            r.teacher.weights_sha256.clone(),
+        ),
+        (
+            "tokenizer_sha256".to_string(),
+            r.teacher.tokenizer_sha256.clone(),
+        ),
         ("vocab_size".to_string(), r.teacher.vocab_size.to_string()),
         ("quantization".to_string(), r.teacher.quantization.clone()),
     ]);

@@ -52,6 +52,9 @@ pub struct ChatRequest {
     /// 0..=max_top_k; needs `logprobs: true`.
     #[serde(default)]
     pub top_logprobs: Option<usize>,
+    /// vLLM extension: render every `token` as `token_id:<id>`, so clients get exact ids.
+    #[serde(default)]
+    pub return_tokens_as_token_ids: Option<bool>,
     #[serde(default)]
     pub n: Option<usize>,
     #[serde(default)]
@@ -105,16 +108,24 @@ pub struct TopLogprob {
     pub bytes: Vec<u8>,
 }
 
-fn token_logprob(t: &Teacher, tok: &GenToken) -> TokenLogprob {
+fn token_name(t: &Teacher, id: u32, as_ids: bool) -> String {
+    if as_ids {
+        format!("token_id:{id}")
+    } else {
+        t.decode_one(id)
+    }
+}
+
+fn token_logprob(t: &Teacher, tok: &GenToken, as_ids: bool) -> TokenLogprob {
     TokenLogprob {
-        token: t.decode_one(tok.id),
+        token: token_name(t, tok.id, as_ids),
         logprob: f(tok.logprob),
         bytes: t.token_bytes(tok.id).to_vec(),
         top_logprobs: tok
             .top
             .iter()
             .map(|&(id, lp)| TopLogprob {
-                token: t.decode_one(id),
+                token: token_name(t, id, as_ids),
                 logprob: f(lp),
                 bytes: t.token_bytes(id).to_vec(),
             })
@@ -140,15 +151,25 @@ pub async fn chat_completions(
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_param("n", "only n = 1 is supported"));
     }
-    for (name, v) in [("frequency_penalty", req.frequency_penalty), ("presence_penalty", req.presence_penalty)] {
+    for (name, v) in [
+        ("frequency_penalty", req.frequency_penalty),
+        ("presence_penalty", req.presence_penalty),
+    ] {
         if v.is_some_and(|x| x != 0.0) {
-            return Err(ApiError::bad_param(name, format!("{name} is not supported; omit it or send 0")));
+            return Err(ApiError::bad_param(
+                name,
+                format!("{name} is not supported; omit it or send 0"),
+            ));
         }
     }
     let want_logprobs = req.logprobs.unwrap_or(false);
+    let as_ids = req.return_tokens_as_token_ids.unwrap_or(false);
     let top_n = req.top_logprobs.unwrap_or(0);
     if req.top_logprobs.is_some() && !want_logprobs {
-        return Err(ApiError::bad_param("top_logprobs", "top_logprobs needs `logprobs: true`"));
+        return Err(ApiError::bad_param(
+            "top_logprobs",
+            "top_logprobs needs `logprobs: true`",
+        ));
     }
     common::validate_top_k(&teacher, top_n, "top_logprobs")?;
     let temperature = req.temperature.unwrap_or(1.0);
@@ -165,9 +186,13 @@ pub async fn chat_completions(
         Some(n) => (Some(n), "max_completion_tokens"),
         None => (req.max_tokens, "max_tokens"),
     };
-    let max_new = generation::resolve_max_tokens(&teacher, prompt.len(), requested, usize::MAX, param)?;
+    let max_new =
+        generation::resolve_max_tokens(&teacher, prompt.len(), requested, usize::MAX, param)?;
     if max_new == 0 {
-        return Err(ApiError::bad_param(param, format!("{param} must be at least 1")));
+        return Err(ApiError::bad_param(
+            param,
+            format!("{param} must be at least 1"),
+        ));
     }
     let params = GenerateParams {
         prompt: prompt.clone(),
@@ -189,7 +214,16 @@ pub async fn chat_completions(
 
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(stream(teacher, params, stops, want_logprobs, id, created, usage, include_usage));
+        return Ok(stream(
+            teacher,
+            params,
+            stops,
+            (want_logprobs, as_ids),
+            id,
+            created,
+            usage,
+            include_usage,
+        ));
     }
 
     let mut content = String::new();
@@ -197,7 +231,8 @@ pub async fn chat_completions(
     let finished = generation::run(&teacher, params, stops, |d| {
         content.push_str(&d.text);
         if let Some(l) = lps.as_mut() {
-            l.content.extend(d.tokens.iter().map(|t| token_logprob(&teacher, t)));
+            l.content
+                .extend(d.tokens.iter().map(|t| token_logprob(&teacher, t, as_ids)));
         }
         true
     })
@@ -214,7 +249,10 @@ pub async fn chat_completions(
         model: teacher.info.id.clone(),
         choices: vec![ChatChoice {
             index: 0,
-            message: AssistantMessage { role: "assistant".into(), content },
+            message: AssistantMessage {
+                role: "assistant".into(),
+                content,
+            },
             logprobs: lps,
             finish_reason: finished.finish_reason.into(),
         }],
@@ -222,7 +260,9 @@ pub async fn chat_completions(
         system_fingerprint: fingerprint(&teacher),
     })
     .into_response();
-    response.headers_mut().extend(common::provenance_headers(&teacher));
+    response
+        .headers_mut()
+        .extend(common::provenance_headers(&teacher));
     response.extensions_mut().insert(Usage {
         generated_tokens: finished.sampled_tokens as u64,
         ..usage
@@ -230,8 +270,38 @@ pub async fn chat_completions(
     Ok(response)
 }
 
+#[derive(Serialize)]
+struct ChatChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    system_fingerprint: &'a str,
+    choices: Vec<ChunkChoice>,
+    usage: Option<CompletionUsage>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice {
+    index: usize,
+    delta: ChunkDelta,
+    logprobs: Option<ChoiceLogprobs>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ChunkDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
+}
+
 fn fingerprint(t: &Teacher) -> String {
-    format!("fp_{}", &t.info.weights_sha256[..t.info.weights_sha256.len().min(12)])
+    format!(
+        "fp_{}",
+        &t.info.weights_sha256[..t.info.weights_sha256.len().min(12)]
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -239,7 +309,7 @@ fn stream(
     teacher: Arc<Teacher>,
     params: GenerateParams,
     stops: Vec<String>,
-    want_logprobs: bool,
+    (want_logprobs, as_ids): (bool, bool),
     id: String,
     created: i64,
     usage: Usage,
@@ -252,53 +322,81 @@ fn stream(
     tokio::spawn(async move {
         let model = t.info.id.clone();
         let fp = fingerprint(&t);
-        let chunk = |delta: serde_json::Value, logprobs: serde_json::Value, finish: Option<&str>, usage: Option<CompletionUsage>| {
-            let choices = if usage.is_some() {
-                serde_json::json!([])
-            } else {
-                serde_json::json!([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+        let chunk = |choices: Vec<ChunkChoice>, usage: Option<CompletionUsage>| {
+            let body = ChatChunk {
+                id: &id,
+                object: "chat.completion.chunk",
+                created,
+                model: &model,
+                system_fingerprint: &fp,
+                choices,
+                usage,
             };
-            let body = serde_json::json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": fp, "choices": choices, "usage": usage,
-            });
-            Event::default().data(body.to_string())
+            Event::default().data(serde_json::to_string(&body).unwrap_or_default())
         };
-        let _ = tx.send(chunk(serde_json::json!({"role": "assistant", "content": ""}), serde_json::Value::Null, None, None));
+        let choice = |content: Option<String>,
+                      role: Option<&'static str>,
+                      logprobs: Option<ChoiceLogprobs>,
+                      finish: Option<&'static str>| ChunkChoice {
+            index: 0,
+            delta: ChunkDelta { role, content },
+            logprobs,
+            finish_reason: finish,
+        };
+        let _ = tx.send(chunk(
+            vec![choice(Some(String::new()), Some("assistant"), None, None)],
+            None,
+        ));
         let prompt_len = params.prompt.len();
         let result = generation::run(&t, params, stops, |d| {
-            let logprobs = if want_logprobs {
-                serde_json::json!({"content": d.tokens.iter().map(|x| token_logprob(&t, x)).collect::<Vec<_>>()})
-            } else {
-                serde_json::Value::Null
-            };
-            tx.send(chunk(serde_json::json!({"content": d.text}), logprobs, None, None)).is_ok()
+            let logprobs = want_logprobs.then(|| ChoiceLogprobs {
+                content: d
+                    .tokens
+                    .iter()
+                    .map(|x| token_logprob(&t, x, as_ids))
+                    .collect(),
+            });
+            tx.send(chunk(
+                vec![choice(Some(d.text), None, logprobs, None)],
+                None,
+            ))
+            .is_ok()
         })
         .await;
         match result {
             Ok(finished) => {
                 producer_cell.update(|u| u.generated_tokens = finished.sampled_tokens as u64);
-                let _ = tx.send(chunk(serde_json::json!({}), serde_json::Value::Null, Some(finished.finish_reason), None));
+                let _ = tx.send(chunk(
+                    vec![choice(None, None, None, Some(finished.finish_reason))],
+                    None,
+                ));
                 if include_usage {
                     let u = CompletionUsage {
                         prompt_tokens: prompt_len,
                         completion_tokens: finished.sampled_tokens,
                         total_tokens: prompt_len + finished.sampled_tokens,
                     };
-                    let _ = tx.send(chunk(serde_json::Value::Null, serde_json::Value::Null, None, Some(u)));
+                    let _ = tx.send(chunk(Vec::new(), Some(u)));
                 }
                 producer_cell.finish();
                 let _ = tx.send(Event::default().data("[DONE]"));
             }
             Err(e) => {
                 producer_cell.fail(e.status().as_u16());
-                let _ = tx.send(Event::default().data(serde_json::to_string(&e.envelope(None)).unwrap_or_default()));
+                let _ = tx.send(
+                    Event::default()
+                        .data(serde_json::to_string(&e.envelope(None)).unwrap_or_default()),
+                );
             }
         }
     });
     let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
-    response.headers_mut().extend(common::provenance_headers(&teacher));
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    response
+        .headers_mut()
+        .extend(common::provenance_headers(&teacher));
     response.extensions_mut().insert(cell);
     response
 }

@@ -46,7 +46,10 @@ pub struct Message {
 
 pub fn convert_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::bad_param("messages", "messages must not be empty"));
+        return Err(ApiError::bad_param(
+            "messages",
+            "messages must not be empty",
+        ));
     }
     messages
         .iter()
@@ -77,7 +80,10 @@ pub fn convert_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiErr
                     ))
                 }
             };
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "user" | "assistant" | "developer" | "tool"
+            ) {
                 return Err(ApiError::bad_param(
                     &format!("messages[{i}].role"),
                     format!("unknown role `{}`", m.role),
@@ -119,9 +125,15 @@ pub fn validate_temperature(t: f64, allow_zero: bool) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else if allow_zero {
-        Err(ApiError::bad_param("temperature", "temperature must be in [0, 100]"))
+        Err(ApiError::bad_param(
+            "temperature",
+            "temperature must be in [0, 100]",
+        ))
     } else {
-        Err(ApiError::bad_param("temperature", "temperature must be in (0, 100]"))
+        Err(ApiError::bad_param(
+            "temperature",
+            "temperature must be in (0, 100]",
+        ))
     }
 }
 

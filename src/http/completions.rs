@@ -131,12 +131,19 @@ fn prompts(
     let ids_of = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
         items
             .iter()
-            .map(|v| v.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32).ok_or_else(bad))
+            .map(|v| {
+                v.as_u64()
+                    .filter(|&x| x <= u32::MAX as u64)
+                    .map(|x| x as u32)
+                    .ok_or_else(bad)
+            })
             .collect()
     };
     let out = match prompt {
         Value::String(s) => vec![teacher.tokenize(s, add_special)?],
-        Value::Array(items) if items.is_empty() => return Err(ApiError::bad_param("prompt", "the prompt is empty")),
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::bad_param("prompt", "the prompt is empty"))
+        }
         Value::Array(items) if items.iter().all(Value::is_number) => vec![ids_of(items)?],
         Value::Array(items) if items.iter().all(Value::is_string) => items
             .iter()
@@ -202,10 +209,15 @@ pub async fn completions(
         return Err(ApiError::bad_param("top_p", "top_p must be in (0, 1]"));
     }
     let stops = generation::parse_stop(req.stop)?;
-    let prompts = prompts(&teacher, &req.prompt, req.add_special_tokens.unwrap_or(true))?;
+    let prompts = prompts(
+        &teacher,
+        &req.prompt,
+        req.add_special_tokens.unwrap_or(true),
+    )?;
     let mut max_tokens = Vec::new();
     for p in &prompts {
-        let m = generation::resolve_max_tokens(&teacher, p.len(), req.max_tokens, 16, "max_tokens")?;
+        let m =
+            generation::resolve_max_tokens(&teacher, p.len(), req.max_tokens, 16, "max_tokens")?;
         if m == 0 && !echo && req.prompt_logprobs.is_none() {
             return Err(ApiError::bad_param(
                 "max_tokens",
@@ -260,7 +272,9 @@ pub async fn completions(
         usage,
     })
     .into_response();
-    response.headers_mut().extend(common::provenance_headers(&teacher));
+    response
+        .headers_mut()
+        .extend(common::provenance_headers(&teacher));
     response.extensions_mut().insert(ledger);
     Ok(response)
 }
@@ -275,14 +289,19 @@ async fn run_one(
 ) -> Result<(CompletionChoice, CompletionUsage, usize), ApiError> {
     let t = &plan.teacher;
     let echo_lp = plan.echo && plan.logprobs.is_some();
-    let prompt_k = plan.prompt_logprobs.unwrap_or(0).max(if echo_lp { plan.logprobs.unwrap_or(0) } else { 0 });
-    let rows: Option<Vec<PositionStats>> = if (plan.prompt_logprobs.is_some() || echo_lp) && ids.len() > 1 {
-        Some(t.score(&ids, 1, prompt_k, 1.0).await?.rows)
-    } else if plan.prompt_logprobs.is_some() || echo_lp {
-        Some(Vec::new())
+    let prompt_k = plan.prompt_logprobs.unwrap_or(0).max(if echo_lp {
+        plan.logprobs.unwrap_or(0)
     } else {
-        None
-    };
+        0
+    });
+    let rows: Option<Vec<PositionStats>> =
+        if (plan.prompt_logprobs.is_some() || echo_lp) && ids.len() > 1 {
+            Some(t.score(&ids, 1, prompt_k, 1.0).await?.rows)
+        } else if plan.prompt_logprobs.is_some() || echo_lp {
+            Some(Vec::new())
+        } else {
+            None
+        };
 
     let mut text = String::new();
     let mut legacy = plan.logprobs.map(|_| LegacyLogprobs::default());
@@ -303,7 +322,10 @@ async fn run_one(
                     let row = &rows[i - 1];
                     lp.token_logprobs.push(Some(f(row.token_logprob)));
                     lp.top_logprobs.push(Some(
-                        row.top_ids.iter().zip(&row.top_logprobs).take(k)
+                        row.top_ids
+                            .iter()
+                            .zip(&row.top_logprobs)
+                            .take(k)
                             .map(|(&id, &v)| (t.decode_one(id), f(v)))
                             .collect(),
                     ));
@@ -344,7 +366,10 @@ async fn run_one(
                 offset += s.len();
                 lp.token_logprobs.push(Some(f(tok.logprob)));
                 lp.top_logprobs.push(Some(
-                    tok.top.iter().map(|&(id, v)| (t.decode_one(id), f(v))).collect(),
+                    tok.top
+                        .iter()
+                        .map(|&(id, v)| (t.decode_one(id), f(v)))
+                        .collect(),
                 ));
             }
         }
@@ -384,17 +409,28 @@ fn vllm_prompt_logprobs(
     for (i, row) in rows.iter().enumerate() {
         let actual = ids[i + 1];
         let mut map = BTreeMap::new();
-        for (rank0, (&id, &lp)) in row.top_ids.iter().zip(&row.top_logprobs).take(k).enumerate() {
+        for (rank0, (&id, &lp)) in row
+            .top_ids
+            .iter()
+            .zip(&row.top_logprobs)
+            .take(k)
+            .enumerate()
+        {
             map.insert(
                 id.to_string(),
-                PromptLogprob { logprob: f(lp), rank: rank0 as u32 + 1, decoded_token: t.decode_one(id) },
+                PromptLogprob {
+                    logprob: f(lp),
+                    rank: rank0 as u32 + 1,
+                    decoded_token: t.decode_one(id),
+                },
             );
         }
-        map.entry(actual.to_string()).or_insert_with(|| PromptLogprob {
-            logprob: f(row.token_logprob),
-            rank: row.token_rank,
-            decoded_token: t.decode_one(actual),
-        });
+        map.entry(actual.to_string())
+            .or_insert_with(|| PromptLogprob {
+                logprob: f(row.token_logprob),
+                rank: row.token_rank,
+                decoded_token: t.decode_one(actual),
+            });
         out.push(Some(map));
     }
     out
@@ -406,7 +442,7 @@ struct Chunk<'a> {
     object: &'static str,
     created: i64,
     model: &'a str,
-    choices: Vec<serde_json::Value>,
+    choices: Vec<CompletionChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<CompletionUsage>,
 }
@@ -429,8 +465,15 @@ fn stream(
     let producer_cell = cell.clone();
     tokio::spawn(async move {
         let model = plan.teacher.info.id.clone();
-        let chunk = |choices: Vec<serde_json::Value>, usage: Option<CompletionUsage>| {
-            let c = Chunk { id: &id, object: "text_completion", created, model: &model, choices, usage };
+        let chunk = |choices: Vec<CompletionChoice>, usage: Option<CompletionUsage>| {
+            let c = Chunk {
+                id: &id,
+                object: "text_completion",
+                created,
+                model: &model,
+                choices,
+                usage,
+            };
             Event::default().data(serde_json::to_string(&c).unwrap_or_default())
         };
         let mut total = CompletionUsage::default();
@@ -439,20 +482,38 @@ fn stream(
             let mut first = true;
             let t = plan.teacher.clone();
             let result = run_one(&plan, index, ids.clone(), |d| {
-                let mut choice = serde_json::json!({"index": index, "text": d.text, "logprobs": null, "finish_reason": null});
-                if plan.logprobs.is_some() {
-                    choice["logprobs"] = serde_json::json!({
-                        "tokens": d.tokens.iter().map(|x| t.decode_one(x.id)).collect::<Vec<_>>(),
-                        "token_logprobs": d.tokens.iter().map(|x| f(x.logprob)).collect::<Vec<_>>(),
-                        "top_logprobs": d.tokens.iter().map(|x| x.top.iter().map(|&(id, v)| (t.decode_one(id), f(v))).collect::<BTreeMap<_, _>>()).collect::<Vec<_>>(),
-                    });
-                }
+                let logprobs = plan.logprobs.map(|_| LegacyLogprobs {
+                    tokens: d.tokens.iter().map(|x| t.decode_one(x.id)).collect(),
+                    token_logprobs: d.tokens.iter().map(|x| Some(f(x.logprob))).collect(),
+                    top_logprobs: d
+                        .tokens
+                        .iter()
+                        .map(|x| {
+                            Some(
+                                x.top
+                                    .iter()
+                                    .map(|&(id, v)| (t.decode_one(id), f(v)))
+                                    .collect(),
+                            )
+                        })
+                        .collect(),
+                    text_offset: Vec::new(),
+                });
+                let mut text = d.text.clone();
                 if first && plan.echo {
                     // Echoed prompt text leads the first chunk.
                     if let Ok(p) = t.detokenize(&ids) {
-                        choice["text"] = serde_json::Value::String(format!("{p}{}", d.text));
+                        text = format!("{p}{text}");
                     }
                 }
+                let choice = CompletionChoice {
+                    index,
+                    text,
+                    logprobs,
+                    finish_reason: None,
+                    prompt_logprobs: None,
+                    prompt_token_ids: None,
+                };
                 first = false;
                 tx2.send(chunk(vec![choice], None)).is_ok()
             })
@@ -466,14 +527,18 @@ fn stream(
                         x.generated_tokens += u.completion_tokens as u64;
                         x.scored_tokens += scored as u64;
                     });
-                    let mut last = serde_json::json!({"index": index, "text": "", "logprobs": null, "finish_reason": choice.finish_reason});
-                    if first && plan.echo {
-                        last["text"] = serde_json::Value::String(choice.text.clone());
-                    }
-                    if let Some(pl) = choice.prompt_logprobs {
-                        last["prompt_logprobs"] = serde_json::to_value(pl).unwrap_or_default();
-                        last["prompt_token_ids"] = serde_json::to_value(choice.prompt_token_ids).unwrap_or_default();
-                    }
+                    let last = CompletionChoice {
+                        index,
+                        text: if first && plan.echo {
+                            choice.text.clone()
+                        } else {
+                            String::new()
+                        },
+                        logprobs: None,
+                        finish_reason: choice.finish_reason,
+                        prompt_logprobs: choice.prompt_logprobs,
+                        prompt_token_ids: choice.prompt_token_ids,
+                    };
                     if tx.send(chunk(vec![last], None)).is_err() {
                         return;
                     }
@@ -481,7 +546,9 @@ fn stream(
                 Err(e) => {
                     producer_cell.fail(e.status().as_u16());
                     let env = e.envelope(None);
-                    let _ = tx.send(Event::default().data(serde_json::to_string(&env).unwrap_or_default()));
+                    let _ = tx.send(
+                        Event::default().data(serde_json::to_string(&env).unwrap_or_default()),
+                    );
                     return;
                 }
             }
@@ -494,8 +561,12 @@ fn stream(
         let _ = tx.send(Event::default().data("[DONE]"));
     });
     let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
-    response.headers_mut().extend(common::provenance_headers(&teacher));
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    response
+        .headers_mut()
+        .extend(common::provenance_headers(&teacher));
     response.extensions_mut().insert(cell);
     response
 }

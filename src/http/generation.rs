@@ -67,7 +67,11 @@ impl Decoder {
         let hit = self
             .stops
             .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| search_from + p))
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|p| search_from + p)
+            })
             .min();
         if let Some(end) = hit {
             return Ok((self.take_until(end), true));
@@ -93,7 +97,11 @@ impl Decoder {
     fn take_until(&mut self, end: usize) -> Delta {
         let end = floor_char_boundary(&self.text, end).max(self.emitted);
         let text = self.text[self.emitted..end].to_string();
-        let n = self.pending_start.iter().take_while(|&&start| start < end).count();
+        let n = self
+            .pending_start
+            .iter()
+            .take_while(|&&start| start < end)
+            .count();
         let tokens: Vec<GenToken> = self.pending.drain(..n).collect();
         self.pending_start.drain(..n);
         self.emitted = end;
@@ -186,16 +194,27 @@ pub fn parse_stop(stop: Option<serde_json::Value>) -> Result<Vec<String>, ApiErr
             .into_iter()
             .map(|v| match v {
                 serde_json::Value::String(s) => Ok(s),
-                _ => Err(ApiError::bad_param("stop", "stop must be a string or an array of strings")),
+                _ => Err(ApiError::bad_param(
+                    "stop",
+                    "stop must be a string or an array of strings",
+                )),
             })
             .collect::<Result<_, _>>()?,
-        Some(_) => return Err(ApiError::bad_param("stop", "stop must be a string or an array of strings")),
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "stop",
+                "stop must be a string or an array of strings",
+            ))
+        }
     };
     if stops.len() > 4 {
         return Err(ApiError::bad_param("stop", "at most 4 stop sequences"));
     }
     if stops.iter().any(|s| s.is_empty()) {
-        return Err(ApiError::bad_param("stop", "stop sequences must not be empty"));
+        return Err(ApiError::bad_param(
+            "stop",
+            "stop sequences must not be empty",
+        ));
     }
     Ok(stops)
 }
@@ -215,7 +234,10 @@ pub fn resolve_max_tokens(
         Some(n) if n < 0 => Err(ApiError::bad_param(param, format!("{param} must be >= 0"))),
         Some(n) if n as usize > teacher.max_new_tokens() => Err(ApiError::bad_param(
             param,
-            format!("{param} is {n}; the server allows at most {}", teacher.max_new_tokens()),
+            format!(
+                "{param} is {n}; the server allows at most {}",
+                teacher.max_new_tokens()
+            ),
         )),
         Some(n) if n as usize > room => Err(ApiError::PayloadTooLarge {
             message: format!(

@@ -197,7 +197,9 @@ pub async fn logprobs(
     } else {
         Json(body).into_response()
     };
-    response.headers_mut().extend(common::provenance_headers(&teacher));
+    response
+        .headers_mut()
+        .extend(common::provenance_headers(&teacher));
     response.extensions_mut().insert(usage);
     Ok(response)
 }

@@ -76,14 +76,14 @@ pub async fn tokenize(
                 "give exactly one input: `prompt` or `messages`",
             ))
         }
-        (Some(prompt), None) => teacher.tokenize(&prompt, req.add_special_tokens.unwrap_or(true))?,
+        (Some(prompt), None) => {
+            teacher.tokenize(&prompt, req.add_special_tokens.unwrap_or(true))?
+        }
         (None, Some(messages)) if req.add_generation_prompt.unwrap_or(false) => {
             let messages = common::convert_messages(&messages)?;
             teacher.tokenize_chat(&messages, true).await?
         }
-        (None, Some(messages)) => {
-            resolve_input(&teacher, None, None, Some(messages), true).await?
-        }
+        (None, Some(messages)) => resolve_input(&teacher, None, None, Some(messages), true).await?,
     };
     let tokens = ids.iter().map(|&id| teacher.token_str(id)).collect();
     let mut response = Json(TokenizeResponse {
@@ -93,7 +93,9 @@ pub async fn tokenize(
         max_model_len: teacher.info.context_length,
     })
     .into_response();
-    response.headers_mut().extend(common::provenance_headers(&teacher));
+    response
+        .headers_mut()
+        .extend(common::provenance_headers(&teacher));
     response.extensions_mut().insert(Usage {
         model: Some(teacher.info.id.clone()),
         weights_sha256: Some(teacher.info.weights_sha256.clone()),
@@ -115,7 +117,9 @@ pub async fn detokenize(
     let teacher = common::teacher(&state, &req.model)?;
     let text = teacher.detokenize(&req.token_ids)?;
     let mut response = Json(DetokenizeResponse { text }).into_response();
-    response.headers_mut().extend(common::provenance_headers(&teacher));
+    response
+        .headers_mut()
+        .extend(common::provenance_headers(&teacher));
     response.extensions_mut().insert(Usage {
         model: Some(teacher.info.id.clone()),
         weights_sha256: Some(teacher.info.weights_sha256.clone()),

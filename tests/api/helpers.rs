@@ -1,0 +1,168 @@
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use teachd::config::Config;
+use teachd::AppState;
+
+/// Postgres server the tests create their databases on.
+pub fn pg_admin_url() -> String {
+    std::env::var("TEACHD_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A fresh, empty database; returns its URL.
+pub async fn fresh_database() -> String {
+    use sqlx::Connection;
+    let name = format!("teachd_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", pg_admin_url()))
+        .await
+        .expect("connect to Postgres (is it running on 127.0.0.1:5432?)");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    format!("{}/{name}", pg_admin_url())
+}
+
+/// The default teacher GGUF: `TEACHD_TEST_MODEL`, else fetched into the cache by the script.
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("TEACHD_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/fetch-model.sh"))
+        .output()
+        .expect("run scripts/fetch-model.sh");
+    assert!(
+        out.status.success(),
+        "fetch-model failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+pub const MODEL: &str = "smollm2-135m-instruct";
+
+/// Config for a test server on `db_url` serving the default model (or none).
+pub fn test_config(db_url: &str, with_model: bool) -> Config {
+    let mut toml = format!(
+        r#"
+[server]
+bind = "127.0.0.1:0"
+[database]
+url = "{db_url}"
+max_connections = 8
+"#
+    );
+    if with_model {
+        toml.push_str(&format!(
+            r#"
+[[models]]
+id = "{MODEL}"
+source = {{ kind = "gguf", path = "{}" }}
+licence = {{ id = "apache-2.0", distillation = "allowed" }}
+max_top_k = 49152
+"#,
+            model_path().display()
+        ));
+    }
+    let dir = std::env::temp_dir().join(format!("teachd-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("teachd.toml");
+    std::fs::write(&file, toml).unwrap();
+    Config::load_with_env(Some(&file), &[]).expect("test config")
+}
+
+/// One server with the real model, shared by every test of this binary: loading the model
+/// once keeps the suite fast. It runs on its own runtime thread, so no test's runtime ever
+/// owns the engine's tasks. Tests isolate themselves by their own inputs.
+pub struct SharedServer {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub handle: tokio::runtime::Handle,
+}
+
+pub fn shared() -> &'static SharedServer {
+    static SERVER: OnceLock<SharedServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let handle = rt.handle().clone();
+            rt.block_on(async move {
+                let db = fresh_database().await;
+                let state = teachd::build_state(test_config(&db, true))
+                    .await
+                    .expect("build state with the default model");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                tx.send(SharedServer {
+                    addr,
+                    state: state.clone(),
+                    handle,
+                })
+                .unwrap();
+                teachd::serve(listener, state, std::future::pending())
+                    .await
+                    .unwrap();
+            });
+        });
+        rx.recv().expect("shared server failed to start")
+    })
+}
+
+impl SharedServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Run `fut` on the server's runtime (for direct engine access in reference checks).
+    pub async fn on_server<F, T>(&self, fut: F) -> T
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.handle.spawn(fut).await.unwrap()
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(600))
+        .build()
+        .unwrap()
+}
+
+/// POST JSON with the shared server's credentials; returns (status, headers, body bytes).
+pub async fn post(
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let s = shared();
+    let resp = with_auth(client().post(s.url(path)).json(&body))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.bytes().await.unwrap().to_vec())
+}
+
+pub async fn post_json(path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, _, bytes) = post(path, body).await;
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("non-JSON body: {}", String::from_utf8_lossy(&bytes)));
+    (status, v)
+}
+
+/// Adds the shared teacher key once auth exists.
+pub fn with_auth(rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    rb
+}
