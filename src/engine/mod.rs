@@ -3,6 +3,7 @@
 
 mod backend;
 mod generate;
+mod judge;
 mod load;
 pub mod math;
 
@@ -14,6 +15,10 @@ use rayon::prelude::*;
 use crate::config::{EngineConfig, LicenceConfig, ModelConfig};
 
 pub use generate::{FinishReason, GenEvent, GenHandle, GenToken, GenerateParams};
+pub use judge::{
+    AbsoluteJudgment, PairwiseJudgment, PairwiseOrder, Rubric,
+    TEMPLATE_VERSION as JUDGE_TEMPLATE_VERSION,
+};
 pub use math::PositionStats;
 
 /// Facts about a loaded teacher that clients see.

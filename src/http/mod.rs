@@ -7,6 +7,7 @@ pub mod common;
 mod completions;
 mod generation;
 pub mod health;
+mod judgments;
 pub mod logprobs;
 pub mod models;
 mod tokenize;
@@ -69,6 +70,7 @@ fn teacher_routes() -> OpenApiRouter<AppState> {
         .merge(tokenize::routes())
         .merge(completions::routes())
         .merge(chat::routes())
+        .merge(judgments::routes())
 }
 
 fn api_routes() -> OpenApiRouter<AppState> {

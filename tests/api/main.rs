@@ -2,6 +2,7 @@
 //! 127.0.0.1:0.
 
 mod helpers;
+mod judgments;
 mod openapi;
 mod teacher;
 mod teacher_errors;

@@ -1,0 +1,306 @@
+//! LLM-as-a-judge from the teacher's next-token distribution, versioned and reproducible.
+//!
+//! The judge prompt (template v1 below) ends with an answer prefix (`Score:` / `Better:`); each
+//! candidate answer (` 1` … ` 10`, ` A`, ` B`) is a token sequence whose probability comes from
+//! teacher forcing. A candidate that is a proper prefix of another (` 1` of ` 10`) is counted
+//! only when the answer ends there: its probability is multiplied by the mass of the tokens
+//! that do not continue a number. Probabilities are renormalised over the candidates.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sha2::{Digest, Sha256};
+
+use super::{math, ChatMessage, EngineError, Teacher};
+
+pub const TEMPLATE_VERSION: &str = "teachd-judge-v1";
+
+const SYSTEM: &str = "You are a strict, fair evaluator. You grade responses against a rubric and reply with the answer only.";
+const ABSOLUTE_PREFIX: &str = "Score:";
+const PAIRWISE_PREFIX: &str = "Better:";
+const DEFAULT_PAIRWISE_CRITERIA: &str =
+    "Which response follows the instruction better: more helpful, correct and clear?";
+
+#[derive(Clone, Debug)]
+pub struct Rubric {
+    pub criteria: String,
+    pub scale: (i64, i64),
+    pub descriptions: BTreeMap<i64, String>,
+}
+
+impl Rubric {
+    /// SHA-256 of the rubric's canonical encoding (criteria, scale, descriptions by score).
+    pub fn sha256(&self) -> String {
+        let canonical = serde_json::json!({
+            "criteria": self.criteria,
+            "scale": [self.scale.0, self.scale.1],
+            "descriptions": self.descriptions.iter().map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>(),
+        });
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    }
+}
+
+/// What a judgment reports about how it was made.
+#[derive(Clone, Debug)]
+pub struct JudgeStamp {
+    pub template_version: &'static str,
+    /// SHA-256 of the rendered judge prompt text (system + user + answer prefix).
+    pub template_sha256: String,
+    pub rubric_sha256: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AbsoluteJudgment {
+    /// Renormalised probability of each scale point.
+    pub distribution: BTreeMap<i64, f64>,
+    pub score: f64,
+    pub verdict: i64,
+    pub stamp: JudgeStamp,
+    pub prompt_token_ids: Vec<u32>,
+    /// Tokens run through the teacher (all passes).
+    pub tokens_processed: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct PairwiseOrder {
+    /// The original labels in the order they were presented, e.g. `["B", "A"]`.
+    pub presented: [&'static str; 2],
+    /// Probability that response A (the first given) is better, in this order.
+    pub p_a: f64,
+    pub template_sha256: String,
+    pub prompt_token_ids: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PairwiseJudgment {
+    pub p_a: f64,
+    pub orders: Vec<PairwiseOrder>,
+    pub rubric_sha256: Option<String>,
+    pub tokens_processed: usize,
+}
+
+fn render_absolute(
+    instruction: &str,
+    response: &str,
+    reference: Option<&str>,
+    rubric: &Rubric,
+) -> String {
+    let mut u = format!("### Instruction\n{instruction}\n\n### Response\n{response}\n\n");
+    if let Some(r) = reference {
+        u.push_str(&format!("### Reference answer\n{r}\n\n"));
+    }
+    u.push_str(&format!(
+        "### Rubric\n{}\nScale: {} (worst) to {} (best).\n",
+        rubric.criteria, rubric.scale.0, rubric.scale.1
+    ));
+    for (score, d) in &rubric.descriptions {
+        u.push_str(&format!("{score}: {d}\n"));
+    }
+    u.push_str(&format!(
+        "\nGrade the response on the rubric. Reply with one integer from {} to {} and nothing else.",
+        rubric.scale.0, rubric.scale.1
+    ));
+    u
+}
+
+fn render_pairwise(instruction: &str, first: &str, second: &str, criteria: &str) -> String {
+    format!(
+        "### Instruction\n{instruction}\n\n### Response A\n{first}\n\n### Response B\n{second}\n\n### Criteria\n{criteria}\n\nWhich response is better? Reply with A or B and nothing else."
+    )
+}
+
+fn template_sha(user: &str, prefix: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [TEMPLATE_VERSION, SYSTEM, user, prefix] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+impl Teacher {
+    async fn judge_prompt(&self, user: String, prefix: &str) -> Result<Vec<u32>, EngineError> {
+        let messages = [
+            ChatMessage {
+                role: "system".into(),
+                content: SYSTEM.into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: user,
+            },
+        ];
+        let mut ids = self.tokenize_chat(&messages, true).await?;
+        ids.extend(self.tokenize(prefix, false)?);
+        Ok(ids)
+    }
+
+    /// Probability of each candidate answer after `prompt` (not renormalised), and the tokens
+    /// processed. Each candidate is a token sequence; see the module docs for prefixes.
+    async fn candidate_probs(
+        &self,
+        prompt: &[u32],
+        candidates: &[Vec<u32>],
+    ) -> Result<(Vec<f64>, usize), EngineError> {
+        let is_prefix_of_other = |i: usize| {
+            candidates.iter().enumerate().any(|(j, c)| {
+                j != i && c.len() > candidates[i].len() && c.starts_with(&candidates[i])
+            })
+        };
+        // One teacher-forcing pass per candidate that no longer candidate extends: its rows give
+        // the distribution after the prompt and after each of its prefixes.
+        // Key: the candidate tokens after the prompt; value: log-softmax of the next token.
+        let mut rows: HashMap<Vec<u32>, Vec<f64>> = HashMap::new();
+        let mut processed = 0;
+        let leaves: Vec<&Vec<u32>> = candidates
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !is_prefix_of_other(*i))
+            .map(|(_, c)| c)
+            .collect();
+        for leaf in leaves {
+            let mut seq = prompt.to_vec();
+            seq.extend(leaf);
+            if (0..leaf.len()).all(|k| rows.contains_key(&leaf[..k])) {
+                continue;
+            }
+            self.check_len(seq.len())?;
+            let (logits, vocab) = self.raw_logits(&seq).await?;
+            processed += seq.len();
+            for k in 0..=leaf.len() {
+                let key = leaf[..k].to_vec();
+                if rows.contains_key(&key) {
+                    continue;
+                }
+                let row_index = prompt.len() - 1 + k;
+                if (row_index + 1) * vocab <= logits.len() {
+                    let row = &logits[row_index * vocab..(row_index + 1) * vocab];
+                    rows.insert(key, math::log_softmax(row, 1.0));
+                }
+            }
+        }
+        let digit_start: Vec<bool> = (0..self.info.vocab_size as u32)
+            .map(|id| {
+                self.token_bytes(id)
+                    .iter()
+                    .find(|b| !b.is_ascii_whitespace())
+                    .is_some_and(|b| b.is_ascii_digit())
+            })
+            .collect();
+        let mut out = Vec::with_capacity(candidates.len());
+        for (i, c) in candidates.iter().enumerate() {
+            let mut lp = 0.0;
+            for k in 0..c.len() {
+                let dist = rows.get(&c[..k]).ok_or_else(|| {
+                    EngineError::Internal(anyhow::anyhow!("judge: missing distribution"))
+                })?;
+                lp += dist[c[k] as usize];
+            }
+            if is_prefix_of_other(i) {
+                let after = rows.get(c.as_slice()).ok_or_else(|| {
+                    EngineError::Internal(anyhow::anyhow!(
+                        "judge: missing continuation distribution"
+                    ))
+                })?;
+                let continue_mass: f64 = after
+                    .iter()
+                    .zip(&digit_start)
+                    .filter(|(_, &d)| d)
+                    .map(|(x, _)| x.exp())
+                    .sum();
+                lp += (1.0 - continue_mass).max(1e-300).ln();
+            }
+            out.push(lp.exp());
+        }
+        Ok((out, processed))
+    }
+
+    pub async fn judge_absolute(
+        &self,
+        instruction: &str,
+        response: &str,
+        reference: Option<&str>,
+        rubric: &Rubric,
+    ) -> Result<AbsoluteJudgment, EngineError> {
+        let user = render_absolute(instruction, response, reference, rubric);
+        let template_sha256 = template_sha(&user, ABSOLUTE_PREFIX);
+        let prompt = self.judge_prompt(user, ABSOLUTE_PREFIX).await?;
+        let points: Vec<i64> = (rubric.scale.0..=rubric.scale.1).collect();
+        let candidates = points
+            .iter()
+            .map(|s| self.tokenize(&format!(" {s}"), false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (probs, processed) = self.candidate_probs(&prompt, &candidates).await?;
+        let total: f64 = probs.iter().sum();
+        if !(total > 0.0) {
+            return Err(EngineError::Internal(anyhow::anyhow!(
+                "judge: no mass on the scale"
+            )));
+        }
+        let distribution: BTreeMap<i64, f64> = points
+            .iter()
+            .zip(&probs)
+            .map(|(&s, &p)| (s, p / total))
+            .collect();
+        let score = distribution.iter().map(|(&s, &p)| s as f64 * p).sum();
+        let verdict = distribution
+            .iter()
+            .fold(
+                (points[0], -1.0),
+                |best, (&s, &p)| if p > best.1 { (s, p) } else { best },
+            )
+            .0;
+        Ok(AbsoluteJudgment {
+            distribution,
+            score,
+            verdict,
+            stamp: JudgeStamp {
+                template_version: TEMPLATE_VERSION,
+                template_sha256,
+                rubric_sha256: Some(rubric.sha256()),
+            },
+            prompt_token_ids: prompt,
+            tokens_processed: processed,
+        })
+    }
+
+    pub async fn judge_pairwise(
+        &self,
+        instruction: &str,
+        a: &str,
+        b: &str,
+        criteria: Option<&str>,
+        rubric_sha256: Option<String>,
+    ) -> Result<PairwiseJudgment, EngineError> {
+        let criteria = criteria.unwrap_or(DEFAULT_PAIRWISE_CRITERIA);
+        let candidates = vec![self.tokenize(" A", false)?, self.tokenize(" B", false)?];
+        let mut orders = Vec::new();
+        let mut processed = 0;
+        for presented in [["A", "B"], ["B", "A"]] {
+            let (first, second) = if presented[0] == "A" { (a, b) } else { (b, a) };
+            let user = render_pairwise(instruction, first, second, criteria);
+            let template_sha256 = template_sha(&user, PAIRWISE_PREFIX);
+            let prompt = self.judge_prompt(user, PAIRWISE_PREFIX).await?;
+            let (probs, n) = self.candidate_probs(&prompt, &candidates).await?;
+            processed += n;
+            let p_first = probs[0] / (probs[0] + probs[1]);
+            let p_a = if presented[0] == "A" {
+                p_first
+            } else {
+                1.0 - p_first
+            };
+            orders.push(PairwiseOrder {
+                presented,
+                p_a,
+                template_sha256,
+                prompt_token_ids: prompt,
+            });
+        }
+        let p_a = orders.iter().map(|o| o.p_a).sum::<f64>() / orders.len() as f64;
+        Ok(PairwiseJudgment {
+            p_a,
+            orders,
+            rubric_sha256,
+            tokens_processed: processed,
+        })
+    }
+}

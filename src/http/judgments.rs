@@ -1,0 +1,439 @@
+//! `POST /v1/judgments`: deterministic absolute and pairwise LLM-as-a-judge, optionally
+//! batched with `items` (each item gets its result or its own error).
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::common;
+use crate::engine::{Rubric, Teacher, JUDGE_TEMPLATE_VERSION};
+use crate::error::{ApiError, ErrorBody, ErrorEnvelope, Json};
+use crate::usage::Usage;
+use crate::AppState;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(judgments))
+}
+
+const MAX_SCALE_POINTS: i64 = 100;
+const MAX_ITEMS: usize = 256;
+
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Absolute,
+    Pairwise,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RubricSpec {
+    pub criteria: String,
+    /// `[min, max]`, integers, at most 100 points.
+    #[serde(default)]
+    pub scale: Option<[i64; 2]>,
+    /// Optional description per score, keyed by the score.
+    #[serde(default)]
+    pub descriptions: BTreeMap<String, String>,
+}
+
+/// One judgment. In a batch (`items`), `model` comes from the top level.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JudgmentSpec {
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub instruction: Option<String>,
+    /// Absolute mode: the response to grade.
+    #[serde(default)]
+    pub response: Option<String>,
+    /// Absolute mode: an optional reference answer.
+    #[serde(default)]
+    pub reference: Option<String>,
+    #[serde(default)]
+    pub rubric: Option<RubricSpec>,
+    /// Pairwise mode: exactly two responses, A then B.
+    #[serde(default)]
+    pub responses: Option<Vec<String>>,
+    /// Pairwise: |pA - pB| under this is a tie (default 0.1).
+    #[serde(default)]
+    pub tie_margin: Option<f64>,
+    /// Return the judge prompt's token ids (to reproduce the score with /v1/logprobs).
+    #[serde(default)]
+    pub include_prompt: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"model": "smollm2-135m-instruct", "mode": "absolute", "instruction": "What is 2+2?", "response": "4",
+    "rubric": {"criteria": "Is the answer correct?", "scale": [1, 5], "descriptions": {"1": "wrong", "5": "correct"}}}))]
+pub struct JudgmentRequest {
+    pub model: String,
+    #[serde(flatten)]
+    pub spec: JudgmentSpec,
+    #[serde(default)]
+    pub items: Option<Vec<JudgmentSpec>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JudgeInfo {
+    pub template_version: String,
+    pub template_sha256: String,
+    pub rubric_sha256: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct JudgmentUsage {
+    pub prompt_tokens: usize,
+    pub scored_tokens: usize,
+    pub total_tokens: usize,
+    pub judgments: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PairwiseOrderOut {
+    pub presented: Vec<String>,
+    #[schema(value_type = Object)]
+    pub preference: BTreeMap<String, f64>,
+    pub template_sha256: String,
+}
+
+/// One judgment's result (fields by mode).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JudgmentResult {
+    pub mode: Mode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub distribution: Option<BTreeMap<String, f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub preference: Option<BTreeMap<String, f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub winner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consistent: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orders: Option<Vec<PairwiseOrderOut>>,
+    pub judge: JudgeInfo,
+    pub usage: JudgmentUsage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<Vec<u32>>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BatchItem {
+    pub index: usize,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub result: Option<JudgmentResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BatchResponse {
+    pub object: String,
+    pub model: String,
+    pub results: Vec<BatchItem>,
+    pub usage: JudgmentUsage,
+}
+
+fn parse_rubric(spec: Option<&RubricSpec>) -> Result<Rubric, ApiError> {
+    let spec = spec.ok_or_else(|| ApiError::bad_param("rubric", "absolute mode needs a rubric"))?;
+    if spec.criteria.trim().is_empty() {
+        return Err(ApiError::bad_param(
+            "rubric.criteria",
+            "criteria must not be empty",
+        ));
+    }
+    let [lo, hi] = spec.scale.unwrap_or([1, 5]);
+    if lo >= hi {
+        return Err(ApiError::bad_param(
+            "rubric.scale",
+            "scale must be [min, max] with min < max",
+        ));
+    }
+    if hi - lo + 1 > MAX_SCALE_POINTS {
+        return Err(ApiError::bad_param(
+            "rubric.scale",
+            format!("a scale has at most {MAX_SCALE_POINTS} points"),
+        ));
+    }
+    let mut descriptions = BTreeMap::new();
+    for (k, v) in &spec.descriptions {
+        let score: i64 = k.parse().map_err(|_| {
+            ApiError::bad_param(
+                "rubric.descriptions",
+                format!("description key `{k}` is not an integer"),
+            )
+        })?;
+        if score < lo || score > hi {
+            return Err(ApiError::bad_param(
+                "rubric.descriptions",
+                format!("description key {score} is outside the scale"),
+            ));
+        }
+        descriptions.insert(score, v.clone());
+    }
+    Ok(Rubric {
+        criteria: spec.criteria.clone(),
+        scale: (lo, hi),
+        descriptions,
+    })
+}
+
+fn required<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str, ApiError> {
+    match v.as_deref() {
+        Some(s) if !s.trim().is_empty() => Ok(s),
+        _ => Err(ApiError::bad_param(
+            name,
+            format!("{name} must not be empty"),
+        )),
+    }
+}
+
+async fn judge_one(teacher: &Teacher, spec: &JudgmentSpec) -> Result<JudgmentResult, ApiError> {
+    let instruction = required(&spec.instruction, "instruction")?;
+    let include_prompt = spec.include_prompt.unwrap_or(false);
+    match spec.mode.clone().unwrap_or(Mode::Absolute) {
+        Mode::Absolute => {
+            if spec.responses.is_some() {
+                return Err(ApiError::bad_param(
+                    "responses",
+                    "absolute mode takes `response`, not `responses`",
+                ));
+            }
+            let response = required(&spec.response, "response")?;
+            let rubric = parse_rubric(spec.rubric.as_ref())?;
+            let j = teacher
+                .judge_absolute(instruction, response, spec.reference.as_deref(), &rubric)
+                .await?;
+            Ok(JudgmentResult {
+                mode: Mode::Absolute,
+                score: Some(j.score),
+                verdict: Some(j.verdict),
+                distribution: Some(
+                    j.distribution
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), *v))
+                        .collect(),
+                ),
+                preference: None,
+                winner: None,
+                consistent: None,
+                orders: None,
+                judge: JudgeInfo {
+                    template_version: JUDGE_TEMPLATE_VERSION.into(),
+                    template_sha256: j.stamp.template_sha256,
+                    rubric_sha256: j.stamp.rubric_sha256,
+                },
+                usage: JudgmentUsage {
+                    prompt_tokens: j.prompt_token_ids.len(),
+                    scored_tokens: j.tokens_processed,
+                    total_tokens: j.tokens_processed,
+                    judgments: 1,
+                },
+                prompt_token_ids: include_prompt.then(|| vec![j.prompt_token_ids]),
+            })
+        }
+        Mode::Pairwise => {
+            if spec.response.is_some() {
+                return Err(ApiError::bad_param(
+                    "response",
+                    "pairwise mode takes `responses`, not `response`",
+                ));
+            }
+            let responses = spec.responses.as_deref().unwrap_or_default();
+            if responses.len() != 2 {
+                return Err(ApiError::bad_param(
+                    "responses",
+                    "pairwise mode needs exactly two responses",
+                ));
+            }
+            if responses.iter().any(|r| r.trim().is_empty()) {
+                return Err(ApiError::bad_param(
+                    "responses",
+                    "responses must not be empty",
+                ));
+            }
+            let margin = spec.tie_margin.unwrap_or(0.1);
+            if !(0.0..=1.0).contains(&margin) {
+                return Err(ApiError::bad_param(
+                    "tie_margin",
+                    "tie_margin must be in [0, 1]",
+                ));
+            }
+            let rubric_sha = spec.rubric.as_ref().map(|r| {
+                Rubric {
+                    criteria: r.criteria.clone(),
+                    scale: (0, 0),
+                    descriptions: BTreeMap::new(),
+                }
+                .sha256()
+            });
+            let criteria = spec
+                .rubric
+                .as_ref()
+                .map(|r| r.criteria.as_str())
+                .filter(|c| !c.trim().is_empty());
+            let j = teacher
+                .judge_pairwise(
+                    instruction,
+                    &responses[0],
+                    &responses[1],
+                    criteria,
+                    rubric_sha.clone(),
+                )
+                .await?;
+            let pref =
+                |p_a: f64| BTreeMap::from([("A".to_string(), p_a), ("B".to_string(), 1.0 - p_a)]);
+            let consistent = (j.orders[0].p_a > 0.5) == (j.orders[1].p_a > 0.5);
+            let winner = if !consistent || (2.0 * j.p_a - 1.0).abs() < margin {
+                "tie"
+            } else if j.p_a > 0.5 {
+                "A"
+            } else {
+                "B"
+            };
+            let prompt_tokens = j.orders.iter().map(|o| o.prompt_token_ids.len()).sum();
+            Ok(JudgmentResult {
+                mode: Mode::Pairwise,
+                score: None,
+                verdict: None,
+                distribution: None,
+                preference: Some(pref(j.p_a)),
+                winner: Some(winner.into()),
+                consistent: Some(consistent),
+                judge: JudgeInfo {
+                    template_version: JUDGE_TEMPLATE_VERSION.into(),
+                    template_sha256: j.orders[0].template_sha256.clone(),
+                    rubric_sha256: j.rubric_sha256.clone(),
+                },
+                usage: JudgmentUsage {
+                    prompt_tokens,
+                    scored_tokens: j.tokens_processed,
+                    total_tokens: j.tokens_processed,
+                    judgments: 1,
+                },
+                prompt_token_ids: include_prompt.then(|| {
+                    j.orders
+                        .iter()
+                        .map(|o| o.prompt_token_ids.clone())
+                        .collect()
+                }),
+                orders: Some(
+                    j.orders
+                        .into_iter()
+                        .map(|o| PairwiseOrderOut {
+                            presented: o.presented.iter().map(|s| s.to_string()).collect(),
+                            preference: pref(o.p_a),
+                            template_sha256: o.template_sha256,
+                        })
+                        .collect(),
+                ),
+            })
+        }
+    }
+}
+
+fn is_empty_spec(s: &JudgmentSpec) -> bool {
+    s.mode.is_none()
+        && s.instruction.is_none()
+        && s.response.is_none()
+        && s.reference.is_none()
+        && s.rubric.is_none()
+        && s.responses.is_none()
+        && s.tie_margin.is_none()
+        && s.include_prompt.is_none()
+}
+
+/// Grade responses with the teacher (absolute or pairwise), one or a batch.
+#[utoipa::path(post, path = "/v1/judgments", tag = "teacher", request_body = JudgmentRequest,
+    responses(
+        (status = 200, description = "A judgment, or with `items` a list of per-item results/errors", body = JudgmentResult),
+        (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope),
+        (status = 403, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
+        (status = 413, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope),
+        (status = 503, body = ErrorEnvelope)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn judgments(
+    State(state): State<AppState>,
+    Json(req): Json<JudgmentRequest>,
+) -> Result<Response, ApiError> {
+    let teacher = common::teacher(&state, &req.model)?;
+    let mut usage = Usage {
+        model: Some(teacher.info.id.clone()),
+        weights_sha256: Some(teacher.info.weights_sha256.clone()),
+        ..Default::default()
+    };
+    let mut response = match req.items {
+        None => {
+            let r = judge_one(&teacher, &req.spec).await?;
+            usage.prompt_tokens = r.usage.total_tokens as u64;
+            usage.scored_tokens = r.usage.scored_tokens as u64;
+            usage.judgments = 1;
+            Json(r).into_response()
+        }
+        Some(items) => {
+            if !is_empty_spec(&req.spec) {
+                return Err(ApiError::bad_param(
+                    "items",
+                    "with `items`, give the judgment fields inside each item",
+                ));
+            }
+            if items.is_empty() || items.len() > MAX_ITEMS {
+                return Err(ApiError::bad_param(
+                    "items",
+                    format!("items must hold 1 to {MAX_ITEMS} judgments"),
+                ));
+            }
+            let mut results = Vec::with_capacity(items.len());
+            let mut total = JudgmentUsage::default();
+            for (index, item) in items.iter().enumerate() {
+                match judge_one(&teacher, item).await {
+                    Ok(r) => {
+                        total.prompt_tokens += r.usage.prompt_tokens;
+                        total.scored_tokens += r.usage.scored_tokens;
+                        total.total_tokens += r.usage.total_tokens;
+                        total.judgments += 1;
+                        results.push(BatchItem {
+                            index,
+                            result: Some(r),
+                            error: None,
+                        });
+                    }
+                    Err(e @ (ApiError::Internal(_) | ApiError::Overloaded(_))) => return Err(e),
+                    Err(e) => results.push(BatchItem {
+                        index,
+                        result: None,
+                        error: Some(e.envelope(crate::error::current_request_id()).error),
+                    }),
+                }
+            }
+            usage.prompt_tokens = total.total_tokens as u64;
+            usage.scored_tokens = total.scored_tokens as u64;
+            usage.judgments = total.judgments as u64;
+            Json(BatchResponse {
+                object: "list".into(),
+                model: teacher.info.id.clone(),
+                results,
+                usage: total,
+            })
+            .into_response()
+        }
+    };
+    response
+        .headers_mut()
+        .extend(common::provenance_headers(&teacher));
+    response.extensions_mut().insert(usage);
+    Ok(response)
+}
