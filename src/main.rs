@@ -3,7 +3,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "teachd", version, about = "Teacher LLMs for distillation, with keys, limits and a usage ledger")]
+#[command(
+    name = "teachd",
+    version,
+    about = "Teacher LLMs for distillation, with keys, limits and a usage ledger"
+)]
 struct Cli {
     /// Config file (TOML). Environment variables `TEACHD__SECTION__KEY` override it.
     #[arg(long, short, env = "TEACHD_CONFIG", global = true)]
@@ -18,6 +22,15 @@ enum Command {
     Serve,
     /// Run database migrations and exit.
     Migrate,
+    /// Administration from the command line.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create the `admin` client if needed and print a new admin key (shown only this once).
+    Bootstrap,
 }
 
 #[tokio::main]
@@ -43,6 +56,17 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
+        Command::Admin(AdminCommand::Bootstrap) => {
+            let db = teachd::db::connect(&config.database).await?;
+            teachd::db::migrate(&db).await?;
+            let (record, key) = teachd::auth::bootstrap_admin(&db).await?;
+            eprintln!(
+                "Admin key {} (id {}) created. It is printed below once and stored only as a hash:",
+                record.prefix, record.id
+            );
+            println!("{}", key.expose_secret());
+            Ok(())
+        }
     }
 }
 
@@ -51,7 +75,8 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     };
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

@@ -38,6 +38,14 @@ impl ModelRegistry {
         })
     }
 
+    /// No models: for tests and benchmarks of the HTTP layers.
+    pub fn empty() -> Self {
+        Self {
+            models: BTreeMap::new(),
+            order: Vec::new(),
+        }
+    }
+
     pub fn get(&self, id: &str) -> Option<&Arc<Teacher>> {
         self.models.get(id)
     }
