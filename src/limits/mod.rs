@@ -145,7 +145,7 @@ fn too_many(message: String, state: &RateState, retry_after: Option<Duration>) -
     ApiError::TooManyRequests {
         message,
         kind: "rate_limit_exceeded",
-        headers: h,
+        headers: Box::new(h),
     }
 }
 
@@ -314,7 +314,7 @@ impl<C: LimitClock> Limiter<C> {
                             exceeded.used
                         ),
                         kind: "insufficient_quota",
-                        headers: h,
+                        headers: Box::new(h),
                     });
                 }
             }
@@ -522,7 +522,7 @@ mod tests {
 
     fn status_and_headers(err: ApiError) -> (&'static str, HeaderMap) {
         match err {
-            ApiError::TooManyRequests { kind, headers, .. } => (kind, headers),
+            ApiError::TooManyRequests { kind, headers, .. } => (kind, *headers),
             other => panic!("expected 429, got {other:?}"),
         }
     }
