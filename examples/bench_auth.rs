@@ -44,9 +44,13 @@ fn args() -> Args {
     a
 }
 
-async fn fresh_database() -> String {
-    let server = std::env::var("TEACHD_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+fn pg_server() -> String {
+    std::env::var("TEACHD_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// (url, name) of a new database.
+async fn fresh_database() -> (String, String) {
+    let server = pg_server();
     let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
         .await
         .unwrap();
@@ -55,7 +59,7 @@ async fn fresh_database() -> String {
         .execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
         .await
         .unwrap();
-    format!("{server}/{name}")
+    (format!("{server}/{name}"), name)
 }
 
 fn config(db_url: &str, disable_auth: bool) -> Config {
@@ -145,7 +149,7 @@ async fn measure(name: &'static str, url: &str, key: Option<&str>, a: &Args) -> 
 #[tokio::main]
 async fn main() {
     let a = args();
-    let db_url = fresh_database().await;
+    let (db_url, db_name) = fresh_database().await;
 
     // Baseline: the handler alone.
     let plain = teachd::build_state_with_models(config(&db_url, false), ModelRegistry::empty())
@@ -214,4 +218,10 @@ async fn main() {
             r.rps
         );
     }
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", pg_server()))
+        .await
+        .unwrap();
+    let _ = admin
+        .execute(format!(r#"DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)"#).as_str())
+        .await;
 }

@@ -24,6 +24,8 @@ pub struct TestApp {
     pub db: PgPool,
     pub admin_key: String,
     pub http: reqwest::Client,
+    /// The database this app owns; dropped with the app (unless handed on by `restart`).
+    db_name: Option<String>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -31,7 +33,8 @@ pub struct TestApp {
 /// Extra routes a test mounts next to the app's (e.g. a slow teacher route).
 pub type Extra = Arc<dyn Fn(AppState) -> Router<AppState> + Send + Sync>;
 
-pub async fn create_database() -> String {
+/// Creates a fresh database; returns (url, name).
+pub async fn create_database() -> (String, String) {
     let server = pg_server();
     let admin = PgPoolOptions::new()
         .max_connections(1)
@@ -44,7 +47,30 @@ pub async fn create_database() -> String {
         .await
         .unwrap();
     admin.close().await;
-    format!("{server}/{name}")
+    (format!("{server}/{name}"), name)
+}
+
+/// Drops a test database from a thread of its own: `Drop` cannot await.
+fn drop_database(name: String) {
+    let dropper = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(admin) = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&format!("{}/postgres", pg_server()))
+                .await
+            {
+                let _ = admin
+                    .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
+                    .await;
+                admin.close().await;
+            }
+        });
+    });
+    let _ = dropper.join();
 }
 
 pub fn test_config(db_url: &str) -> Config {
@@ -61,10 +87,11 @@ impl TestApp {
 
     /// A fresh database; `extra` routes; `tweak` edits the config.
     pub async fn spawn_with(extra: Option<Extra>, tweak: impl FnOnce(&mut Config)) -> TestApp {
-        let db_url = create_database().await;
+        let (db_url, db_name) = create_database().await;
         let mut config = test_config(&db_url);
         tweak(&mut config);
         let mut app = Self::start(config, extra).await;
+        app.db_name = Some(db_name);
         let (_, key) = teachd::auth::bootstrap_admin(&app.db).await.unwrap();
         app.admin_key = key.expose_secret().to_string();
         app
@@ -75,6 +102,7 @@ impl TestApp {
         self.stop().await;
         let mut next = Self::start((*self.state.config).clone(), extra).await;
         next.admin_key = std::mem::take(&mut self.admin_key);
+        next.db_name = self.db_name.take();
         next
     }
 
@@ -103,6 +131,7 @@ impl TestApp {
             state,
             admin_key: String::new(),
             http: reqwest::Client::new(),
+            db_name: None,
             shutdown: Some(tx),
             server: Some(server),
         }
@@ -180,6 +209,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        if let Some(name) = self.db_name.take() {
+            drop_database(name);
         }
     }
 }
