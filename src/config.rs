@@ -42,6 +42,10 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Grace period on SIGTERM for in-flight requests and the ledger drain.
     pub shutdown_grace_secs: u64,
+    /// For benchmarks and development only: teacher requests need no key and all run as one
+    /// fixed `anonymous` client with the default limits (admin routes still need an admin
+    /// key). Logs a loud warning at start. Never set this where clients can reach the server.
+    pub disable_auth: bool,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +56,7 @@ impl Default for ServerConfig {
             request_timeout_secs: 600,
             max_in_flight: 256,
             shutdown_grace_secs: 30,
+            disable_auth: false,
         }
     }
 }

@@ -54,8 +54,9 @@ pub enum ApiError {
         message: String,
         /// `rate_limit_exceeded` or `insufficient_quota`.
         kind: &'static str,
-        /// Extra headers (RateLimit-*, x-ratelimit-*, Retry-After).
-        headers: HeaderMap,
+        /// Extra headers (RateLimit-*, x-ratelimit-*, Retry-After). Boxed: a bare `HeaderMap`
+        /// makes every `Result<_, ApiError>` large (clippy::result_large_err).
+        headers: Box<HeaderMap>,
     },
     /// 503 overloaded: the engine queue is full.
     #[error("{0}")]
@@ -235,7 +236,7 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         if let ApiError::TooManyRequests { headers, .. } = self {
-            response.headers_mut().extend(headers);
+            response.headers_mut().extend(*headers);
         }
         response.extensions_mut().insert(ErrorMarker);
         response

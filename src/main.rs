@@ -24,6 +24,15 @@ enum Command {
     Migrate,
     /// Print the OpenAPI document (JSON).
     Openapi,
+    /// Administration from the command line.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create the `admin` client if needed and print a new admin key (shown only this once).
+    Bootstrap,
 }
 
 #[tokio::main]
@@ -54,6 +63,17 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Openapi => unreachable!("handled above"),
+        Command::Admin(AdminCommand::Bootstrap) => {
+            let db = teachd::db::connect(&config.database).await?;
+            teachd::db::migrate(&db).await?;
+            let (record, key) = teachd::auth::bootstrap_admin(&db).await?;
+            eprintln!(
+                "Admin key {} (id {}) created. It is printed below once and stored only as a hash:",
+                record.prefix, record.id
+            );
+            println!("{}", key.expose_secret());
+            Ok(())
+        }
     }
 }
 

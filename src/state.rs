@@ -1,9 +1,12 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgPool;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::engine::ModelRegistry;
+use crate::limits::{Limiter, Limits};
 
 /// Shared application state. Cheap to clone: everything inside is behind an `Arc` or a pool.
 #[derive(Clone)]
@@ -11,4 +14,32 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub models: Arc<ModelRegistry>,
     pub db: PgPool,
+    pub auth: Arc<Authenticator>,
+    pub limits: Arc<Limiter>,
+}
+
+/// How often idle clients are dropped from the limiters' maps.
+const LIMITER_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+impl AppState {
+    /// Wires the parts together. Call inside a Tokio runtime (it starts the limiter sweeper).
+    pub fn new(config: Config, models: ModelRegistry, db: PgPool) -> Self {
+        let defaults = Limits::from(&config.limits);
+        let auth = Arc::new(Authenticator::new(
+            db.clone(),
+            defaults,
+            config.server.disable_auth,
+        ));
+        let limits = Arc::new(Limiter::new(db.clone()));
+        if tokio::runtime::Handle::try_current().is_ok() {
+            limits.spawn_sweeper(LIMITER_SWEEP_EVERY);
+        }
+        AppState {
+            config: Arc::new(config),
+            models: Arc::new(models),
+            db,
+            auth,
+            limits,
+        }
+    }
 }

@@ -15,8 +15,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::common::{self, f, Message};
 use super::completions::{CompletionUsage, StreamOptions};
 use super::generation;
+use crate::auth::ClientCtx;
 use crate::engine::{GenToken, GenerateParams, Teacher};
 use crate::error::{ApiError, ErrorEnvelope, Json};
+use crate::limits::TokenReservation;
 use crate::usage::{Usage, UsageCell};
 use crate::AppState;
 
@@ -145,6 +147,7 @@ fn token_logprob(t: &Teacher, tok: &GenToken, as_ids: bool) -> TokenLogprob {
 #[tracing::instrument(skip_all)]
 pub async fn chat_completions(
     State(state): State<AppState>,
+    ctx: ClientCtx,
     Json(req): Json<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher(&state, &req.model)?;
@@ -212,18 +215,21 @@ pub async fn chat_completions(
         ..Default::default()
     };
 
+    // A generation reserves prompt + max_tokens and refunds the unused part when it ends.
+    let reservation = state
+        .limits
+        .reserve_tokens(&ctx, (prompt.len() + max_new) as u64)
+        .await?;
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(stream(
-            teacher,
-            params,
-            stops,
-            (want_logprobs, as_ids),
+        let out = StreamOut {
             id,
             created,
             usage,
             include_usage,
-        ));
+            reservation,
+        };
+        return Ok(stream(teacher, params, stops, (want_logprobs, as_ids), out));
     }
 
     let mut content = String::new();
@@ -237,6 +243,9 @@ pub async fn chat_completions(
         true
     })
     .await?;
+    reservation
+        .settle((prompt.len() + finished.sampled_tokens) as u64)
+        .await;
     let usage_body = CompletionUsage {
         prompt_tokens: prompt.len(),
         completion_tokens: finished.sampled_tokens,
@@ -304,17 +313,29 @@ fn fingerprint(t: &Teacher) -> String {
     )
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a streamed answer needs besides the generation itself.
+struct StreamOut {
+    id: String,
+    created: i64,
+    usage: Usage,
+    include_usage: bool,
+    reservation: TokenReservation,
+}
+
 fn stream(
     teacher: Arc<Teacher>,
     params: GenerateParams,
     stops: Vec<String>,
     (want_logprobs, as_ids): (bool, bool),
-    id: String,
-    created: i64,
-    usage: Usage,
-    include_usage: bool,
+    out: StreamOut,
 ) -> Response {
+    let StreamOut {
+        id,
+        created,
+        usage,
+        include_usage,
+        reservation,
+    } = out;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let cell = UsageCell::new(usage);
     let producer_cell = cell.clone();
@@ -365,6 +386,9 @@ fn stream(
         .await;
         match result {
             Ok(finished) => {
+                reservation
+                    .settle((prompt_len + finished.sampled_tokens) as u64)
+                    .await;
                 producer_cell.update(|u| u.generated_tokens = finished.sampled_tokens as u64);
                 let _ = tx.send(chunk(
                     vec![choice(None, None, None, Some(finished.finish_reason))],

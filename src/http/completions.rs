@@ -14,8 +14,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::{self, f};
 use super::generation::{self, Delta};
+use crate::auth::ClientCtx;
 use crate::engine::{GenToken, GenerateParams, PositionStats, Teacher};
 use crate::error::{ApiError, ErrorEnvelope, Json};
+use crate::limits::TokenReservation;
 use crate::usage::{Usage, UsageCell};
 use crate::AppState;
 
@@ -189,6 +191,7 @@ struct Plan {
 #[tracing::instrument(skip_all)]
 pub async fn completions(
     State(state): State<AppState>,
+    ctx: ClientCtx,
     Json(req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher(&state, &req.model)?;
@@ -239,10 +242,23 @@ pub async fn completions(
     };
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = chrono::Utc::now().timestamp();
+    // Reserve every prompt plus its max_tokens; the unused part is refunded at the end.
+    let cost: usize = prompts
+        .iter()
+        .zip(&plan.max_tokens)
+        .map(|(p, m)| p.len() + m)
+        .sum();
+    let reservation = state.limits.reserve_tokens(&ctx, cost as u64).await?;
 
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(stream(plan, prompts, id, created, include_usage));
+        return Ok(stream(
+            plan,
+            prompts,
+            (id, created),
+            include_usage,
+            reservation,
+        ));
     }
 
     let mut choices = Vec::new();
@@ -261,6 +277,7 @@ pub async fn completions(
         choices.push(choice);
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    reservation.settle(usage.total_tokens as u64).await;
     ledger.prompt_tokens = usage.prompt_tokens as u64;
     ledger.generated_tokens = usage.completion_tokens as u64;
     let mut response = Json(CompletionResponse {
@@ -450,9 +467,9 @@ struct Chunk<'a> {
 fn stream(
     plan: Plan,
     prompts: Vec<Vec<u32>>,
-    id: String,
-    created: i64,
+    (id, created): (String, i64),
     include_usage: bool,
+    reservation: TokenReservation,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let teacher = plan.teacher.clone();
@@ -554,6 +571,7 @@ fn stream(
             }
         }
         total.total_tokens = total.prompt_tokens + total.completion_tokens;
+        reservation.settle(total.total_tokens as u64).await;
         if include_usage {
             let _ = tx.send(chunk(Vec::new(), Some(total)));
         }

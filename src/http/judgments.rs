@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common;
+use crate::auth::ClientCtx;
 use crate::engine::{Rubric, Teacher, JUDGE_TEMPLATE_VERSION};
 use crate::error::{ApiError, ErrorBody, ErrorEnvelope, Json};
 use crate::usage::Usage;
@@ -367,6 +368,7 @@ fn is_empty_spec(s: &JudgmentSpec) -> bool {
 #[tracing::instrument(skip_all)]
 pub async fn judgments(
     State(state): State<AppState>,
+    ctx: ClientCtx,
     Json(req): Json<JudgmentRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher(&state, &req.model)?;
@@ -375,6 +377,13 @@ pub async fn judgments(
         weights_sha256: Some(teacher.info.weights_sha256.clone()),
         ..Default::default()
     };
+    // The exact cost is known after rendering; reserve an upper estimate, settle the truth.
+    let specs: Vec<&JudgmentSpec> = match &req.items {
+        Some(items) => items.iter().collect(),
+        None => vec![&req.spec],
+    };
+    let estimate: usize = specs.iter().map(|s| estimate_tokens(&teacher, s)).sum();
+    let reservation = state.limits.reserve_tokens(&ctx, estimate as u64).await?;
     let mut response = match req.items {
         None => {
             let r = judge_one(&teacher, &req.spec).await?;
@@ -431,9 +440,49 @@ pub async fn judgments(
             .into_response()
         }
     };
+    reservation.settle(usage.prompt_tokens).await;
     response
         .headers_mut()
         .extend(common::provenance_headers(&teacher));
     response.extensions_mut().insert(usage);
     Ok(response)
+}
+
+/// An upper estimate of the tokens a judgment runs through the teacher: its texts, the
+/// template around them, and one pass per order (pairwise) or per leading digit (scales of
+/// 10 points and more, whose numbers span several tokens).
+fn estimate_tokens(teacher: &Teacher, spec: &JudgmentSpec) -> usize {
+    let count = |s: Option<&str>| {
+        s.map_or(0, |t| {
+            teacher.tokenize(t, false).map_or(t.len(), |ids| ids.len())
+        })
+    };
+    let rubric = spec.rubric.as_ref().map_or(0, |r| {
+        count(Some(&r.criteria))
+            + r.descriptions
+                .values()
+                .map(|d| count(Some(d)))
+                .sum::<usize>()
+    });
+    let responses: usize = spec
+        .responses
+        .iter()
+        .flatten()
+        .map(|r| count(Some(r)))
+        .sum();
+    let body = count(spec.instruction.as_deref())
+        + count(spec.response.as_deref())
+        + count(spec.reference.as_deref())
+        + rubric
+        + responses
+        + 160;
+    let passes = match spec.mode {
+        Some(Mode::Pairwise) => 2,
+        _ => spec
+            .rubric
+            .as_ref()
+            .and_then(|r| r.scale)
+            .map_or(1, |[_, hi]| if hi >= 10 { 11 } else { 1 }),
+    };
+    body * passes
 }

@@ -11,6 +11,7 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::{self, f, Message};
+use crate::auth::ClientCtx;
 use crate::engine::{ScoreResult, Teacher};
 use crate::error::{ApiError, ErrorEnvelope, Json};
 use crate::usage::Usage;
@@ -149,6 +150,7 @@ pub async fn resolve_input(
 #[tracing::instrument(skip_all)]
 pub async fn logprobs(
     State(state): State<AppState>,
+    ctx: ClientCtx,
     headers: HeaderMap,
     Json(req): Json<LogprobsRequest>,
 ) -> Result<Response, ApiError> {
@@ -172,7 +174,10 @@ pub async fn logprobs(
         ));
     }
     let score_from = req.score_from.unwrap_or(1);
+    // A logprobs call costs its prompt tokens.
+    let reservation = state.limits.reserve_tokens(&ctx, ids.len() as u64).await?;
     let result = teacher.score(&ids, score_from, top_k, temperature).await?;
+    reservation.settle(ids.len() as u64).await;
 
     let usage = Usage {
         model: Some(teacher.info.id.clone()),

@@ -1,10 +1,16 @@
 //! HTTP surface: one module per resource, each exposing `routes()`; routes and their OpenAPI
 //! entries are registered together (utoipa_axum).
+//!
+//! Teacher routes (/v1) sit behind [`gate::teacher_gate`] (scope `teacher`, per-client limits),
+//! admin routes behind [`gate::admin_gate`] (scope `admin`); /healthz, /readyz, /openapi.json
+//! and /docs are open.
 
+pub mod admin;
 mod arrow;
 mod chat;
 pub mod common;
 mod completions;
+pub mod gate;
 mod generation;
 pub mod health;
 mod judgments;
@@ -16,11 +22,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderName, HeaderValue};
-use axum::middleware::{self, Next};
+use axum::http::{header, HeaderName, HeaderValue};
+use axum::middleware::{self, from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tokio::sync::Semaphore;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -62,28 +69,44 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The teacher endpoints (scope `teacher`).
-fn teacher_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
+/// The teacher endpoints (scope `teacher`), behind their gate when `state` is given.
+fn teacher_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
+    let routes = OpenApiRouter::new()
         .merge(models::routes())
         .merge(logprobs::routes())
         .merge(tokenize::routes())
         .merge(completions::routes())
         .merge(chat::routes())
-        .merge(judgments::routes())
+        .merge(judgments::routes());
+    match state {
+        Some(state) => routes.route_layer(from_fn_with_state(state.clone(), gate::teacher_gate)),
+        None => routes,
+    }
 }
 
-fn api_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(teacher_routes())
+/// The admin endpoints (scope `admin`), behind their gate when `state` is given.
+fn admin_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
+    match state {
+        Some(state) => {
+            admin::routes().route_layer(from_fn_with_state(state.clone(), gate::admin_gate))
+        }
+        None => admin::routes(),
+    }
+}
+
+fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(teacher_routes(state))
+        .merge(admin_routes(state))
 }
 
 /// The OpenAPI document, as `teachd openapi` prints it and `/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().split_for_parts().1
+    api_routes(None).split_for_parts().1
 }
 
 pub fn router(state: AppState) -> Router {
-    let (api, spec) = api_routes().split_for_parts();
+    let (api, spec) = api_routes(Some(&state)).split_for_parts();
     let spec = Arc::new(spec);
     let spec_json = serde_json::to_string_pretty(&*spec).unwrap_or_default();
     let in_flight = Arc::new(Semaphore::new(state.config.server.max_in_flight));
@@ -112,6 +135,10 @@ pub fn router(state: AppState) -> Router {
             admission,
         ))
         .layer(middleware::from_fn(request_id))
+        // Keys must never reach a log line, whatever tracing layer is added around this.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
         .with_state(state)
 }
 

@@ -83,6 +83,8 @@ pub struct SharedServer {
     pub addr: SocketAddr,
     pub state: AppState,
     pub handle: tokio::runtime::Handle,
+    /// A teacher key of a client with generous limits.
+    pub teacher_key: String,
 }
 
 pub fn shared() -> &'static SharedServer {
@@ -103,19 +105,56 @@ pub fn shared() -> &'static SharedServer {
                     .expect("build state with the default model");
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
+                let server = tokio::spawn(teachd::serve(
+                    listener,
+                    state.clone(),
+                    std::future::pending(),
+                ));
+                let teacher_key = teacher_key(addr, &state).await;
                 tx.send(SharedServer {
                     addr,
-                    state: state.clone(),
+                    state,
                     handle,
+                    teacher_key,
                 })
                 .unwrap();
-                teachd::serve(listener, state, std::future::pending())
-                    .await
-                    .unwrap();
+                server.await.unwrap().unwrap();
             });
         });
         rx.recv().expect("shared server failed to start")
     })
+}
+
+/// Bootstrap an admin key, create a client with room for the suite, issue it a teacher key.
+async fn teacher_key(addr: SocketAddr, state: &AppState) -> String {
+    let (_, admin) = teachd::auth::bootstrap_admin(&state.db).await.unwrap();
+    let http = client();
+    let base = format!("http://{addr}");
+    let resp = http
+        .post(format!("{base}/admin/clients"))
+        .bearer_auth(admin.expose_secret())
+        .json(
+            &serde_json::json!({"name": "suite", "limits": {"rpm": 100000, "tpm": 100000000,
+            "max_concurrent": 256, "daily_tokens": 10000000000i64}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let client: serde_json::Value = resp.json().await.unwrap();
+    let resp = http
+        .post(format!(
+            "{base}/admin/clients/{}/keys",
+            client["id"].as_str().unwrap()
+        ))
+        .bearer_auth(admin.expose_secret())
+        .json(&serde_json::json!({"scopes": ["teacher"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let key: serde_json::Value = resp.json().await.unwrap();
+    key["key"].as_str().unwrap().to_string()
 }
 
 impl SharedServer {
@@ -162,7 +201,7 @@ pub async fn post_json(path: &str, body: serde_json::Value) -> (u16, serde_json:
     (status, v)
 }
 
-/// Adds the shared teacher key once auth exists.
+/// Adds the shared client's teacher key.
 pub fn with_auth(rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    rb
+    rb.bearer_auth(&shared().teacher_key)
 }

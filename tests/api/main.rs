@@ -1,8 +1,12 @@
-//! One integration binary: real Postgres, the real default model, a real server on
+//! One integration binary: real Postgres, the real default model, real servers on
 //! 127.0.0.1:0.
 
+mod admin;
+mod app;
+mod auth;
 mod helpers;
 mod judgments;
+mod limits;
 mod openapi;
 mod teacher;
 mod teacher_errors;
