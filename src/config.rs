@@ -142,6 +142,10 @@ pub struct LedgerConfig {
     /// Store full request/response bodies (evidence table) in addition to their SHA-256.
     /// Off by default: bodies can be large and may be sensitive.
     pub store_bodies: bool,
+    /// Longest one group commit may take before its rows are refused (503 `ledger_unavailable`)
+    /// and the connection is replaced. Short values fail fast when Postgres hangs; long ones ride
+    /// out slow disks.
+    pub commit_timeout_ms: u64,
 }
 
 impl Default for LedgerConfig {
@@ -150,6 +154,7 @@ impl Default for LedgerConfig {
             max_batch: 512,
             max_wait_ms: 2,
             store_bodies: false,
+            commit_timeout_ms: 5_000,
         }
     }
 }
