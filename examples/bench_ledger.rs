@@ -23,14 +23,18 @@ use teachd::AppState;
 use uuid::Uuid;
 
 fn admin_url() -> String {
-    std::env::var("BENCH_PG_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("BENCH_PG_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 async fn fresh_db() -> String {
     use sqlx::Connection;
     let name = format!("teachd_bench_{}", Uuid::new_v4().simple());
     let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     let base = admin_url();
     format!("{}/{}", &base[..base.rfind('/').unwrap()], name)
 }
@@ -120,7 +124,12 @@ async fn serve(state: AppState) -> String {
         .with_state(state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(teachd::serve_router(listener, state, app, std::future::pending()));
+    tokio::spawn(teachd::serve_router(
+        listener,
+        state,
+        app,
+        std::future::pending(),
+    ));
     format!("http://{addr}")
 }
 
@@ -181,7 +190,11 @@ async fn time_usage(base: &str, query: &str) -> (f64, usize) {
     let mut rows = 0;
     for _ in 0..5 {
         let t = Instant::now();
-        let r = http.get(format!("{base}/admin/usage?{query}")).send().await.unwrap();
+        let r = http
+            .get(format!("{base}/admin/usage?{query}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         let body: serde_json::Value = r.json().await.unwrap();
         times.push(t.elapsed());
@@ -193,7 +206,10 @@ async fn time_usage(base: &str, query: &str) -> (f64, usize) {
 
 #[tokio::main]
 async fn main() {
-    let secs: u64 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
 
     println!("## 1. Ledger::record (durable group commit), {secs}s per row\n");
     println!("| callers | rows/s | p50 ms | p99 ms |");
@@ -213,11 +229,17 @@ async fn main() {
     for workers in [16, 64] {
         for ledger in [false, true] {
             let (rps, p50, p99) = bench_http(format!("{base}/v1/tos"), ledger, workers, secs).await;
-            let label = if ledger { "on (row committed per request)" } else { "off" };
+            let label = if ledger {
+                "on (row committed per request)"
+            } else {
+                "off"
+            };
             println!("| {workers} | {label} | {rps:.0} | {p50:.2} | {p99:.2} |");
         }
     }
-    let report = teachd::ledger::queries::verify(&state.db, Default::default()).await.unwrap();
+    let report = teachd::ledger::queries::verify(&state.db, Default::default())
+        .await
+        .unwrap();
     println!(
         "\nchain verify after the run: ok={} rows={} ",
         report.ok, report.rows_checked
@@ -227,7 +249,10 @@ async fn main() {
     let state = state_for(&fresh_db().await).await;
     let t = Instant::now();
     sqlx::query(SEED_SQL).execute(&state.db).await.unwrap();
-    sqlx::query("ANALYZE usage_events").execute(&state.db).await.unwrap();
+    sqlx::query("ANALYZE usage_events")
+        .execute(&state.db)
+        .await
+        .unwrap();
     println!("seeded in {:.1}s\n", t.elapsed().as_secs_f64());
     let base = serve(state.clone()).await;
     println!("| query | groups | ms |");
@@ -246,16 +271,33 @@ async fn main() {
     }
     let http = reqwest::Client::new();
     let t = Instant::now();
-    let r = http.get(format!("{base}/admin/usage/events?limit=1000&cursor=900000")).send().await.unwrap();
+    let r = http
+        .get(format!(
+            "{base}/admin/usage/events?limit=1000&cursor=900000"
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
-    println!("\nevents page (1000 rows, cursor deep in the table): {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "\nevents page (1000 rows, cursor deep in the table): {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let t = Instant::now();
-    let r = http.get(format!("{base}/admin/audit/export?format=jsonl")).send().await.unwrap();
+    let r = http
+        .get(format!("{base}/admin/audit/export?format=jsonl"))
+        .send()
+        .await
+        .unwrap();
     let mut stream = r.bytes_stream();
     let mut n = 0usize;
     while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
         n += chunk.unwrap().len();
     }
-    println!("export 1M rows as JSONL: {:.1}s, {} MiB", t.elapsed().as_secs_f64(), n >> 20);
+    println!(
+        "export 1M rows as JSONL: {:.1}s, {} MiB",
+        t.elapsed().as_secs_f64(),
+        n >> 20
+    );
 }

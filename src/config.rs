@@ -373,7 +373,11 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> any
     set_value_path(entry, rest, value)
 }
 
-fn set_value_path(node: &mut toml::Value, path: &[String], value: toml::Value) -> anyhow::Result<()> {
+fn set_value_path(
+    node: &mut toml::Value,
+    path: &[String],
+    value: toml::Value,
+) -> anyhow::Result<()> {
     match node {
         toml::Value::Table(t) => set_path(t, path, value),
         toml::Value::Array(items) => {

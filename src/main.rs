@@ -3,7 +3,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "teachd", version, about = "Teacher LLMs for distillation, with keys, limits and a usage ledger")]
+#[command(
+    name = "teachd",
+    version,
+    about = "Teacher LLMs for distillation, with keys, limits and a usage ledger"
+)]
 struct Cli {
     /// Config file (TOML). Environment variables `TEACHD__SECTION__KEY` override it.
     #[arg(long, short, env = "TEACHD_CONFIG", global = true)]

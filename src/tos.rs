@@ -160,8 +160,10 @@ impl TosStore {
         .bind(commercial)
         .fetch_one(&self.db)
         .await?;
-        self.accepted
-            .insert((client_id, version.to_string()), (Instant::now(), a.clone()));
+        self.accepted.insert(
+            (client_id, version.to_string()),
+            (Instant::now(), a.clone()),
+        );
         Ok(a)
     }
 

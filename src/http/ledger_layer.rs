@@ -56,7 +56,12 @@ pub async fn record_usage(state: &AppState, ctx: &ClientCtx, req: Request, next:
 
 /// Like [`record_usage`] with any inner service: the gate can put its admission checks (limits,
 /// scope) inside `inner` so that their refusals are recorded too.
-pub async fn record_with<F, Fut>(state: &AppState, ctx: &ClientCtx, req: Request, inner: F) -> Response
+pub async fn record_with<F, Fut>(
+    state: &AppState,
+    ctx: &ClientCtx,
+    req: Request,
+    inner: F,
+) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
@@ -74,7 +79,10 @@ where
         record_inner(state, ctx, request_id.clone(), req, inner).await
     } else {
         REQUEST_ID
-            .scope(request_id.clone(), record_inner(state, ctx, request_id.clone(), req, inner))
+            .scope(
+                request_id.clone(),
+                record_inner(state, ctx, request_id.clone(), req, inner),
+            )
             .await
     };
     if !response.headers().contains_key(REQUEST_ID_HEADER) {
@@ -273,7 +281,9 @@ impl RowGuard {
 
 impl Drop for RowGuard {
     fn drop(&mut self) {
-        let Some(mut event) = self.event.take() else { return };
+        let Some(mut event) = self.event.take() else {
+            return;
+        };
         event.status = STATUS_CLIENT_CLOSED;
         event.error_code = Some("client_closed_request".into());
         event.response_sha256 = std::mem::take(&mut self.hasher).finalize().into();
@@ -298,7 +308,13 @@ struct StreamState {
     request_id: String,
 }
 
-fn stream_through_ledger(ledger: Ledger, event: UsageEvent, started: Instant, body: Body, sse: bool) -> Body {
+fn stream_through_ledger(
+    ledger: Ledger,
+    event: UsageEvent,
+    started: Instant,
+    body: Body,
+    sse: bool,
+) -> Body {
     let request_id = event.request_id.clone();
     let state = StreamState {
         inner: body.into_data_stream(),
@@ -341,11 +357,17 @@ fn stream_through_ledger(ledger: Ledger, event: UsageEvent, started: Instant, bo
                         Err(err) => {
                             tracing::warn!(error = %err, "ledger commit failed at the end of a stream");
                             if st.sse {
-                                let envelope = ApiError::LedgerUnavailable.envelope(Some(st.request_id.clone()));
+                                let envelope = ApiError::LedgerUnavailable
+                                    .envelope(Some(st.request_id.clone()));
                                 let json = serde_json::to_string(&envelope).unwrap_or_default();
                                 Some((Ok(Bytes::from(format!("data: {json}\n\n"))), st))
                             } else {
-                                Some((Err(axum::Error::new(std::io::Error::other("ledger unavailable"))), st))
+                                Some((
+                                    Err(axum::Error::new(std::io::Error::other(
+                                        "ledger unavailable",
+                                    ))),
+                                    st,
+                                ))
                             }
                         }
                     };

@@ -82,7 +82,8 @@ pub async fn check_tos_and_licence(
 /// requires attribution. Values that cannot be header values are left out (logged).
 pub fn provenance_headers(model: &ModelInfo) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    let mut put = |name: &'static str, value: &str| match HeaderValue::from_bytes(value.as_bytes()) {
+    let mut put = |name: &'static str, value: &str| match HeaderValue::from_bytes(value.as_bytes())
+    {
         Ok(v) => {
             headers.insert(HeaderName::from_static(name), v);
         }
@@ -107,7 +108,9 @@ pub fn provenance_headers(model: &ModelInfo) -> HeaderMap {
 async fn get_tos(State(state): State<AppState>, _ctx: ClientCtx) -> Result<Json<TosVersion>> {
     match state.tos.current().await? {
         Some(v) => Ok(Json(v)),
-        None => Err(ApiError::not_found("no Terms of Service have been published yet")),
+        None => Err(ApiError::not_found(
+            "no Terms of Service have been published yet",
+        )),
     }
 }
 
@@ -138,9 +141,15 @@ async fn accept_tos(
     ctx: ClientCtx,
     Json(req): Json<AcceptRequest>,
 ) -> Result<Json<Acceptance>> {
-    for (param, value) in [("purpose", &req.purpose), ("student_model", &req.student_model)] {
+    for (param, value) in [
+        ("purpose", &req.purpose),
+        ("student_model", &req.student_model),
+    ] {
         if value.trim().is_empty() {
-            return Err(ApiError::bad_param(param, format!("`{param}` must not be empty")));
+            return Err(ApiError::bad_param(
+                param,
+                format!("`{param}` must not be empty"),
+            ));
         }
     }
     let acceptance = state
@@ -180,7 +189,10 @@ async fn publish_tos(
     Json(req): Json<PublishRequest>,
 ) -> Result<(StatusCode, Json<TosVersion>)> {
     if req.version.trim().is_empty() {
-        return Err(ApiError::bad_param("version", "`version` must not be empty"));
+        return Err(ApiError::bad_param(
+            "version",
+            "`version` must not be empty",
+        ));
     }
     if req.text.trim().is_empty() {
         return Err(ApiError::bad_param("text", "`text` must not be empty"));

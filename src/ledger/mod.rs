@@ -43,6 +43,8 @@ pub struct Bodies {
     pub response: Bytes,
 }
 
+// Flushes are rare; boxing every row to shrink them would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Msg {
     Record {
         event: UsageEvent,
@@ -87,11 +89,19 @@ impl Ledger {
     }
 
     /// Append one row; resolves with its id once it is committed.
-    pub async fn record(&self, event: UsageEvent, bodies: Option<Bodies>) -> Result<i64, LedgerError> {
+    pub async fn record(
+        &self,
+        event: UsageEvent,
+        bodies: Option<Bodies>,
+    ) -> Result<i64, LedgerError> {
         let (done, rx) = oneshot::channel();
         let bodies = if self.store_bodies { bodies } else { None };
         self.tx
-            .send(Msg::Record { event, bodies, done })
+            .send(Msg::Record {
+                event,
+                bodies,
+                done,
+            })
             .await
             .map_err(|_| LedgerError::Closed)?;
         rx.await.map_err(|_| LedgerError::Closed)?

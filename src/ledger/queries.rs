@@ -24,11 +24,17 @@ pub struct TimeRange {
 
 impl TimeRange {
     /// Parse `from`/`to` bounds; on error, the offending parameter and a message.
-    pub fn parse(from: Option<&str>, to: Option<&str>) -> Result<TimeRange, (&'static str, String)> {
+    pub fn parse(
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<TimeRange, (&'static str, String)> {
         let one = |param: &'static str, raw: Option<&str>| {
             raw.map(|r| {
                 parse_time(r).ok_or_else(|| {
-                    (param, format!("`{param}` must be an RFC 3339 timestamp or a YYYY-MM-DD date"))
+                    (
+                        param,
+                        format!("`{param}` must be an RFC 3339 timestamp or a YYYY-MM-DD date"),
+                    )
                 })
             })
             .transpose()
@@ -166,7 +172,9 @@ pub async fn events_after(
 }
 
 /// Usage aggregate dimensions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum GroupKey {
     Client,
@@ -297,12 +305,16 @@ pub async fn verify(pool: &PgPool, range: TimeRange) -> Result<VerifyReport, sql
     let mut verifier = if lo <= 1 {
         Verifier::new(Some(0), GENESIS)
     } else {
-        let prev: Option<(Vec<u8>,)> = sqlx::query_as("SELECT row_hash FROM usage_events WHERE id = $1")
-            .bind(lo - 1)
-            .fetch_optional(pool)
-            .await?;
+        let prev: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT row_hash FROM usage_events WHERE id = $1")
+                .bind(lo - 1)
+                .fetch_optional(pool)
+                .await?;
         // A missing predecessor makes the first row of the range bad.
-        Verifier::new(Some(lo - 1), prev.map(|(h,)| hash32(h)).unwrap_or([0xff; 32]))
+        Verifier::new(
+            Some(lo - 1),
+            prev.map(|(h,)| hash32(h)).unwrap_or([0xff; 32]),
+        )
     };
     let mut after = lo - 1;
     'scan: loop {
@@ -336,10 +348,18 @@ mod tests {
     #[test]
     fn times_parse_as_rfc3339_or_dates() {
         assert_eq!(parse_time("2025-01-31"), parse_time("2025-01-31T00:00:00Z"));
-        assert_eq!(parse_time("2025-01-31T02:00:00+02:00"), parse_time("2025-01-31"));
+        assert_eq!(
+            parse_time("2025-01-31T02:00:00+02:00"),
+            parse_time("2025-01-31")
+        );
         assert!(parse_time("2025-01-31").is_some());
         assert!(parse_time("yesterday").is_none());
-        assert_eq!(TimeRange::parse(Some("2025-02-01"), Some("2025-01-01")).unwrap_err().0, "to");
+        assert_eq!(
+            TimeRange::parse(Some("2025-02-01"), Some("2025-01-01"))
+                .unwrap_err()
+                .0,
+            "to"
+        );
         assert_eq!(TimeRange::parse(Some("x"), None).unwrap_err().0, "from");
     }
 }

@@ -64,18 +64,19 @@ pub(crate) async fn run(
     };
     let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
-    let push = |msg: Msg, batch: &mut Vec<Pending>, flushes: &mut Vec<oneshot::Sender<()>>| match msg {
-        Msg::Record {
-            event,
-            bodies,
-            done,
-        } => batch.push(Pending {
-            event,
-            bodies,
-            done,
-        }),
-        Msg::Flush(tx) => flushes.push(tx),
-    };
+    let push =
+        |msg: Msg, batch: &mut Vec<Pending>, flushes: &mut Vec<oneshot::Sender<()>>| match msg {
+            Msg::Record {
+                event,
+                bodies,
+                done,
+            } => batch.push(Pending {
+                event,
+                bodies,
+                done,
+            }),
+            Msg::Flush(tx) => flushes.push(tx),
+        };
     while let Some(first) = rx.recv().await {
         push(first, &mut batch, &mut flushes);
         while batch.len() < max_batch {
@@ -124,7 +125,12 @@ impl Writer {
             let timeout = self.timeout();
             let head = match self.head {
                 Some(h) => h,
-                None => match tokio::time::timeout(timeout, load_head(self.conn.as_mut().expect("connected"))).await {
+                None => match tokio::time::timeout(
+                    timeout,
+                    load_head(self.conn.as_mut().expect("connected")),
+                )
+                .await
+                {
                     Ok(Ok(h)) => h,
                     Ok(Err(e)) => return self.fail(rows, e.to_string()),
                     Err(_) => return self.fail(rows, "timed out loading the chain head".into()),
@@ -146,7 +152,9 @@ impl Writer {
                     }
                     return;
                 }
-                Ok(Err(sqlx::Error::Database(db))) if db.constraint() == Some("usage_events_pkey") => {
+                Ok(Err(sqlx::Error::Database(db)))
+                    if db.constraint() == Some("usage_events_pkey") =>
+                {
                     // Another writer appended first: reload the head and chain again.
                     self.head = None;
                     conflicts += 1;
@@ -195,10 +203,11 @@ impl Writer {
                 return Err("database unreachable (waiting to reconnect)".into());
             }
             self.next_connect = Instant::now() + RECONNECT_BACKOFF;
-            let conn = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&self.opts))
-                .await
-                .map_err(|_| "timed out connecting".to_string())?
-                .map_err(|e| e.to_string())?;
+            let conn =
+                tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&self.opts))
+                    .await
+                    .map_err(|_| "timed out connecting".to_string())?
+                    .map_err(|e| e.to_string())?;
             tracing::info!("ledger writer connected");
             self.conn = Some(conn);
             self.head = None;
@@ -304,15 +313,33 @@ async fn insert(
         .bind(ev().map(|e| &e.request_sha256[..]).collect::<Vec<_>>())
         .bind(ev().map(|e| &e.response_sha256[..]).collect::<Vec<_>>())
         .bind(ev().map(|e| e.tos_version.as_deref()).collect::<Vec<_>>())
-        .bind(ev().map(|e| e.weights_sha256.as_deref()).collect::<Vec<_>>())
+        .bind(
+            ev().map(|e| e.weights_sha256.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .bind(links.iter().map(|l| &l.1[..]).collect::<Vec<_>>())
         .bind(links.iter().map(|l| &l.2[..]).collect::<Vec<_>>());
     if !with_bodies.is_empty() {
         let b = |p: &&Pending| p.bodies.clone().expect("filtered");
         q = q
-            .bind(with_bodies.iter().map(|p| p.event.request_id.as_str()).collect::<Vec<_>>())
-            .bind(with_bodies.iter().map(|p| b(p).request.to_vec()).collect::<Vec<_>>())
-            .bind(with_bodies.iter().map(|p| b(p).response.to_vec()).collect::<Vec<_>>());
+            .bind(
+                with_bodies
+                    .iter()
+                    .map(|p| p.event.request_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                with_bodies
+                    .iter()
+                    .map(|p| b(p).request.to_vec())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                with_bodies
+                    .iter()
+                    .map(|p| b(p).response.to_vec())
+                    .collect::<Vec<_>>(),
+            );
     }
     q.execute(conn).await?;
     Ok(())

@@ -16,7 +16,11 @@ async fn workload(app: &TestApp) -> Vec<Uuid> {
         for n in 0..(20 + 7 * i as u64) {
             let model = ["open", "llama", "research", "closed"][(n % 4) as usize];
             let r = app
-                .post(*c, &format!("/v1/test/teacher/{model}"), serde_json::json!({"tokens": n + 1}))
+                .post(
+                    *c,
+                    &format!("/v1/test/teacher/{model}"),
+                    serde_json::json!({"tokens": n + 1}),
+                )
                 .send()
                 .await
                 .unwrap();
@@ -38,7 +42,14 @@ async fn all_events(app: &TestApp, query: &str, limit: usize) -> Vec<serde_json:
         if let Some(c) = &cursor {
             url.push_str(&format!("&cursor={c}"));
         }
-        let page: serde_json::Value = app.get(admin, &url).send().await.unwrap().json().await.unwrap();
+        let page: serde_json::Value = app
+            .get(admin, &url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let data = page["data"].as_array().unwrap();
         assert!(data.len() <= limit);
         out.extend(data.iter().cloned());
@@ -63,7 +74,10 @@ async fn pagination_returns_every_event_exactly_once() {
     assert_eq!(unique.len(), ids.len(), "no event twice");
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order");
     assert!(ids.len() as i64 >= total_before);
-    assert_eq!(ids[..total_before as usize], (1..=total_before).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        ids[..total_before as usize],
+        (1..=total_before).collect::<Vec<_>>()[..]
+    );
 
     // Per-client pages hold exactly that client's rows.
     let mine = all_events(&app, &format!("&client_id={}", clients[1]), 5).await;
@@ -73,11 +87,23 @@ async fn pagination_returns_every_event_exactly_once() {
         .await
         .unwrap();
     assert_eq!(mine.len() as i64, n);
-    assert!(mine.iter().all(|e| e["client_id"] == clients[1].to_string()));
+    assert!(mine
+        .iter()
+        .all(|e| e["client_id"] == clients[1].to_string()));
 
     // Bad parameters are 400s.
-    for q in ["limit=0", "limit=5000", "cursor=abc", "from=yesterday", "bogus=1"] {
-        let r = app.get(Uuid::new_v4(), &format!("/admin/usage/events?{q}")).send().await.unwrap();
+    for q in [
+        "limit=0",
+        "limit=5000",
+        "cursor=abc",
+        "from=yesterday",
+        "bogus=1",
+    ] {
+        let r = app
+            .get(Uuid::new_v4(), &format!("/admin/usage/events?{q}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400, "{q}");
     }
 }
@@ -87,10 +113,11 @@ async fn usage_totals_equal_the_sum_of_the_events() {
     let app = spawn_app().await;
     workload(&app).await;
     // Freeze the range before the audit requests add their own rows: just after the last row.
-    let last: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(ts) FROM usage_events")
-        .fetch_one(&app.state.db)
-        .await
-        .unwrap();
+    let last: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT max(ts) FROM usage_events")
+            .fetch_one(&app.state.db)
+            .await
+            .unwrap();
     let to = (last + chrono::Duration::microseconds(1)).to_rfc3339();
     tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     let to_q = urlencode(&to);
@@ -119,7 +146,10 @@ async fn usage_totals_equal_the_sum_of_the_events() {
             t[5] += e["judgments"].as_i64().unwrap();
         }
         let r: serde_json::Value = app
-            .get(Uuid::new_v4(), &format!("/admin/usage?group_by={group}&to={to_q}"))
+            .get(
+                Uuid::new_v4(),
+                &format!("/admin/usage?group_by={group}&to={to_q}"),
+            )
             .send()
             .await
             .unwrap()
@@ -136,8 +166,15 @@ async fn usage_totals_equal_the_sum_of_the_events() {
                 "hour" => row["hour"].as_str().unwrap()[..13].to_string(),
                 _ => unreachable!(),
             };
-            let vals = ["requests", "errors", "prompt_tokens", "scored_tokens", "generated_tokens", "judgments"]
-                .map(|k| row[k].as_i64().unwrap());
+            let vals = [
+                "requests",
+                "errors",
+                "prompt_tokens",
+                "scored_tokens",
+                "generated_tokens",
+                "judgments",
+            ]
+            .map(|k| row[k].as_i64().unwrap());
             assert!(got.insert(key, vals).is_none(), "one row per group");
         }
         assert_eq!(got, expected, "group_by={group}");
@@ -145,7 +182,10 @@ async fn usage_totals_equal_the_sum_of_the_events() {
 
     // Totals without grouping, and a filtered total.
     let r: serde_json::Value = app
-        .get(Uuid::new_v4(), &format!("/admin/usage?to={to_q}&model=open"))
+        .get(
+            Uuid::new_v4(),
+            &format!("/admin/usage?to={to_q}&model=open"),
+        )
         .send()
         .await
         .unwrap()
@@ -153,8 +193,15 @@ async fn usage_totals_equal_the_sum_of_the_events() {
         .await
         .unwrap();
     let open: Vec<_> = events.iter().filter(|e| e["model"] == "open").collect();
-    assert_eq!(r["data"][0]["requests"].as_i64().unwrap(), open.len() as i64);
-    let r = app.get(Uuid::new_v4(), "/admin/usage?group_by=week").send().await.unwrap();
+    assert_eq!(
+        r["data"][0]["requests"].as_i64().unwrap(),
+        open.len() as i64
+    );
+    let r = app
+        .get(Uuid::new_v4(), "/admin/usage?group_by=week")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
 }
 
@@ -168,11 +215,18 @@ async fn export_streams_every_row_as_jsonl_and_csv() {
     workload(&app).await;
     let before = app.row_count().await;
 
-    let r = app.get(Uuid::new_v4(), "/admin/audit/export?format=jsonl").send().await.unwrap();
+    let r = app
+        .get(Uuid::new_v4(), "/admin/audit/export?format=jsonl")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/x-ndjson");
     let text = r.text().await.unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(lines.len() as i64 >= before);
     let ids: Vec<i64> = lines.iter().map(|l| l["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, (1..=lines.len() as i64).collect::<Vec<_>>());
@@ -181,7 +235,11 @@ async fn export_streams_every_row_as_jsonl_and_csv() {
         assert_eq!(w[1]["prev_hash"], w[0]["row_hash"]);
     }
 
-    let r = app.get(Uuid::new_v4(), "/admin/audit/export?format=csv").send().await.unwrap();
+    let r = app
+        .get(Uuid::new_v4(), "/admin/audit/export?format=csv")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     let mut lines = text.lines();
@@ -190,6 +248,10 @@ async fn export_streams_every_row_as_jsonl_and_csv() {
     // The JSONL export's own row was committed when its stream ended.
     assert!(n > before, "{n} > {before}");
 
-    let r = app.get(Uuid::new_v4(), "/admin/audit/export?format=xml").send().await.unwrap();
+    let r = app
+        .get(Uuid::new_v4(), "/admin/audit/export?format=xml")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
 }

@@ -30,7 +30,9 @@ pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub async fn fresh_database(host_port: &str) -> (String, String) {
     use sqlx::Connection;
     let name = format!("teachd_ledger_test_{}", Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(PG_ADMIN_URL).await.expect("postgres is up");
+    let mut admin = sqlx::PgConnection::connect(PG_ADMIN_URL)
+        .await
+        .expect("postgres is up");
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await
@@ -79,7 +81,9 @@ pub async fn spawn_app_via(host_port: &str, tweak: impl FnOnce(&mut Config)) -> 
     let addr = listener.local_addr().unwrap();
     let app = test_router(state.clone());
     let s = state.clone();
-    tokio::spawn(async move { teachd::serve_router(listener, s, app, std::future::pending()).await });
+    tokio::spawn(
+        async move { teachd::serve_router(listener, s, app, std::future::pending()).await },
+    );
     TestApp {
         addr,
         state,
@@ -94,10 +98,17 @@ impl TestApp {
     }
 
     pub fn get(&self, client: Uuid, path: &str) -> reqwest::RequestBuilder {
-        self.http.get(self.url(path)).header("x-test-client", client.to_string())
+        self.http
+            .get(self.url(path))
+            .header("x-test-client", client.to_string())
     }
 
-    pub fn post(&self, client: Uuid, path: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+    pub fn post(
+        &self,
+        client: Uuid,
+        path: &str,
+        body: serde_json::Value,
+    ) -> reqwest::RequestBuilder {
         self.http
             .post(self.url(path))
             .header("x-test-client", client.to_string())
@@ -107,7 +118,11 @@ impl TestApp {
     /// Publish a ToS version (as `admin`) and return it.
     pub async fn publish_tos(&self, admin: Uuid, version: &str) {
         let r = self
-            .post(admin, "/admin/tos", serde_json::json!({"version": version, "text": "Be nice."}))
+            .post(
+                admin,
+                "/admin/tos",
+                serde_json::json!({"version": version, "text": "Be nice."}),
+            )
             .send()
             .await
             .unwrap();
@@ -185,10 +200,20 @@ pub fn test_models() -> BTreeMap<&'static str, ModelInfo> {
         ("open", model("open", DistillationPolicy::Allowed, None)),
         (
             "llama",
-            model("llama", DistillationPolicy::AttributionRequired, Some("Built with Llama")),
+            model(
+                "llama",
+                DistillationPolicy::AttributionRequired,
+                Some("Built with Llama"),
+            ),
         ),
-        ("research", model("research", DistillationPolicy::NonCommercial, None)),
-        ("closed", model("closed", DistillationPolicy::Prohibited, None)),
+        (
+            "research",
+            model("research", DistillationPolicy::NonCommercial, None),
+        ),
+        (
+            "closed",
+            model("closed", DistillationPolicy::Prohibited, None),
+        ),
     ])
 }
 
@@ -201,7 +226,9 @@ async fn fake_teacher(
     teachd::error::Json(body): teachd::error::Json<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let models = test_models();
-    let info = models.get(model.as_str()).ok_or_else(|| ApiError::model_not_found(&model))?;
+    let info = models
+        .get(model.as_str())
+        .ok_or_else(|| ApiError::model_not_found(&model))?;
     check_tos_and_licence(&state.tos, &ctx, info).await?;
     let tokens = body["tokens"].as_u64().unwrap_or(1);
     let mut response = (
@@ -223,8 +250,14 @@ async fn fake_teacher(
 
 /// Stand-in streaming endpoint: three SSE events then `data: [DONE]`.
 async fn fake_stream() -> Response {
-    let events = ["data: {\"n\":1}\n\n", "data: {\"n\":2}\n\n", "data: {\"n\":3}\n\n", "data: [DONE]\n\n"];
-    let stream = futures::stream::iter(events.map(|e| Ok::<_, std::io::Error>(axum::body::Bytes::from(e))));
+    let events = [
+        "data: {\"n\":1}\n\n",
+        "data: {\"n\":2}\n\n",
+        "data: {\"n\":3}\n\n",
+        "data: [DONE]\n\n",
+    ];
+    let stream =
+        futures::stream::iter(events.map(|e| Ok::<_, std::io::Error>(axum::body::Bytes::from(e))));
     let mut r = axum::body::Body::from_stream(stream).into_response();
     r.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,
@@ -251,13 +284,16 @@ impl ChaosProxy {
         let (d, c) = (down.clone(), conns.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if d.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
                 let task = tokio::spawn(async move {
-                    if let Ok(mut upstream) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                    if let Ok(mut upstream) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
+                    {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
                     }
                 });

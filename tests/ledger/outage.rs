@@ -73,7 +73,10 @@ async fn postgres_outage_fails_closed_and_recovers_without_restart() {
     let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.status == 200).collect();
     let unavailable = outcomes.iter().filter(|o| o.status == 503).count();
     assert!(unavailable > 0, "the load saw the outage");
-    assert!(outcomes.iter().all(|o| o.status == 200 || o.status == 503), "only 200/503");
+    assert!(
+        outcomes.iter().all(|o| o.status == 200 || o.status == 503),
+        "only 200/503"
+    );
     let committed: HashSet<String> = sqlx::query_scalar("SELECT request_id FROM usage_events")
         .fetch_all(&app.state.db)
         .await
@@ -81,16 +84,24 @@ async fn postgres_outage_fails_closed_and_recovers_without_restart() {
         .into_iter()
         .collect();
     for o in &ok {
-        assert!(committed.contains(&o.request_id), "2xx without a row: {}", o.request_id);
+        assert!(
+            committed.contains(&o.request_id),
+            "2xx without a row: {}",
+            o.request_id
+        );
     }
     // The chain is intact across the reconnect.
-    let report = teachd::ledger::queries::verify(&app.state.db, Default::default()).await.unwrap();
+    let report = teachd::ledger::queries::verify(&app.state.db, Default::default())
+        .await
+        .unwrap();
     assert!(report.ok, "{report:?}");
 }
 
 async fn wait_for_rows(db: &sqlx::PgPool, n: i64) {
     for _ in 0..600 {
-        let c: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM usage_events").fetch_one(db).await;
+        let c: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM usage_events")
+            .fetch_one(db)
+            .await;
         if matches!(c, Ok(c) if c >= n) {
             return;
         }

@@ -11,7 +11,11 @@ async fn every_authenticated_request_leaves_one_row_with_its_facts() {
     app.accept_tos(client, "v1", false).await;
 
     let body = serde_json::json!({"tokens": 7});
-    let r = app.post(client, "/v1/test/teacher/llama", body.clone()).send().await.unwrap();
+    let r = app
+        .post(client, "/v1/test/teacher/llama", body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let response_bytes = r.bytes().await.unwrap();
@@ -22,25 +26,39 @@ async fn every_authenticated_request_leaves_one_row_with_its_facts() {
     assert_eq!(r.status(), 401);
     assert_eq!(app.row_count().await, before);
 
-    let row: (String, Uuid, Uuid, String, String, Option<String>, i16, i64, i64, Option<i32>, Vec<u8>, Vec<u8>, Option<String>, Option<String>) =
-        sqlx::query_as(
-            "SELECT request_id, client_id, key_id, method, endpoint, model, status, prompt_tokens,
-                    scored_tokens, top_k, request_sha256, response_sha256, tos_version, weights_sha256
-             FROM usage_events WHERE request_id = $1",
-        )
-        .bind(&request_id)
-        .fetch_one(&app.state.db)
+    let rows = teachd::ledger::queries::events_after(&app.state.db, &Default::default(), 0, 1_000)
         .await
         .unwrap();
-    assert_eq!(row.1, client);
-    assert_eq!(row.2, Uuid::from_u128(client.as_u128() ^ 1));
-    assert_eq!((row.3.as_str(), row.4.as_str()), ("POST", "/v1/test/teacher/{model}"));
-    assert_eq!(row.5.as_deref(), Some("llama"));
-    assert_eq!((row.6, row.7, row.8, row.9), (200, 7, 6, Some(3)));
-    assert_eq!(row.10, Sha256::digest(serde_json::to_vec(&body).unwrap()).to_vec());
-    assert_eq!(row.11, Sha256::digest(&response_bytes).to_vec());
-    assert_eq!(row.12.as_deref(), Some("v1"));
-    assert_eq!(row.13.as_deref(), Some(format!("{:0>64}", 5).as_str()));
+    let row = rows
+        .iter()
+        .find(|r| r.event.request_id == request_id)
+        .expect("its row");
+    let e = &row.event;
+    assert_eq!(e.client_id, client);
+    assert_eq!(e.key_id, Uuid::from_u128(client.as_u128() ^ 1));
+    assert_eq!(
+        (e.method.as_str(), e.endpoint.as_str()),
+        ("POST", "/v1/test/teacher/{model}")
+    );
+    assert_eq!(e.model.as_deref(), Some("llama"));
+    assert_eq!(
+        (e.status, e.prompt_tokens, e.scored_tokens, e.top_k),
+        (200, 7, 6, Some(3))
+    );
+    assert_eq!(
+        e.request_sha256.to_vec(),
+        Sha256::digest(serde_json::to_vec(&body).unwrap()).to_vec()
+    );
+    assert_eq!(
+        e.response_sha256.to_vec(),
+        Sha256::digest(&response_bytes).to_vec()
+    );
+    assert_eq!(e.tos_version.as_deref(), Some("v1"));
+    assert_eq!(
+        e.weights_sha256.as_deref(),
+        Some(format!("{:0>64}", 5).as_str())
+    );
+    assert!(e.latency_ms > 0.0);
 
     // A caller-chosen request id is echoed and recorded; reusing it is refused.
     let r = app
@@ -61,12 +79,15 @@ async fn every_authenticated_request_leaves_one_row_with_its_facts() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "duplicate_request_id");
 
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE request_id = 'my-id-1'")
-        .fetch_one(&app.state.db)
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE request_id = 'my-id-1'")
+            .fetch_one(&app.state.db)
+            .await
+            .unwrap();
+    assert_eq!(n, 1);
+    let report = teachd::ledger::queries::verify(&app.state.db, Default::default())
         .await
         .unwrap();
-    assert_eq!(n, 1);
-    let report = teachd::ledger::queries::verify(&app.state.db, Default::default()).await.unwrap();
     assert!(report.ok, "{report:?}");
     assert_eq!(report.rows_checked as i64, app.row_count().await);
 }
@@ -97,15 +118,20 @@ async fn opt_in_body_storage_keeps_the_bodies_as_evidence() {
     app.publish_tos(admin, "v1").await;
     app.accept_tos(client, "v1", false).await;
     let body = serde_json::json!({"tokens": 2});
-    let r = app.post(client, "/v1/test/teacher/open", body.clone()).send().await.unwrap();
+    let r = app
+        .post(client, "/v1/test/teacher/open", body.clone())
+        .send()
+        .await
+        .unwrap();
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let response = r.bytes().await.unwrap();
-    let (req, resp): (Vec<u8>, Vec<u8>) =
-        sqlx::query_as("SELECT request_body, response_body FROM usage_bodies WHERE request_id = $1")
-            .bind(&id)
-            .fetch_one(&app.state.db)
-            .await
-            .unwrap();
+    let (req, resp): (Vec<u8>, Vec<u8>) = sqlx::query_as(
+        "SELECT request_body, response_body FROM usage_bodies WHERE request_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&app.state.db)
+    .await
+    .unwrap();
     assert_eq!(req, serde_json::to_vec(&body).unwrap());
     assert_eq!(resp, response.to_vec());
 

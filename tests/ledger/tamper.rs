@@ -7,14 +7,21 @@ async fn app_with_rows(n: usize) -> TestApp {
     let app = spawn_app().await;
     let client = Uuid::new_v4();
     for _ in 0..n {
-        assert_eq!(app.get(client, "/v1/tos").send().await.unwrap().status(), 404);
+        assert_eq!(
+            app.get(client, "/v1/tos").send().await.unwrap().status(),
+            404
+        );
     }
     assert_eq!(app.row_count().await, n as i64);
     app
 }
 
 async fn verify_http(app: &TestApp) -> serde_json::Value {
-    let r = app.get(Uuid::new_v4(), "/admin/audit/verify").send().await.unwrap();
+    let r = app
+        .get(Uuid::new_v4(), "/admin/audit/verify")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
@@ -53,7 +60,10 @@ async fn tamper(app: &TestApp, sql: &str) {
 async fn an_intact_ledger_verifies_over_http_and_cli() {
     let app = app_with_rows(6).await;
     let report = verify_http(&app).await;
-    assert_eq!(report, serde_json::json!({"ok": true, "rows_checked": 6, "first_bad_event_id": null}));
+    assert_eq!(
+        report,
+        serde_json::json!({"ok": true, "rows_checked": 6, "first_bad_event_id": null})
+    );
     let (code, report) = verify_cli(&app, &[]);
     assert_eq!(code, 0);
     assert_eq!(report["ok"], true);
@@ -83,7 +93,10 @@ async fn a_deleted_row_is_named_by_its_successor() {
     assert_eq!(report["ok"], false);
     assert_eq!(report["first_bad_event_id"], 5);
     let (code, report) = verify_cli(&app, &[]);
-    assert_eq!((code, report["first_bad_event_id"].clone()), (1, serde_json::json!(5)));
+    assert_eq!(
+        (code, report["first_bad_event_id"].clone()),
+        (1, serde_json::json!(5))
+    );
 }
 
 #[tokio::test]
@@ -92,22 +105,28 @@ async fn swapped_rows_are_named() {
     // Swap the positions of rows 6 and 7 (ids exchanged, contents and hashes kept).
     tamper(
         &app,
-        "UPDATE usage_events SET id = -id WHERE id IN (6, 7);
-         UPDATE usage_events SET id = CASE id WHEN -6 THEN 7 ELSE 6 END WHERE id IN (-6, -7)",
+        "UPDATE usage_events SET id = id + 1000000 WHERE id IN (6, 7);
+         UPDATE usage_events SET id = CASE id WHEN 1000006 THEN 7 ELSE 6 END WHERE id > 1000000",
     )
     .await;
     let report = verify_http(&app).await;
     assert_eq!(report["ok"], false);
     assert_eq!(report["first_bad_event_id"], 6);
     let (code, report) = verify_cli(&app, &[]);
-    assert_eq!((code, report["first_bad_event_id"].clone()), (1, serde_json::json!(6)));
+    assert_eq!(
+        (code, report["first_bad_event_id"].clone()),
+        (1, serde_json::json!(6))
+    );
 }
 
 #[tokio::test]
 async fn the_app_role_cannot_change_the_ledger_and_the_owner_is_stopped_by_the_trigger() {
     let app = app_with_rows(3).await;
     let mut conn = superuser(&app.db_name).await;
-    sqlx::query("SET ROLE teachd_app").execute(&mut conn).await.unwrap();
+    sqlx::query("SET ROLE teachd_app")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     // It may read and append...
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events")
         .fetch_one(&mut conn)
@@ -124,9 +143,15 @@ async fn the_app_role_cannot_change_the_ledger_and_the_owner_is_stopped_by_the_t
         "DELETE FROM usage_bodies",
     ] {
         let err = sqlx::query(sql).execute(&mut conn).await.unwrap_err();
-        let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
+        let code = err
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.to_string());
         assert_eq!(code.as_deref(), Some("42501"), "{sql}: {err}");
-        assert!(err.to_string().contains("permission denied"), "{sql}: {err}");
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{sql}: {err}"
+        );
     }
     sqlx::query("RESET ROLE").execute(&mut conn).await.unwrap();
     // Even a superuser is refused while the triggers are on.

@@ -3,15 +3,22 @@ use uuid::Uuid;
 use crate::helpers::spawn_app;
 
 async fn teacher(app: &crate::helpers::TestApp, client: Uuid, model: &str) -> reqwest::Response {
-    app.post(client, &format!("/v1/test/teacher/{model}"), serde_json::json!({"tokens": 4}))
-        .send()
-        .await
-        .unwrap()
+    app.post(
+        client,
+        &format!("/v1/test/teacher/{model}"),
+        serde_json::json!({"tokens": 4}),
+    )
+    .send()
+    .await
+    .unwrap()
 }
 
 async fn error_code(r: reqwest::Response) -> String {
     let body: serde_json::Value = r.json().await.unwrap();
-    body["error"]["code"].as_str().unwrap_or_default().to_string()
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tokio::test]
@@ -23,10 +30,20 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
     let r = teacher(&app, client, "open").await;
     assert_eq!(r.status(), 403);
     assert_eq!(error_code(r).await, "tos_not_accepted");
-    assert_eq!(app.get(client, "/v1/tos").send().await.unwrap().status(), 404);
+    assert_eq!(
+        app.get(client, "/v1/tos").send().await.unwrap().status(),
+        404
+    );
 
     app.publish_tos(admin, "v1").await;
-    let tos: serde_json::Value = app.get(client, "/v1/tos").send().await.unwrap().json().await.unwrap();
+    let tos: serde_json::Value = app
+        .get(client, "/v1/tos")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(tos["version"], "v1");
     assert_eq!(tos["text"], "Be nice.");
     assert!(tos["published_at"].is_string());
@@ -37,8 +54,12 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
 
     // Accepting a version that is not current is refused.
     let r = app
-        .post(client, "/v1/tos/accept", serde_json::json!({"version": "v0", "purpose": "p",
-            "student_model": "s", "commercial": false}))
+        .post(
+            client,
+            "/v1/tos/accept",
+            serde_json::json!({"version": "v0", "purpose": "p",
+            "student_model": "s", "commercial": false}),
+        )
         .send()
         .await
         .unwrap();
@@ -46,16 +67,24 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
     assert_eq!(error_code(r).await, "tos_version_not_current");
     // Unknown fields are refused.
     let r = app
-        .post(client, "/v1/tos/accept", serde_json::json!({"version": "v1", "purpose": "p",
-            "student_model": "s", "commercial": false, "extra": 1}))
+        .post(
+            client,
+            "/v1/tos/accept",
+            serde_json::json!({"version": "v1", "purpose": "p",
+            "student_model": "s", "commercial": false, "extra": 1}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
 
     let r = app
-        .post(client, "/v1/tos/accept", serde_json::json!({"version": "v1", "purpose": "distil",
-            "student_model": "tiny", "commercial": false}))
+        .post(
+            client,
+            "/v1/tos/accept",
+            serde_json::json!({"version": "v1", "purpose": "distil",
+            "student_model": "tiny", "commercial": false}),
+        )
         .send()
         .await
         .unwrap();
@@ -80,7 +109,11 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
 
     // Republishing a version is refused.
     let r = app
-        .post(admin, "/admin/tos", serde_json::json!({"version": "v2", "text": "again"}))
+        .post(
+            admin,
+            "/admin/tos",
+            serde_json::json!({"version": "v2", "text": "again"}),
+        )
         .send()
         .await
         .unwrap();
@@ -96,8 +129,10 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
     .fetch_all(&app.state.db)
     .await
     .unwrap();
-    let got: Vec<(Option<&str>, i16, Option<&str>)> =
-        rows.iter().map(|(v, s, c)| (v.as_deref(), *s, c.as_deref())).collect();
+    let got: Vec<(Option<&str>, i16, Option<&str>)> = rows
+        .iter()
+        .map(|(v, s, c)| (v.as_deref(), *s, c.as_deref()))
+        .collect();
     assert_eq!(
         got,
         vec![
@@ -138,7 +173,10 @@ async fn licence_policies_and_provenance_headers() {
     assert_eq!(teacher(&app, hobbyist, "research").await.status(), 200);
     let r = teacher(&app, company, "research").await;
     assert_eq!(r.status(), 403);
-    assert!(r.headers().get("x-teacher-model").is_none(), "no provenance on a refusal");
+    assert!(
+        r.headers().get("x-teacher-model").is_none(),
+        "no provenance on a refusal"
+    );
     assert_eq!(error_code(r).await, "licence_forbids");
 
     // A company that re-accepts declaring non-commercial use may use it.

@@ -122,7 +122,12 @@ async fn export(
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(EXPORT_CHANNEL);
     let db = state.db.clone();
     tokio::spawn(async move {
-        if format == ExportFormat::Csv && tx.send(Ok(Bytes::from_static(CSV_HEADER.as_bytes()))).await.is_err() {
+        if format == ExportFormat::Csv
+            && tx
+                .send(Ok(Bytes::from_static(CSV_HEADER.as_bytes())))
+                .await
+                .is_err()
+        {
             return;
         }
         let mut after = 0;
@@ -142,7 +147,8 @@ async fn export(
                 let view = EventView::from(row);
                 match format {
                     ExportFormat::Jsonl => {
-                        let _ = writeln!(out, "{}", serde_json::to_string(&view).unwrap_or_default());
+                        let _ =
+                            writeln!(out, "{}", serde_json::to_string(&view).unwrap_or_default());
                     }
                     ExportFormat::Csv => csv_line(&mut out, &view),
                 }
@@ -186,7 +192,9 @@ async fn verify(
     Query(p): Query<VerifyParams>,
 ) -> Result<Json<VerifyReport>> {
     let range = parse_range(p.from.as_deref(), p.to.as_deref())?;
-    let report = queries::verify(&state.db, range).await.map_err(ApiError::from)?;
+    let report = queries::verify(&state.db, range)
+        .await
+        .map_err(ApiError::from)?;
     Ok(Json(report))
 }
 

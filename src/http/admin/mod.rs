@@ -29,7 +29,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
 }
 
 /// `from` (inclusive) and `to` (exclusive), as 400s when malformed.
+#[allow(clippy::result_large_err)] // ApiError carries rate-limit headers; fine off the hot path
 pub(crate) fn parse_range(from: Option<&str>, to: Option<&str>) -> Result<TimeRange, ApiError> {
     TimeRange::parse(from, to).map_err(|(param, msg)| ApiError::bad_param(param, msg))
 }
-

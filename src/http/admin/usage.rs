@@ -67,9 +67,15 @@ pub struct UsageResponse {
     pub data: Vec<Map<String, Value>>,
 }
 
+#[allow(clippy::result_large_err)] // ApiError carries rate-limit headers; fine off the hot path
 fn parse_group_by(raw: Option<&str>) -> Result<Vec<GroupKey>> {
     let mut keys = Vec::new();
-    for part in raw.unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in raw
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         let key = GroupKey::parse(part).ok_or_else(|| {
             ApiError::bad_param(
                 "group_by",
@@ -231,7 +237,10 @@ async fn usage_events(
 ) -> Result<Json<EventsPage>> {
     let limit = p.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_param("limit", format!("`limit` must be 1..={MAX_PAGE}")));
+        return Err(ApiError::bad_param(
+            "limit",
+            format!("`limit` must be 1..={MAX_PAGE}"),
+        ));
     }
     let after = match p.cursor.as_deref() {
         None => 0,
