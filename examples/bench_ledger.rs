@@ -72,7 +72,8 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 }
 
 async fn state_for(url: &str) -> AppState {
-    let mut config = teachd::config::Config::load_with_env(None, &[]).unwrap();
+    // TEACHD__LEDGER__MAX_WAIT_MS=0 etc. apply.
+    let mut config = teachd::config::Config::load(None).unwrap();
     config.database.url = url.to_string();
     teachd::build_state(config).await.unwrap()
 }
@@ -211,40 +212,52 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
 
-    println!("## 1. Ledger::record (durable group commit), {secs}s per row\n");
-    println!("| callers | rows/s | p50 ms | p99 ms |");
-    println!("|---:|---:|---:|---:|");
-    let state = state_for(&fresh_db().await).await;
-    for callers in [1, 16, 64, 256] {
-        let (rps, p50, p99) = bench_record(&state.ledger, callers, secs).await;
-        println!("| {callers} | {rps:.0} | {p50:.2} | {p99:.2} |");
-    }
-
-    println!("\n## 2. Full stack, GET /v1/tos (cached ToS), {secs}s per row\n");
-    println!("| workers | ledger | req/s | p50 ms | p99 ms |");
-    println!("|---:|---|---:|---:|---:|");
-    let state = state_for(&fresh_db().await).await;
-    state.tos.publish("v1", "terms").await.unwrap();
-    let base = serve(state.clone()).await;
-    for workers in [16, 64] {
-        for ledger in [false, true] {
-            let (rps, p50, p99) = bench_http(format!("{base}/v1/tos"), ledger, workers, secs).await;
-            let label = if ledger {
-                "on (row committed per request)"
-            } else {
-                "off"
-            };
-            println!("| {workers} | {label} | {rps:.0} | {p50:.2} | {p99:.2} |");
+    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "123".into());
+    let cfg = teachd::config::Config::load(None).unwrap().ledger;
+    println!(
+        "ledger config: max_batch={} max_wait_ms={}\n",
+        cfg.max_batch, cfg.max_wait_ms
+    );
+    if sections.contains('1') {
+        println!("## 1. Ledger::record (durable group commit), {secs}s per row\n");
+        println!("| callers | rows/s | p50 ms | p99 ms |");
+        println!("|---:|---:|---:|---:|");
+        let state = state_for(&fresh_db().await).await;
+        for callers in [1, 16, 64, 256] {
+            let (rps, p50, p99) = bench_record(&state.ledger, callers, secs).await;
+            println!("| {callers} | {rps:.0} | {p50:.2} | {p99:.2} |");
         }
     }
-    let report = teachd::ledger::queries::verify(&state.db, Default::default())
-        .await
-        .unwrap();
-    println!(
-        "\nchain verify after the run: ok={} rows={} ",
-        report.ok, report.rows_checked
-    );
-
+    if sections.contains('2') {
+        println!("\n## 2. Full stack, GET /v1/tos (cached ToS), {secs}s per row\n");
+        println!("| workers | ledger | req/s | p50 ms | p99 ms |");
+        println!("|---:|---|---:|---:|---:|");
+        let state = state_for(&fresh_db().await).await;
+        state.tos.publish("v1", "terms").await.unwrap();
+        let base = serve(state.clone()).await;
+        for workers in [16, 64] {
+            for ledger in [false, true] {
+                let (rps, p50, p99) =
+                    bench_http(format!("{base}/v1/tos"), ledger, workers, secs).await;
+                let label = if ledger {
+                    "on (row committed per request)"
+                } else {
+                    "off"
+                };
+                println!("| {workers} | {label} | {rps:.0} | {p50:.2} | {p99:.2} |");
+            }
+        }
+        let report = teachd::ledger::queries::verify(&state.db, Default::default())
+            .await
+            .unwrap();
+        println!(
+            "\nchain verify after the run: ok={} rows={} ",
+            report.ok, report.rows_checked
+        );
+    }
+    if !sections.contains('3') {
+        return;
+    }
     println!("\n## 3. GET /admin/usage over 1,000,000 seeded events (median of 5)\n");
     let state = state_for(&fresh_db().await).await;
     let t = Instant::now();

@@ -40,6 +40,31 @@ pub async fn fresh_database(host_port: &str) -> (String, String) {
     (format!("postgres://postgres@{host_port}/{name}"), name)
 }
 
+/// Drop a test database (from synchronous `Drop`), unless the test is failing: then it stays
+/// for inspection.
+pub fn drop_database(name: &str) {
+    if std::thread::panicking() {
+        eprintln!("keeping database {name} of a failed test");
+        return;
+    }
+    let name = name.to_string();
+    let _ = std::thread::spawn(move || {
+        use sqlx::Connection;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(mut admin) = sqlx::PgConnection::connect(PG_ADMIN_URL).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await;
+            }
+        });
+    })
+    .join();
+}
+
 /// A superuser connection to the test database (direct, not through any proxy).
 pub async fn superuser(db_name: &str) -> sqlx::PgConnection {
     use sqlx::Connection;
@@ -89,6 +114,12 @@ pub async fn spawn_app_via(host_port: &str, tweak: impl FnOnce(&mut Config)) -> 
         state,
         db_name,
         http: reqwest::Client::new(),
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        drop_database(&self.db_name);
     }
 }
 

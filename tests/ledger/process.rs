@@ -94,6 +94,7 @@ impl Drop for Server {
         // A failed assertion must not leave an orphan server behind.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        crate::helpers::drop_database(&self.db_name);
     }
 }
 
