@@ -27,9 +27,12 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 async fn fresh_db() -> String {
     use sqlx::Connection;
     let name = format!("teachd_bench_{}", Uuid::new_v4().simple());
+    CREATED.lock().unwrap().push(name.clone());
     let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
@@ -247,17 +250,32 @@ async fn main() {
                 println!("| {workers} | {label} | {rps:.0} | {p50:.2} | {p99:.2} |");
             }
         }
+        let t = Instant::now();
         let report = teachd::ledger::queries::verify(&state.db, Default::default())
             .await
             .unwrap();
         println!(
-            "\nchain verify after the run: ok={} rows={} ",
-            report.ok, report.rows_checked
+            "\nchain verify after the run: ok={} rows={} in {:.2}s",
+            report.ok,
+            report.rows_checked,
+            t.elapsed().as_secs_f64()
         );
     }
-    if !sections.contains('3') {
-        return;
+    if sections.contains('3') {
+        usage_queries().await;
     }
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    let names = CREATED.lock().unwrap().clone();
+    for name in names {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+}
+
+async fn usage_queries() {
     println!("\n## 3. GET /admin/usage over 1,000,000 seeded events (median of 5)\n");
     let state = state_for(&fresh_db().await).await;
     let t = Instant::now();

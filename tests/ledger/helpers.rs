@@ -188,6 +188,7 @@ pub fn test_router(state: AppState) -> Router {
     let (api, _openapi) = teachd::http::ledger_routes().split_for_parts();
     api.route("/v1/test/teacher/{model}", post(fake_teacher))
         .route("/v1/test/stream", get(fake_stream))
+        .route("/v1/test/slow-stream", get(fake_slow_stream))
         .route_layer(from_fn_with_state(state.clone(), test_gate))
         .with_state(state)
 }
@@ -289,6 +290,31 @@ async fn fake_stream() -> Response {
     ];
     let stream =
         futures::stream::iter(events.map(|e| Ok::<_, std::io::Error>(axum::body::Bytes::from(e))));
+    let mut r = axum::body::Body::from_stream(stream).into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/event-stream"),
+    );
+    r
+}
+
+/// Stand-in streaming endpoint that takes its time: an event, a pause, an event, `[DONE]`.
+async fn fake_slow_stream() -> Response {
+    let stream = futures::stream::unfold(0u8, |n| async move {
+        let chunk = match n {
+            0 => "data: {\"n\":1}\n\n",
+            1 => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                "data: {\"n\":2}\n\n"
+            }
+            2 => "data: [DONE]\n\n",
+            _ => return None,
+        };
+        Some((
+            Ok::<_, std::io::Error>(axum::body::Bytes::from(chunk)),
+            n + 1,
+        ))
+    });
     let mut r = axum::body::Body::from_stream(stream).into_response();
     r.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,

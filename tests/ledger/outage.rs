@@ -97,6 +97,55 @@ async fn postgres_outage_fails_closed_and_recovers_without_restart() {
     assert!(report.ok, "{report:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_row_cannot_commit_ends_with_an_error_instead_of_done() {
+    let proxy = ChaosProxy::start().await;
+    let app = spawn_app_via(&proxy.host_port(), |c| c.ledger.commit_timeout_ms = 2_000).await;
+    let client = Uuid::new_v4();
+    let r = app
+        .get(client, "/v1/test/slow-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut body = r.bytes_stream();
+    let first = futures::StreamExt::next(&mut body).await.unwrap().unwrap();
+    assert_eq!(&first[..], b"data: {\"n\":1}\n\n");
+    // Postgres goes away while the stream is running.
+    proxy.cut();
+    let mut rest = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(!rest.contains("[DONE]"), "{rest}");
+    assert!(rest.trim_end().ends_with('}'), "{rest}");
+    let last = rest.trim_end().rsplit("data: ").next().unwrap();
+    let err: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(err["error"]["code"], "ledger_unavailable");
+    assert_eq!(err["error"]["request_id"], request_id);
+
+    proxy.restore();
+    // The ledger comes back; the refused stream has no row, later requests do.
+    let mut ok = false;
+    for _ in 0..200 {
+        if app.get(client, "/v1/tos").send().await.unwrap().status() != 503 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok);
+    let mut su = crate::helpers::superuser(&app.db_name).await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE request_id = $1")
+        .bind(&request_id)
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
 async fn wait_for_rows(db: &sqlx::PgPool, n: i64) {
     for _ in 0..600 {
         let c: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM usage_events")
