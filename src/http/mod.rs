@@ -14,9 +14,11 @@ pub mod gate;
 mod generation;
 pub mod health;
 mod judgments;
+pub mod ledger_layer;
 pub mod logprobs;
 pub mod models;
 mod tokenize;
+pub mod tos;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,7 +79,8 @@ fn teacher_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(tokenize::routes())
         .merge(completions::routes())
         .merge(chat::routes())
-        .merge(judgments::routes());
+        .merge(judgments::routes())
+        .merge(tos::routes());
     match state {
         Some(state) => routes.route_layer(from_fn_with_state(state.clone(), gate::teacher_gate)),
         None => routes,
@@ -98,6 +101,15 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(teacher_routes(state))
         .merge(admin_routes(state))
+}
+
+/// The ToS, usage and audit routes without any gate (the ledger tests wrap them in their own).
+pub fn ledger_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .merge(tos::routes())
+        .merge(tos::admin_routes())
+        .merge(admin::usage::routes())
+        .merge(admin::audit::routes())
 }
 
 /// The OpenAPI document, as `teachd openapi` prints it and `/openapi.json` serves it.
