@@ -246,7 +246,11 @@ async fn sigterm_under_load_exits_cleanly_with_every_row_written() {
     assert!(killed.success());
     let status = server.child.wait().unwrap();
     assert!(status.success(), "clean exit: {status:?}");
-    let said: Vec<String> = server.lines.try_iter().collect();
+    // The reader thread may still be forwarding the last lines: read until it reaches EOF.
+    let mut said = Vec::new();
+    while let Ok(line) = server.lines.recv_timeout(Duration::from_secs(10)) {
+        said.push(line);
+    }
     assert!(said.iter().any(|l| l.contains("DRAINED")), "{said:?}");
     let outcomes = load_task.await.unwrap();
     let committed = committed_ids(&server.db_name).await;
