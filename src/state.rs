@@ -21,6 +21,7 @@ pub struct AppState {
     /// The usage ledger's writer task.
     pub ledger: Ledger,
     pub tos: Arc<TosStore>,
+    pub metrics: Arc<crate::http::metrics::Metrics>,
 }
 
 /// How often idle clients are dropped from the limiters' maps.
@@ -50,6 +51,7 @@ impl AppState {
             limits,
             ledger,
             tos,
+            metrics: Default::default(),
         }
     }
 }
