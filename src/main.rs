@@ -27,12 +27,30 @@ enum Command {
     /// Administration from the command line.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Usage-ledger audits.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
 }
 
 #[derive(Subcommand)]
 enum AdminCommand {
     /// Create the `admin` client if needed and print a new admin key (shown only this once).
     Bootstrap,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the ledger's hash chain; prints a JSON report and exits 1 when a row is bad.
+    Verify {
+        /// Inclusive start (RFC 3339 or YYYY-MM-DD, UTC). Default: the first row.
+        #[arg(long)]
+        from: Option<String>,
+        /// Exclusive end. Default: the last row.
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -56,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&config.server.bind).await?;
             let state = teachd::build_state(config).await?;
             tracing::info!(addr = %listener.local_addr()?, "teachd listening");
-            teachd::serve(listener, state, shutdown_signal()).await
+            teachd::serve(listener, state, teachd::shutdown_signal()).await
         }
         Command::Migrate => {
             let db = teachd::db::connect(&config.database).await?;
@@ -76,19 +94,16 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", key.expose_secret());
             Ok(())
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
+        Command::Audit {
+            command: AuditCommand::Verify { from, to },
+        } => {
+            let db = teachd::db::connect(&config.database).await?;
+            let report = teachd::ledger::audit_verify(&db, from.as_deref(), to.as_deref()).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            if !report.ok {
+                std::process::exit(1);
+            }
+            Ok(())
         }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutdown signal received");
+    }
 }

@@ -6,7 +6,9 @@ use sqlx::PgPool;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::engine::ModelRegistry;
+use crate::ledger::Ledger;
 use crate::limits::{Limiter, Limits};
+use crate::tos::TosStore;
 
 /// Shared application state. Cheap to clone: everything inside is behind an `Arc` or a pool.
 #[derive(Clone)]
@@ -16,13 +18,18 @@ pub struct AppState {
     pub db: PgPool,
     pub auth: Arc<Authenticator>,
     pub limits: Arc<Limiter>,
+    /// The usage ledger's writer task.
+    pub ledger: Ledger,
+    pub tos: Arc<TosStore>,
+    pub metrics: Arc<crate::http::metrics::Metrics>,
 }
 
 /// How often idle clients are dropped from the limiters' maps.
 const LIMITER_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 impl AppState {
-    /// Wires the parts together. Call inside a Tokio runtime (it starts the limiter sweeper).
+    /// Wires the parts together. Call inside a Tokio runtime (it starts the limiter sweeper
+    /// and the ledger's writer task).
     pub fn new(config: Config, models: ModelRegistry, db: PgPool) -> Self {
         let defaults = Limits::from(&config.limits);
         let auth = Arc::new(Authenticator::new(
@@ -34,12 +41,17 @@ impl AppState {
         if tokio::runtime::Handle::try_current().is_ok() {
             limits.spawn_sweeper(LIMITER_SWEEP_EVERY);
         }
+        let ledger = Ledger::start(&db, &config.ledger);
+        let tos = Arc::new(TosStore::new(db.clone()));
         AppState {
             config: Arc::new(config),
             models: Arc::new(models),
             db,
             auth,
             limits,
+            ledger,
+            tos,
+            metrics: Default::default(),
         }
     }
 }

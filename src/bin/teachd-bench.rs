@@ -83,6 +83,16 @@ async fn main() -> anyhow::Result<()> {
             secs.push(dt);
         }
         println!("| teacher forcing, {len} tokens, top-20 | {:.1} scored tok/s (median {:.3} s / request) |", median(rates), median(secs));
+        let mut raw = Vec::new();
+        for _ in 0..args.runs {
+            let start = Instant::now();
+            teacher.raw_logits(ids).await?;
+            raw.push(start.elapsed().as_secs_f64());
+        }
+        println!(
+            "| of which the engine pass (raw logits) | {:.3} s (median) |",
+            median(raw)
+        );
     }
 
     let prompt = all_ids[..32].to_vec();

@@ -69,6 +69,10 @@ impl Backend {
         }
     }
 
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
     /// Wait for exclusive use of the engine; 503 `overloaded` when too many already wait.
     pub async fn turn(&self) -> Result<EngineTurn, EngineError> {
         let queued = self.waiting.fetch_add(1, Ordering::SeqCst);

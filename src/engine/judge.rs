@@ -231,7 +231,7 @@ impl Teacher {
             .collect::<Result<Vec<_>, _>>()?;
         let (probs, processed) = self.candidate_probs(&prompt, &candidates).await?;
         let total: f64 = probs.iter().sum();
-        if !(total > 0.0) {
+        if total.is_nan() || total <= 0.0 {
             return Err(EngineError::Internal(anyhow::anyhow!(
                 "judge: no mass on the scale"
             )));

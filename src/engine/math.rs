@@ -88,9 +88,76 @@ pub struct PositionStats {
 }
 
 /// Stats for the position whose logits are `logits`, the actual next token being `target`.
+///
+/// The hot path of teacher forcing (one call per scored position over the full vocabulary), so
+/// it makes three passes without allocating per-vocabulary buffers: max; normaliser, entropy
+/// and rank together; the tail mass outside the top-k. It equals [`stats_from_logprobs`] of
+/// [`log_softmax`] (a unit test holds them together).
 pub fn score_position(logits: &[f32], target: u32, k: usize, temperature: f64) -> PositionStats {
-    let lp = log_softmax(logits, temperature);
-    stats_from_logprobs(&lp, target, k)
+    if k >= logits.len() / 4 {
+        // Large k: the sort dominates anyway; take the simple route.
+        return stats_from_logprobs(&log_softmax(logits, temperature), target, k);
+    }
+    let inv_t = 1.0 / temperature;
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64 * inv_t;
+    let target_logit = logits[target as usize];
+    let (mut z, mut weighted, mut better) = (0.0f64, 0.0f64, 0u32);
+    for &x in logits {
+        let xs = x as f64 * inv_t - max;
+        let e = xs.exp();
+        z += e;
+        weighted += e * xs;
+        better += u32::from(x > target_logit);
+    }
+    let log_z = z.ln();
+    // log p_i = x_i / T - max - log Z; entropy = log Z - E[x/T - max].
+    let lp = |x: f32| x as f64 * inv_t - max - log_z;
+    let top_ids = top_k_logits(logits, k);
+    let tail_logmass = if k == 0 {
+        Some(0.0)
+    } else {
+        let mut in_top = vec![0u64; logits.len().div_ceil(64)];
+        for &t in &top_ids {
+            in_top[t as usize / 64] |= 1 << (t % 64);
+        }
+        let mut rest = 0.0f64;
+        for (i, &x) in logits.iter().enumerate() {
+            if in_top[i / 64] & (1 << (i % 64)) == 0 {
+                rest += (x as f64 * inv_t - max).exp();
+            }
+        }
+        (rest > 0.0).then(|| rest.ln() - log_z)
+    };
+    PositionStats {
+        token_logprob: lp(target_logit),
+        token_rank: 1 + better,
+        top_logprobs: top_ids.iter().map(|&i| lp(logits[i as usize])).collect(),
+        top_ids,
+        tail_logmass,
+        entropy: log_z - weighted / z,
+    }
+}
+
+/// The `k` largest logits' indices, descending, ties by lower index (same order as [`top_k`],
+/// since dividing by a positive temperature keeps the order). One pass with a bounded buffer.
+pub fn top_k_logits(logits: &[f32], k: usize) -> Vec<u32> {
+    let k = k.min(logits.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let better = |a: (f32, u32), b: (f32, u32)| a.0 > b.0 || (a.0 == b.0 && a.1 < b.1);
+    // `buf` holds the best k seen so far, sorted descending; `buf[k-1]` is the bar to beat.
+    let mut buf: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &x) in logits.iter().enumerate() {
+        let cand = (x, i as u32);
+        if buf.len() == k && !better(cand, buf[k - 1]) {
+            continue;
+        }
+        let pos = buf.partition_point(|&b| better(b, cand));
+        buf.insert(pos, cand);
+        buf.truncate(k);
+    }
+    buf.into_iter().map(|(_, i)| i).collect()
 }
 
 pub fn stats_from_logprobs(lp: &[f64], target: u32, k: usize) -> PositionStats {
@@ -226,6 +293,40 @@ mod tests {
         assert_eq!(s.top_ids, vec![1, 3]);
         assert_eq!(s.token_rank, 2);
         assert!(close(s.token_logprob, s.top_logprobs[1], 0.0));
+    }
+
+    #[test]
+    fn fast_path_equals_the_reference() {
+        // Deterministic pseudo-random logits with ties and a spread like a real model's.
+        let mut state = 12345u64;
+        let logits: Vec<f32> = (0..5000)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((state >> 33) % 2000) as f32 - 1000.0) / 97.0
+            })
+            .collect();
+        for (target, k, t) in [
+            (0u32, 20usize, 1.0),
+            (4999, 5, 0.7),
+            (123, 0, 2.0),
+            (77, 1, 1.0),
+        ] {
+            let fast = score_position(&logits, target, k, t);
+            let slow = stats_from_logprobs(&log_softmax(&logits, t), target, k);
+            assert_eq!(fast.top_ids, slow.top_ids);
+            assert_eq!(fast.token_rank, slow.token_rank);
+            assert!(close(fast.token_logprob, slow.token_logprob, 1e-9));
+            assert!(close(fast.entropy, slow.entropy, 1e-9));
+            for (a, b) in fast.top_logprobs.iter().zip(&slow.top_logprobs) {
+                assert!(close(*a, *b, 1e-9));
+            }
+            match (fast.tail_logmass, slow.tail_logmass) {
+                (Some(a), Some(b)) => assert!(close(a, b, 1e-9), "{a} vs {b}"),
+                (a, b) => assert_eq!(a, b),
+            }
+        }
     }
 
     #[test]

@@ -142,6 +142,11 @@ impl Teacher {
         self.eos.contains(&id)
     }
 
+    /// Requests waiting for this model's engine.
+    pub fn queue_depth(&self) -> usize {
+        self.backend.queue_depth()
+    }
+
     pub fn max_new_tokens(&self) -> usize {
         self.max_new_tokens
     }

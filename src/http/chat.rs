@@ -154,6 +154,7 @@ pub async fn chat_completions(
     Json(req): Json<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher(&state, &req.model)?;
+    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_param("n", "only n = 1 is supported"));
     }
@@ -274,7 +275,7 @@ pub async fn chat_completions(
     .into_response();
     response
         .headers_mut()
-        .extend(common::provenance_headers(&teacher));
+        .extend(super::tos::provenance_headers(&teacher.info));
     response.extensions_mut().insert(Usage {
         generated_tokens: finished.sampled_tokens as u64,
         ..usage
@@ -423,7 +424,7 @@ fn stream(
         .into_response();
     response
         .headers_mut()
-        .extend(common::provenance_headers(&teacher));
+        .extend(super::tos::provenance_headers(&teacher.info));
     response.extensions_mut().insert(cell);
     response
 }

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::ToSchema;
@@ -172,24 +171,6 @@ pub fn convert_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiErr
             })
         })
         .collect()
-}
-
-/// Provenance headers of every teacher response.
-pub fn provenance_headers(teacher: &Teacher) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let info = &teacher.info;
-    if let Ok(v) = HeaderValue::from_str(&info.id) {
-        h.insert(HeaderName::from_static("x-teacher-model"), v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&info.weights_sha256) {
-        h.insert(HeaderName::from_static("x-teacher-weights-sha256"), v);
-    }
-    if let Some(attr) = &info.licence.attribution {
-        if let Ok(v) = HeaderValue::from_str(attr) {
-            h.insert(HeaderName::from_static("x-teacher-attribution"), v);
-        }
-    }
-    h
 }
 
 /// Output precision: the model computes in f32, more digits would be noise.

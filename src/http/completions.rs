@@ -195,6 +195,7 @@ pub async fn completions(
     Json(req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher(&state, &req.model)?;
+    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_param("n", "only n = 1 is supported"));
     }
@@ -291,7 +292,7 @@ pub async fn completions(
     .into_response();
     response
         .headers_mut()
-        .extend(common::provenance_headers(&teacher));
+        .extend(super::tos::provenance_headers(&teacher.info));
     response.extensions_mut().insert(ledger);
     Ok(response)
 }
@@ -584,7 +585,7 @@ fn stream(
         .into_response();
     response
         .headers_mut()
-        .extend(common::provenance_headers(&teacher));
+        .extend(super::tos::provenance_headers(&teacher.info));
     response.extensions_mut().insert(cell);
     response
 }

@@ -1,8 +1,9 @@
 //! The gate in front of teacher and admin routes:
 //! authenticate (401/403) -> admit (rpm, concurrency: 429) -> handler -> settle -> headers.
 //!
-//! Each step is its own function so that the ledger (issue 4) can wrap everything after
-//! `authenticate`: an authenticated request is one whose `ClientCtx` is known.
+//! Everything after `authenticate` runs inside the usage ledger's `record_with`: every
+//! authenticated request, refused or served, yields exactly one ledger row, and a 2xx leaves
+//! only after its row is committed.
 
 use axum::body::{Body, HttpBody};
 use axum::extract::{Request, State};
@@ -13,6 +14,7 @@ use futures::StreamExt;
 
 use crate::auth::{ClientCtx, Scope};
 use crate::error::ApiError;
+use crate::http::ledger_layer::{record_usage, record_with};
 use crate::limits::{Admission, DeferredSettlement};
 use crate::usage::Usage;
 use crate::AppState;
@@ -23,17 +25,23 @@ pub async fn teacher_gate(State(state): State<AppState>, mut req: Request, next:
         Ok(ctx) => ctx,
         Err(err) => return err.into_response(),
     };
-    let admission = match state.limits.admit(&ctx) {
-        Ok(admission) => admission,
-        Err(err) => return err.into_response(),
-    };
     req.extensions_mut().insert(ctx.clone());
-    let mut response = next.run(req).await;
-    settle(&mut response).await;
-    state
-        .limits
-        .write_headers(&ctx, &admission, response.headers_mut());
-    hold_until_body_ends(response, admission)
+    let inner_state = state.clone();
+    let inner_ctx = ctx.clone();
+    record_with(&state, &ctx, req, move |req| async move {
+        let (state, ctx) = (inner_state, inner_ctx);
+        let admission = match state.limits.admit(&ctx) {
+            Ok(admission) => admission,
+            Err(err) => return err.into_response(),
+        };
+        let mut response = next.run(req).await;
+        settle(&mut response).await;
+        state
+            .limits
+            .write_headers(&ctx, &admission, response.headers_mut());
+        hold_until_body_ends(response, admission)
+    })
+    .await
 }
 
 /// Middleware for /admin routes (scope `admin`). No rate limits: admins are few and trusted.
@@ -42,8 +50,8 @@ pub async fn admin_gate(State(state): State<AppState>, mut req: Request, next: N
         Ok(ctx) => ctx,
         Err(err) => return err.into_response(),
     };
-    req.extensions_mut().insert(ctx);
-    next.run(req).await
+    req.extensions_mut().insert(ctx.clone());
+    record_usage(&state, &ctx, req, next).await
 }
 
 /// The caller, holding `scope`. With `server.disable_auth`, teacher requests run as the

@@ -9,6 +9,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(super::metrics::metrics))
 }
 
 /// The process is up.
@@ -16,10 +17,13 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Models loaded and the ledger's database reachable.
+/// Models loaded, the ledger committing and its database reachable.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     if state.models.iter().next().is_none() {
         return (StatusCode::SERVICE_UNAVAILABLE, "no model loaded");
+    }
+    if !state.ledger.is_healthy() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "usage ledger cannot commit");
     }
     match sqlx::query("SELECT 1").execute(&state.db).await {
         Ok(_) => (StatusCode::OK, "ready"),

@@ -377,6 +377,7 @@ pub async fn judgments(
     Json(req): Json<JudgmentRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher(&state, &req.model)?;
+    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
     let mut usage = Usage {
         model: Some(teacher.info.id.clone()),
         weights_sha256: Some(teacher.info.weights_sha256.clone()),
@@ -448,7 +449,7 @@ pub async fn judgments(
     reservation.settle(usage.prompt_tokens).await;
     response
         .headers_mut()
-        .extend(common::provenance_headers(&teacher));
+        .extend(super::tos::provenance_headers(&teacher.info));
     response.extensions_mut().insert(usage);
     Ok(response)
 }

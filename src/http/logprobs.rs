@@ -157,6 +157,7 @@ pub async fn logprobs(
     Json(req): Json<LogprobsRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher(&state, &req.model)?;
+    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
     let top_k = req.top_k.unwrap_or(20);
     common::validate_top_k(&teacher, top_k, "top_k")?;
     let temperature = req.temperature.unwrap_or(1.0);
@@ -206,7 +207,7 @@ pub async fn logprobs(
     };
     response
         .headers_mut()
-        .extend(common::provenance_headers(&teacher));
+        .extend(super::tos::provenance_headers(&teacher.info));
     response.extensions_mut().insert(usage);
     Ok(response)
 }

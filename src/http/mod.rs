@@ -15,9 +15,12 @@ pub mod gate;
 mod generation;
 pub mod health;
 mod judgments;
+pub mod ledger_layer;
+pub mod metrics;
 pub mod logprobs;
 pub mod models;
 mod tokenize;
+pub mod tos;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +81,8 @@ fn teacher_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(tokenize::routes())
         .merge(completions::routes())
         .merge(chat::routes())
-        .merge(judgments::routes());
+        .merge(judgments::routes())
+        .merge(tos::routes());
     match state {
         Some(state) => routes.route_layer(from_fn_with_state(state.clone(), gate::teacher_gate)),
         None => routes,
@@ -101,6 +105,15 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(admin_routes(state))
 }
 
+/// The ToS, usage and audit routes without any gate (the ledger tests wrap them in their own).
+pub fn ledger_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .merge(tos::routes())
+        .merge(tos::admin_routes())
+        .merge(admin::usage::routes())
+        .merge(admin::audit::routes())
+}
+
 /// The OpenAPI document, as `teachd openapi` prints it and `/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut spec = api_routes(None).split_for_parts().1;
@@ -109,7 +122,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// Document, on every operation, the errors that the layers in front of its handler answer
-/// (the handlers' own `responses` list what they add): the gate's 401/403 (and 429 on teacher
+/// (the handlers' own `responses` list what they add): the gate's 401/403 (and 429 on /v1
 /// routes: rate limits, quota), admission's 503 (overloaded), and 413 where there is a body.
 fn document_layer_errors(spec: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
@@ -124,7 +137,8 @@ fn document_layer_errors(spec: &mut utoipa::openapi::OpenApi) {
             )
             .build()
     };
-    for item in spec.paths.paths.values_mut() {
+    for (path, item) in spec.paths.paths.iter_mut() {
+        let teacher = path.starts_with("/v1/");
         let ops = [
             &mut item.get,
             &mut item.put,
@@ -133,7 +147,6 @@ fn document_layer_errors(spec: &mut utoipa::openapi::OpenApi) {
             &mut item.patch,
         ];
         for op in ops.into_iter().flatten() {
-            let teacher = op.tags.iter().flatten().any(|t| t == "teacher");
             let mut add = vec![
                 ("401", "Missing, malformed, unknown, revoked or expired key"),
                 (
@@ -192,7 +205,7 @@ pub fn router(state: AppState) -> Router {
             (in_flight, timeout),
             admission,
         ))
-        .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), request_id))
         // Keys must never reach a log line, whatever tracing layer is added around this.
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
@@ -233,7 +246,9 @@ fn valid_request_id(v: &str) -> bool {
 
 /// Echo a valid caller `x-request-id`, else mint a UUID; every response carries it, and errors
 /// built below see it through the task-local.
-async fn request_id(mut req: Request, next: Next) -> Response {
+async fn request_id(State(metrics): State<Arc<metrics::Metrics>>, mut req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let path = req.uri().path().to_string();
     let id = req
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -253,5 +268,6 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         resp.headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
+    metrics.observe(&path, resp.status().as_u16(), started.elapsed());
     resp
 }

@@ -8,6 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::{self, Message};
 use super::logprobs::resolve_input;
+use crate::auth::ClientCtx;
 use crate::error::{ApiError, ErrorEnvelope, Json};
 use crate::usage::Usage;
 use crate::AppState;
@@ -67,9 +68,11 @@ pub struct DetokenizeResponse {
 #[tracing::instrument(skip_all)]
 pub async fn tokenize(
     State(state): State<AppState>,
+    ctx: ClientCtx,
     Json(req): Json<TokenizeRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher(&state, &req.model)?;
+    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
     let ids = match (req.prompt, req.messages) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(ApiError::bad_request(
@@ -95,7 +98,7 @@ pub async fn tokenize(
     .into_response();
     response
         .headers_mut()
-        .extend(common::provenance_headers(&teacher));
+        .extend(super::tos::provenance_headers(&teacher.info));
     response.extensions_mut().insert(Usage {
         model: Some(teacher.info.id.clone()),
         weights_sha256: Some(teacher.info.weights_sha256.clone()),
@@ -112,14 +115,16 @@ pub async fn tokenize(
 #[tracing::instrument(skip_all)]
 pub async fn detokenize(
     State(state): State<AppState>,
+    ctx: ClientCtx,
     Json(req): Json<DetokenizeRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher(&state, &req.model)?;
+    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
     let text = teacher.detokenize(&req.token_ids)?;
     let mut response = Json(DetokenizeResponse { text }).into_response();
     response
         .headers_mut()
-        .extend(common::provenance_headers(&teacher));
+        .extend(super::tos::provenance_headers(&teacher.info));
     response.extensions_mut().insert(Usage {
         model: Some(teacher.info.id.clone()),
         weights_sha256: Some(teacher.info.weights_sha256.clone()),

@@ -154,7 +154,28 @@ async fn teacher_key(addr: SocketAddr, state: &AppState) -> String {
         .unwrap();
     assert_eq!(resp.status(), 201);
     let key: serde_json::Value = resp.json().await.unwrap();
-    key["key"].as_str().unwrap().to_string()
+    let key = key["key"].as_str().unwrap().to_string();
+    // Teacher endpoints answer 403 until the client accepted the current ToS.
+    let resp = http
+        .post(format!("{base}/admin/tos"))
+        .bearer_auth(admin.expose_secret())
+        .json(&serde_json::json!({"version": "2026-11", "text": "Distil responsibly."}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let resp = http
+        .post(format!("{base}/v1/tos/accept"))
+        .bearer_auth(&key)
+        .json(
+            &serde_json::json!({"version": "2026-11", "purpose": "test suite",
+            "student_model": "none", "commercial": false}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    key
 }
 
 impl SharedServer {

@@ -472,3 +472,20 @@ async fn concurrent_mixed_requests_all_succeed() {
     .await;
     assert_eq!(status, 200, "the engine keeps serving");
 }
+
+#[tokio::test]
+async fn metrics_count_requests_and_need_no_key() {
+    let s = shared();
+    let (status, _) = post_json("/v1/logprobs", json!({"model": MODEL, "prompt": "count me", "top_k": 1})).await;
+    assert_eq!(status, 200);
+    let resp = crate::helpers::client().get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("teachd_requests_total{path=\"/v1/logprobs\",status=\"200\"}"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= 1);
+    assert!(text.contains(&format!("teachd_engine_queue_depth{{model=\"{MODEL}\"}}")));
+    assert!(text.contains("teachd_ledger_healthy 1"));
+}

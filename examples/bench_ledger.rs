@@ -1,0 +1,336 @@
+//! Ledger benchmark: prints a table.
+//!
+//! `cargo run --example bench_ledger` (Postgres at 127.0.0.1:5432, user postgres; override with
+//! BENCH_PG_ADMIN_URL). Creates throwaway databases `teachd_bench_*`.
+//!
+//! 1. `Ledger::record` alone: durably committed rows/s and record latency with N callers.
+//! 2. Full stack: `GET /v1/tos` through axum + the ledger layer (every request's row committed
+//!    before its response), against the same route without the ledger layer: requests/s and the
+//!    latency the commit adds. Load generator and server share the machine's cores.
+//! 3. `GET /admin/usage` over 1,000,000 seeded events.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::middleware::{from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use teachd::auth::{ClientCtx, Scope};
+use teachd::ledger::{Ledger, UsageEvent};
+use teachd::AppState;
+use uuid::Uuid;
+
+fn admin_url() -> String {
+    std::env::var("BENCH_PG_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+async fn fresh_db() -> String {
+    use sqlx::Connection;
+    let name = format!("teachd_bench_{}", Uuid::new_v4().simple());
+    CREATED.lock().unwrap().push(name.clone());
+    let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let base = admin_url();
+    format!("{}/{}", &base[..base.rfind('/').unwrap()], name)
+}
+
+fn event() -> UsageEvent {
+    UsageEvent {
+        request_id: Uuid::now_v7().to_string(),
+        ts: teachd::ledger::chain::to_db_precision(chrono::Utc::now()),
+        client_id: Uuid::from_u128(1),
+        key_id: Uuid::from_u128(2),
+        method: "POST".into(),
+        endpoint: "/v1/logprobs".into(),
+        model: Some("smollm2-135m-instruct".into()),
+        status: 200,
+        error_code: None,
+        prompt_tokens: 512,
+        scored_tokens: 511,
+        generated_tokens: 0,
+        judgments: 0,
+        top_k: Some(20),
+        latency_ms: 3.5,
+        request_sha256: [1; 32],
+        response_sha256: [2; 32],
+        tos_version: Some("v1".into()),
+        weights_sha256: Some("ab".repeat(32)),
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+async fn state_for(url: &str) -> AppState {
+    // TEACHD__LEDGER__MAX_WAIT_MS=0 etc. apply.
+    let mut config = teachd::config::Config::load(None).unwrap();
+    config.database.url = url.to_string();
+    teachd::build_state(config).await.unwrap()
+}
+
+async fn bench_record(ledger: &Ledger, callers: usize, secs: u64) -> (f64, f64, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (ledger, stop) = (ledger.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                ledger.record(event(), None).await.unwrap();
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort();
+    (lat.len() as f64 / elapsed, pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let ctx = ClientCtx {
+        client_id: Uuid::from_u128(1),
+        key_id: Uuid::from_u128(2),
+        scopes: vec![Scope::Teacher, Scope::Admin],
+        client_name: "bench".into(),
+        limits: teachd::limits::Limits::from(&teachd::config::DefaultLimits::default()),
+    };
+    req.extensions_mut().insert(ctx.clone());
+    if req.headers().contains_key("x-bench-no-ledger") {
+        return next.run(req).await.into_response();
+    }
+    teachd::http::ledger_layer::record_usage(&state, &ctx, req, next).await
+}
+
+async fn serve(state: AppState) -> String {
+    let (api, _) = teachd::http::ledger_routes().split_for_parts();
+    let app: Router = api
+        .route_layer(from_fn_with_state(state.clone(), gate))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(teachd::serve_router(
+        listener,
+        state,
+        app,
+        std::future::pending(),
+    ));
+    format!("http://{addr}")
+}
+
+async fn bench_http(url: String, ledger: bool, workers: usize, secs: u64) -> (f64, f64, f64) {
+    let http = reqwest::Client::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (http, url, stop) = (http.clone(), url.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let mut rq = http.get(&url);
+                if !ledger {
+                    rq = rq.header("x-bench-no-ledger", "1");
+                }
+                let r = rq.send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort();
+    (lat.len() as f64 / elapsed, pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+const SEED_SQL: &str = "
+INSERT INTO usage_events (id, request_id, ts, client_id, key_id, method, endpoint, model, status,
+    error_code, prompt_tokens, scored_tokens, generated_tokens, judgments, top_k, latency_ms,
+    request_sha256, response_sha256, tos_version, weights_sha256, prev_hash, row_hash)
+SELECT g, 'seed-' || g,
+       timestamptz '2025-01-01' + (g * interval '30 days' / 1000000),
+       ('00000000-0000-0000-0000-' || lpad((g % 100)::text, 12, '0'))::uuid,
+       ('00000000-0000-0000-0001-' || lpad((g % 100)::text, 12, '0'))::uuid,
+       'POST',
+       (ARRAY['/v1/logprobs','/v1/completions','/v1/chat/completions','/v1/judgments','/v1/tokenize'])[1 + g % 5],
+       (ARRAY['m1','m2','m3'])[1 + g % 3],
+       CASE WHEN g % 50 = 0 THEN 429 ELSE 200 END, NULL,
+       100 + g % 400, 99 + g % 400, g % 64, g % 2, 20, 1.5,
+       sha256(('q' || g)::bytea), sha256(('r' || g)::bytea), 'v1', 'w',
+       sha256(('p' || g)::bytea), sha256(('h' || g)::bytea)
+FROM generate_series(1, 1000000) g";
+
+async fn time_usage(base: &str, query: &str) -> (f64, usize) {
+    let http = reqwest::Client::new();
+    let mut times = Vec::new();
+    let mut rows = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = http
+            .get(format!("{base}/admin/usage?{query}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        times.push(t.elapsed());
+        rows = body["data"].as_array().unwrap().len();
+    }
+    times.sort();
+    (times[times.len() / 2].as_secs_f64() * 1e3, rows)
+}
+
+#[tokio::main]
+async fn main() {
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+
+    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "123".into());
+    let cfg = teachd::config::Config::load(None).unwrap().ledger;
+    println!(
+        "ledger config: max_batch={} max_wait_ms={}\n",
+        cfg.max_batch, cfg.max_wait_ms
+    );
+    if sections.contains('1') {
+        println!("## 1. Ledger::record (durable group commit), {secs}s per row\n");
+        println!("| callers | rows/s | p50 ms | p99 ms |");
+        println!("|---:|---:|---:|---:|");
+        let state = state_for(&fresh_db().await).await;
+        for callers in [1, 16, 64, 256] {
+            let (rps, p50, p99) = bench_record(&state.ledger, callers, secs).await;
+            println!("| {callers} | {rps:.0} | {p50:.2} | {p99:.2} |");
+        }
+    }
+    if sections.contains('2') {
+        println!("\n## 2. Full stack, GET /v1/tos (cached ToS), {secs}s per row\n");
+        println!("| workers | ledger | req/s | p50 ms | p99 ms |");
+        println!("|---:|---|---:|---:|---:|");
+        let state = state_for(&fresh_db().await).await;
+        state.tos.publish("v1", "terms").await.unwrap();
+        let base = serve(state.clone()).await;
+        for workers in [16, 64] {
+            for ledger in [false, true] {
+                let (rps, p50, p99) =
+                    bench_http(format!("{base}/v1/tos"), ledger, workers, secs).await;
+                let label = if ledger {
+                    "on (row committed per request)"
+                } else {
+                    "off"
+                };
+                println!("| {workers} | {label} | {rps:.0} | {p50:.2} | {p99:.2} |");
+            }
+        }
+        let t = Instant::now();
+        let report = teachd::ledger::queries::verify(&state.db, Default::default())
+            .await
+            .unwrap();
+        println!(
+            "\nchain verify after the run: ok={} rows={} in {:.2}s",
+            report.ok,
+            report.rows_checked,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    if sections.contains('3') {
+        usage_queries().await;
+    }
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    let names = CREATED.lock().unwrap().clone();
+    for name in names {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+}
+
+async fn usage_queries() {
+    println!("\n## 3. GET /admin/usage over 1,000,000 seeded events (median of 5)\n");
+    let state = state_for(&fresh_db().await).await;
+    let t = Instant::now();
+    sqlx::query(SEED_SQL).execute(&state.db).await.unwrap();
+    sqlx::query("ANALYZE usage_events")
+        .execute(&state.db)
+        .await
+        .unwrap();
+    println!("seeded in {:.1}s\n", t.elapsed().as_secs_f64());
+    let base = serve(state.clone()).await;
+    println!("| query | groups | ms |");
+    println!("|---|---:|---:|");
+    for q in [
+        "group_by=client",
+        "group_by=day",
+        "group_by=client,day",
+        "group_by=model,endpoint",
+        "group_by=hour&from=2025-01-10&to=2025-01-11",
+        "client_id=00000000-0000-0000-0000-000000000007&group_by=day",
+        "",
+    ] {
+        let (ms, rows) = time_usage(&base, q).await;
+        println!("| `{q}` | {rows} | {ms:.0} |");
+    }
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let r = http
+        .get(format!(
+            "{base}/admin/usage/events?limit=1000&cursor=900000"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    println!(
+        "\nevents page (1000 rows, cursor deep in the table): {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let t = Instant::now();
+    let r = http
+        .get(format!("{base}/admin/audit/export?format=jsonl"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    let mut n = 0usize;
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        n += chunk.unwrap().len();
+    }
+    println!(
+        "export 1M rows as JSONL: {:.1}s, {} MiB",
+        t.elapsed().as_secs_f64(),
+        n >> 20
+    );
+}

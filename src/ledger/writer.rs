@@ -1,0 +1,346 @@
+//! The single writer task: group commit with a hash chain.
+//!
+//! Each batch is ONE autocommit statement (`INSERT ... SELECT FROM UNNEST(...)`, with the bodies
+//! in a data-modifying CTE when they are stored): one round trip and one fsync for hundreds of
+//! rows. Ids are `head + 1..`; the primary key on `id` makes concurrent writers (several
+//! processes on one ledger) safe without a lock: a writer with a stale head hits a key conflict,
+//! reloads the head and retries, so the chain never forks.
+//!
+//! Failure: any error other than a key conflict answers every row of the batch with
+//! [`LedgerError::Unavailable`], drops the connection and forgets the head (a lost COMMIT reply
+//! may or may not have committed). The next batch reconnects (at most every
+//! `RECONNECT_BACKOFF`) and reloads the head, so service resumes by itself.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::chain::{row_hash, UsageEvent, GENESIS};
+use super::{Bodies, LedgerError, Msg};
+use crate::config::LedgerConfig;
+
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Key conflicts with another writer are retried this often before the batch is refused.
+const MAX_CONFLICT_RETRIES: usize = 8;
+
+struct Pending {
+    event: UsageEvent,
+    bodies: Option<Bodies>,
+    done: oneshot::Sender<Result<i64, LedgerError>>,
+}
+
+struct Writer {
+    opts: PgConnectOptions,
+    cfg: LedgerConfig,
+    conn: Option<PgConnection>,
+    /// `(id, row_hash)` of the last committed row, when known for sure.
+    head: Option<(i64, [u8; 32])>,
+    next_connect: Instant,
+    healthy: Arc<AtomicBool>,
+}
+
+pub(crate) async fn run(
+    mut rx: mpsc::Receiver<Msg>,
+    opts: PgConnectOptions,
+    cfg: LedgerConfig,
+    healthy: Arc<AtomicBool>,
+) {
+    let max_batch = cfg.max_batch.max(1);
+    let max_wait = Duration::from_millis(cfg.max_wait_ms);
+    let mut w = Writer {
+        opts,
+        cfg,
+        conn: None,
+        head: None,
+        next_connect: Instant::now(),
+        healthy,
+    };
+    let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let push =
+        |msg: Msg, batch: &mut Vec<Pending>, flushes: &mut Vec<oneshot::Sender<()>>| match msg {
+            Msg::Record {
+                event,
+                bodies,
+                done,
+            } => batch.push(Pending {
+                event,
+                bodies,
+                done,
+            }),
+            Msg::Flush(tx) => flushes.push(tx),
+        };
+    while let Some(first) = rx.recv().await {
+        push(first, &mut batch, &mut flushes);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(msg) => push(msg, &mut batch, &mut flushes),
+                Err(_) => break,
+            }
+        }
+        // Wait a little for companions, unless someone is waiting for a flush.
+        if !max_wait.is_zero() && flushes.is_empty() && !batch.is_empty() {
+            let deadline = Instant::now() + max_wait;
+            while batch.len() < max_batch {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(msg)) => push(msg, &mut batch, &mut flushes),
+                    _ => break,
+                }
+            }
+        }
+        if !batch.is_empty() {
+            w.commit(std::mem::take(&mut batch)).await;
+        }
+        for f in flushes.drain(..) {
+            let _ = f.send(());
+        }
+    }
+}
+
+impl Writer {
+    async fn commit(&mut self, batch: Vec<Pending>) {
+        // A request id twice in one batch: the later ones are refused up front.
+        let mut seen = HashSet::with_capacity(batch.len());
+        let mut rows = Vec::with_capacity(batch.len());
+        for p in batch {
+            if seen.insert(p.event.request_id.clone()) {
+                rows.push(p);
+            } else {
+                let id = p.event.request_id.clone();
+                let _ = p.done.send(Err(LedgerError::DuplicateRequestId(id)));
+            }
+        }
+        let mut conflicts = 0;
+        while !rows.is_empty() {
+            if let Err(e) = self.ensure_connected().await {
+                return self.fail(rows, e);
+            }
+            let timeout = self.timeout();
+            let head = match self.head {
+                Some(h) => h,
+                None => match tokio::time::timeout(
+                    timeout,
+                    load_head(self.conn.as_mut().expect("connected")),
+                )
+                .await
+                {
+                    Ok(Ok(h)) => h,
+                    Ok(Err(e)) => return self.fail(rows, e.to_string()),
+                    Err(_) => return self.fail(rows, "timed out loading the chain head".into()),
+                },
+            };
+            let links = link(head, &rows);
+            let result = tokio::time::timeout(
+                timeout,
+                insert(self.conn.as_mut().expect("connected"), &rows, &links),
+            )
+            .await;
+            match result {
+                Ok(Ok(())) => {
+                    let &(last_id, _, last_hash) = links.last().expect("non-empty batch");
+                    self.head = Some((last_id, last_hash));
+                    self.healthy.store(true, Ordering::Relaxed);
+                    for (p, (id, _, _)) in rows.into_iter().zip(links) {
+                        let _ = p.done.send(Ok(id));
+                    }
+                    return;
+                }
+                Ok(Err(sqlx::Error::Database(db)))
+                    if db.constraint() == Some("usage_events_pkey") =>
+                {
+                    // Another writer appended first: reload the head and chain again.
+                    self.head = None;
+                    conflicts += 1;
+                    if conflicts > MAX_CONFLICT_RETRIES {
+                        return self.fail(rows, "too many id conflicts with other writers".into());
+                    }
+                }
+                Ok(Err(sqlx::Error::Database(db)))
+                    if matches!(
+                        db.constraint(),
+                        Some("usage_events_request_id_key" | "usage_bodies_pkey")
+                    ) =>
+                {
+                    // A request id already in the ledger: refuse those rows, commit the others.
+                    let conn = self.conn.as_mut().expect("connected");
+                    let ids: Vec<&str> = rows.iter().map(|p| p.event.request_id.as_str()).collect();
+                    let existing = match existing_request_ids(conn, &ids).await {
+                        Ok(e) => e,
+                        Err(e) => return self.fail(rows, e.to_string()),
+                    };
+                    if existing.is_empty() {
+                        return self.fail(rows, "unexpected request id conflict".into());
+                    }
+                    let (dups, rest): (Vec<_>, Vec<_>) = rows
+                        .into_iter()
+                        .partition(|p| existing.contains(&p.event.request_id));
+                    for p in dups {
+                        let id = p.event.request_id.clone();
+                        let _ = p.done.send(Err(LedgerError::DuplicateRequestId(id)));
+                    }
+                    rows = rest;
+                }
+                Ok(Err(e)) => return self.fail(rows, e.to_string()),
+                Err(_) => return self.fail(rows, "timed out committing a batch".into()),
+            }
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.commit_timeout_ms.max(1))
+    }
+
+    async fn ensure_connected(&mut self) -> Result<(), String> {
+        if self.conn.is_none() {
+            if Instant::now() < self.next_connect {
+                return Err("database unreachable (waiting to reconnect)".into());
+            }
+            self.next_connect = Instant::now() + RECONNECT_BACKOFF;
+            let conn =
+                tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&self.opts))
+                    .await
+                    .map_err(|_| "timed out connecting".to_string())?
+                    .map_err(|e| e.to_string())?;
+            tracing::info!("ledger writer connected");
+            self.conn = Some(conn);
+            self.head = None;
+        }
+        Ok(())
+    }
+
+    /// Refuse every row of the batch; the next batch starts from a fresh connection and head.
+    fn fail(&mut self, rows: Vec<Pending>, why: String) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::error!(error = %why, rows = rows.len(), "ledger cannot commit; refusing requests");
+        } else {
+            tracing::debug!(error = %why, rows = rows.len(), "ledger still cannot commit");
+        }
+        self.conn = None;
+        self.head = None;
+        for p in rows {
+            let _ = p.done.send(Err(LedgerError::Unavailable(why.clone())));
+        }
+    }
+}
+
+/// `(id, prev_hash, row_hash)` for each row, continuing from `head`.
+fn link(head: (i64, [u8; 32]), rows: &[Pending]) -> Vec<(i64, [u8; 32], [u8; 32])> {
+    let (mut id, mut prev) = head;
+    rows.iter()
+        .map(|p| {
+            id += 1;
+            let h = row_hash(&prev, id, &p.event);
+            let out = (id, prev, h);
+            prev = h;
+            out
+        })
+        .collect()
+}
+
+async fn load_head(conn: &mut PgConnection) -> Result<(i64, [u8; 32]), sqlx::Error> {
+    let row: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT id, row_hash FROM usage_events ORDER BY id DESC LIMIT 1")
+            .fetch_optional(conn)
+            .await?;
+    Ok(match row {
+        None => (0, GENESIS),
+        Some((id, hash)) => (id, hash.try_into().unwrap_or([0xff; 32])),
+    })
+}
+
+async fn existing_request_ids(
+    conn: &mut PgConnection,
+    ids: &[&str],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT request_id FROM usage_events WHERE request_id = ANY($1)
+         UNION SELECT request_id FROM usage_bodies WHERE request_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+const INSERT_EVENTS: &str = "INSERT INTO usage_events (id, request_id, ts, client_id, key_id, method, \
+     endpoint, model, status, error_code, prompt_tokens, scored_tokens, generated_tokens, judgments, \
+     top_k, latency_ms, request_sha256, response_sha256, tos_version, weights_sha256, prev_hash, row_hash) \
+     SELECT * FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::uuid[], $5::uuid[], $6::text[], \
+     $7::text[], $8::text[], $9::int2[], $10::text[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], \
+     $15::int4[], $16::float8[], $17::bytea[], $18::bytea[], $19::text[], $20::text[], $21::bytea[], $22::bytea[])";
+
+async fn insert(
+    conn: &mut PgConnection,
+    rows: &[Pending],
+    links: &[(i64, [u8; 32], [u8; 32])],
+) -> Result<(), sqlx::Error> {
+    let ev = || rows.iter().map(|p| &p.event);
+    let with_bodies: Vec<&Pending> = rows.iter().filter(|p| p.bodies.is_some()).collect();
+    let sql;
+    let sql_ref: &str = if with_bodies.is_empty() {
+        INSERT_EVENTS
+    } else {
+        sql = format!(
+            "WITH bodies AS (INSERT INTO usage_bodies (request_id, request_body, response_body) \
+             SELECT * FROM UNNEST($23::text[], $24::bytea[], $25::bytea[])) {INSERT_EVENTS}"
+        );
+        &sql
+    };
+    let mut q = sqlx::query(sql_ref)
+        .bind(links.iter().map(|l| l.0).collect::<Vec<i64>>())
+        .bind(ev().map(|e| e.request_id.as_str()).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.ts).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.client_id).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.key_id).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.method.as_str()).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.endpoint.as_str()).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.model.as_deref()).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.status).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.error_code.as_deref()).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.prompt_tokens).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.scored_tokens).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.generated_tokens).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.judgments).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.top_k).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.latency_ms).collect::<Vec<_>>())
+        .bind(ev().map(|e| &e.request_sha256[..]).collect::<Vec<_>>())
+        .bind(ev().map(|e| &e.response_sha256[..]).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.tos_version.as_deref()).collect::<Vec<_>>())
+        .bind(
+            ev().map(|e| e.weights_sha256.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(links.iter().map(|l| &l.1[..]).collect::<Vec<_>>())
+        .bind(links.iter().map(|l| &l.2[..]).collect::<Vec<_>>());
+    if !with_bodies.is_empty() {
+        let b = |p: &&Pending| p.bodies.clone().expect("filtered");
+        q = q
+            .bind(
+                with_bodies
+                    .iter()
+                    .map(|p| p.event.request_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                with_bodies
+                    .iter()
+                    .map(|p| b(p).request.to_vec())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                with_bodies
+                    .iter()
+                    .map(|p| b(p).response.to_vec())
+                    .collect::<Vec<_>>(),
+            );
+    }
+    q.execute(conn).await?;
+    Ok(())
+}
