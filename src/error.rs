@@ -266,8 +266,10 @@ where
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         use axum::extract::rejection::JsonRejection;
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Json(value)),
+        // `Object`: a body that is a JSON array is a 400 even where serde would read a struct
+        // from the array of its fields.
+        match axum::Json::<crate::http::de::Object<T>>::from_request(req, state).await {
+            Ok(axum::Json(crate::http::de::Object(value))) => Ok(Json(value)),
             Err(JsonRejection::BytesRejection(rej))
                 if rej.status() == StatusCode::PAYLOAD_TOO_LARGE =>
             {

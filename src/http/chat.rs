@@ -30,6 +30,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[schema(example = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16, "logprobs": true, "top_logprobs": 5, "seed": 7}))]
 pub struct ChatRequest {
     pub model: String,
+    #[serde(deserialize_with = "crate::http::de::vec_object")]
     pub messages: Vec<Message>,
     #[serde(default)]
     pub max_tokens: Option<i64>,
@@ -43,11 +44,11 @@ pub struct ChatRequest {
     #[serde(default)]
     pub seed: Option<i64>,
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(schema_with = common::stop_schema)]
     pub stop: Option<serde_json::Value>,
     #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::de::opt_object")]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -138,7 +139,9 @@ fn token_logprob(t: &Teacher, tok: &GenToken, as_ids: bool) -> TokenLogprob {
 /// OpenAI-compatible chat completions.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "teacher", request_body = ChatRequest,
     responses(
-        (status = 200, description = "Completion (JSON, or SSE `chat.completion.chunk`s with `stream: true`)", body = ChatResponse),
+        (status = 200, description = "Completion (JSON, or SSE `chat.completion.chunk`s with `stream: true`)", content(
+            (ChatResponse = "application/json"),
+            (generation::SseEvent = "text/event-stream"))),
         (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope),
         (status = 403, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
         (status = 413, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope),

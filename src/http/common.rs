@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::ToSchema;
 
 use crate::engine::{ChatMessage, EngineError, Teacher};
@@ -58,9 +59,85 @@ impl From<EngineError> for ApiError {
 /// An OpenAI chat message. `content` is a string or an array of `{"type":"text","text":…}`.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 pub struct Message {
+    #[schema(schema_with = role_schema)]
     pub role: String,
-    #[schema(value_type = Object)]
+    #[schema(schema_with = content_schema)]
     pub content: serde_json::Value,
+}
+
+// Schemas of the fields kept as `serde_json::Value` (several JSON shapes, parsed by hand).
+
+fn role_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["system", "user", "assistant", "developer", "tool"]))
+        .build()
+}
+
+fn content_schema() -> Schema {
+    let part = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property(
+            "type",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["text"])),
+        )
+        .required("type")
+        .property("text", ObjectBuilder::new().schema_type(Type::String))
+        .required("text");
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::String))
+        .item(ArrayBuilder::new().items(part))
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .description(Some(
+            "A string, an array of text parts `{\"type\": \"text\", \"text\": ...}`, or null (empty).",
+        ))
+        .build()
+        .into()
+}
+
+/// `stop` of the generation endpoints: up to 4 non-empty strings.
+pub fn stop_schema() -> Schema {
+    let text = || {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+    };
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .item(text())
+        .item(ArrayBuilder::new().items(text()).max_items(Some(4)))
+        .description(Some(
+            "A stop sequence or up to 4 of them; generation ends before the first that appears.",
+        ))
+        .build()
+        .into()
+}
+
+/// `prompt` of /v1/completions: a string, strings, token ids, or arrays of token ids.
+pub fn prompt_schema() -> Schema {
+    let id = || {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(0))
+            .maximum(Some(u32::MAX))
+    };
+    let ids = || ArrayBuilder::new().items(id()).min_items(Some(1));
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::String))
+        .item(
+            ArrayBuilder::new()
+                .items(ObjectBuilder::new().schema_type(Type::String))
+                .min_items(Some(1)),
+        )
+        .item(ids())
+        .item(ArrayBuilder::new().items(ids()).min_items(Some(1)))
+        .description(Some(
+            "A string, an array of strings, an array of token ids, or an array of token-id arrays (one choice each).",
+        ))
+        .build()
+        .into()
 }
 
 pub fn convert_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {

@@ -29,8 +29,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[schema(example = json!({"model": "smollm2-135m-instruct", "prompt": [[1, 504, 3458]], "max_tokens": 0, "echo": true, "prompt_logprobs": 5}))]
 pub struct CompletionRequest {
     pub model: String,
-    /// A string, an array of strings, an array of token ids, or an array of token-id arrays.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = common::prompt_schema)]
     pub prompt: serde_json::Value,
     /// Default 16; 0 is allowed with `echo` or `prompt_logprobs`.
     #[serde(default)]
@@ -50,12 +49,12 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub seed: Option<i64>,
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(schema_with = common::stop_schema)]
     pub stop: Option<serde_json::Value>,
     #[serde(default)]
     pub stream: Option<bool>,
     /// `{"include_usage": true}` adds a final chunk with usage and no choices.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::de::opt_object")]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub n: Option<usize>,
@@ -87,7 +86,6 @@ pub struct CompletionChoice {
     pub finish_reason: Option<String>,
     /// vLLM: `null` first, then per position a map `"<id>": {logprob, rank, decoded_token}`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>)]
     pub prompt_logprobs: Option<Vec<Option<BTreeMap<String, PromptLogprob>>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
@@ -105,7 +103,7 @@ pub struct PromptLogprob {
 pub struct LegacyLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<Option<f32>>,
-    #[schema(value_type = Vec<Object>)]
+    /// Per token: `null` (the first, unscored) or a map token -> logprob.
     pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     pub text_offset: Vec<usize>,
 }
@@ -182,7 +180,9 @@ struct Plan {
 /// OpenAI/vLLM-compatible text completions.
 #[utoipa::path(post, path = "/v1/completions", tag = "teacher", request_body = CompletionRequest,
     responses(
-        (status = 200, description = "Completion (JSON, or SSE chunks with `stream: true`)", body = CompletionResponse),
+        (status = 200, description = "Completion (JSON, or SSE chunks with `stream: true`)", content(
+            (CompletionResponse = "application/json"),
+            (generation::SseEvent = "text/event-stream"))),
         (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope),
         (status = 403, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
         (status = 413, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope),

@@ -6,6 +6,17 @@ use std::sync::Arc;
 use crate::engine::{FinishReason, GenEvent, GenToken, GenerateParams, Teacher};
 use crate::error::ApiError;
 
+/// One server-sent event of a streamed generation (`stream: true`), as the schema of each
+/// event of a `text/event-stream` response.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct SseEvent {
+    /// A JSON chunk (`chat.completion.chunk` or `text_completion`), an error envelope if the
+    /// generation fails mid-stream, and `[DONE]` last.
+    pub data: String,
+    pub event: Option<String>,
+}
+
 /// A piece of output: new text and the generated tokens that produced it.
 #[derive(Debug, Default)]
 pub struct Delta {

@@ -16,12 +16,15 @@ use crate::error::{ApiError, ErrorBody, ErrorEnvelope, Json};
 use crate::usage::Usage;
 use crate::AppState;
 
+mod schema;
+pub use schema::JudgmentResponse;
+
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(judgments))
 }
 
 const MAX_SCALE_POINTS: i64 = 100;
-const MAX_ITEMS: usize = 256;
+pub(crate) const MAX_ITEMS: usize = 256;
 
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -36,6 +39,7 @@ pub struct RubricSpec {
     pub criteria: String,
     /// `[min, max]`, integers, at most 100 points.
     #[serde(default)]
+    #[schema(min_items = 2, max_items = 2)]
     pub scale: Option<[i64; 2]>,
     /// Optional description per score, keyed by the score.
     #[serde(default)]
@@ -56,7 +60,7 @@ pub struct JudgmentSpec {
     /// Absolute mode: an optional reference answer.
     #[serde(default)]
     pub reference: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::de::opt_object")]
     pub rubric: Option<RubricSpec>,
     /// Pairwise mode: exactly two responses, A then B.
     #[serde(default)]
@@ -69,15 +73,15 @@ pub struct JudgmentSpec {
     pub include_prompt: Option<bool>,
 }
 
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
+/// Its schema is written by hand (`schema.rs`): `JudgmentSpec`'s fields plus `model` and `items`, in
+/// one object that allows nothing else (a derived `allOf` of two closed objects admits no value).
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"model": "smollm2-135m-instruct", "mode": "absolute", "instruction": "What is 2+2?", "response": "4",
-    "rubric": {"criteria": "Is the answer correct?", "scale": [1, 5], "descriptions": {"1": "wrong", "5": "correct"}}}))]
 pub struct JudgmentRequest {
     pub model: String,
     #[serde(flatten)]
     pub spec: JudgmentSpec,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::de::opt_vec_object")]
     pub items: Option<Vec<JudgmentSpec>>,
 }
 
@@ -130,7 +134,8 @@ pub struct JudgmentResult {
     pub prompt_token_ids: Option<Vec<Vec<u32>>>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+/// Its schema is written by hand (`schema.rs`): `index` plus either the result's fields or `error`.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BatchItem {
     pub index: usize,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -359,7 +364,7 @@ fn is_empty_spec(s: &JudgmentSpec) -> bool {
 /// Grade responses with the teacher (absolute or pairwise), one or a batch.
 #[utoipa::path(post, path = "/v1/judgments", tag = "teacher", request_body = JudgmentRequest,
     responses(
-        (status = 200, description = "A judgment, or with `items` a list of per-item results/errors", body = JudgmentResult),
+        (status = 200, description = "A judgment, or with `items` a list of per-item results/errors", body = JudgmentResponse),
         (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope),
         (status = 403, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
         (status = 413, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope),

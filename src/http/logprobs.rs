@@ -33,7 +33,7 @@ pub struct LogprobsRequest {
     pub token_ids: Option<Vec<u32>>,
     #[serde(default)]
     pub prompt: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::de::opt_vec_object")]
     pub messages: Option<Vec<Message>>,
     /// 0..=max_top_k, default 20.
     #[serde(default)]
@@ -136,7 +136,9 @@ pub async fn resolve_input(
     post, path = "/v1/logprobs", tag = "teacher",
     request_body = LogprobsRequest,
     responses(
-        (status = 200, description = "Scored positions (JSON, or one Arrow IPC record batch with `Accept: application/vnd.apache.arrow.stream`)", body = LogprobsResponse),
+        (status = 200, description = "Scored positions (JSON, or one Arrow IPC record batch with `Accept: application/vnd.apache.arrow.stream`)", content(
+            (LogprobsResponse = "application/json"),
+            (String = "application/vnd.apache.arrow.stream"))),
         (status = 400, description = "Bad input", body = ErrorEnvelope),
         (status = 401, description = "Missing or bad key", body = ErrorEnvelope),
         (status = 403, description = "Scope, ToS or licence", body = ErrorEnvelope),

@@ -10,6 +10,7 @@ mod arrow;
 mod chat;
 pub mod common;
 mod completions;
+pub mod de;
 pub mod gate;
 mod generation;
 pub mod health;
@@ -115,11 +116,64 @@ pub fn ledger_routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, as `teachd openapi` prints it and `/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes(None).split_for_parts().1
+    let mut spec = api_routes(None).split_for_parts().1;
+    document_layer_errors(&mut spec);
+    spec
+}
+
+/// Document, on every operation, the errors that the layers in front of its handler answer
+/// (the handlers' own `responses` list what they add): the gate's 401/403 (and 429 on /v1
+/// routes: rate limits, quota), admission's 503 (overloaded), and 413 where there is a body.
+fn document_layer_errors(spec: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorEnvelope")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in spec.paths.paths.iter_mut() {
+        let teacher = path.starts_with("/v1/");
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            let mut add = vec![
+                ("401", "Missing, malformed, unknown, revoked or expired key"),
+                (
+                    "403",
+                    "Wrong scope, suspended client, ToS not accepted or licence forbids",
+                ),
+                ("503", "Overloaded, or the usage ledger is unavailable"),
+            ];
+            if teacher {
+                add.push(("429", "Rate limit (retryable) or daily quota spent"));
+            }
+            if op.request_body.is_some() {
+                add.push(("413", "Body over the size limit"));
+            }
+            for (status, description) in add {
+                op.responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| error(description).into());
+            }
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
-    let (api, spec) = api_routes(Some(&state)).split_for_parts();
+    let (api, mut spec) = api_routes(Some(&state)).split_for_parts();
+    document_layer_errors(&mut spec);
     let spec = Arc::new(spec);
     let spec_json = serde_json::to_string_pretty(&*spec).unwrap_or_default();
     let in_flight = Arc::new(Semaphore::new(state.config.server.max_in_flight));
@@ -135,12 +189,16 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(utoipa_scalar::Scalar::with_url("/docs", (*spec).clone()))
         .fallback(|| async { ApiError::not_found("no such route") })
+        // 405 with the envelope; axum adds the `Allow` header.
         .method_not_allowed_fallback(|| async {
-            ApiError::BadRequest {
-                message: "method not allowed on this route".into(),
-                param: None,
-                code: Some("method_not_allowed"),
-            }
+            (
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                ApiError::BadRequest {
+                    message: "method not allowed on this route".into(),
+                    param: None,
+                    code: Some("method_not_allowed"),
+                },
+            )
         })
         .layer(DefaultBodyLimit::max(state.config.server.body_limit_bytes))
         .layer(middleware::from_fn_with_state(

@@ -28,7 +28,7 @@ pub struct TokenizeRequest {
     pub model: String,
     #[serde(default)]
     pub prompt: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::de::opt_vec_object")]
     pub messages: Option<Vec<Message>>,
     /// Applies to `prompt`; default true.
     #[serde(default)]

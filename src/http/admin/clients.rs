@@ -17,21 +17,27 @@ use crate::AppState;
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitOverrides {
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub rpm: Option<i64>,
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub tpm: Option<i64>,
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub max_concurrent: Option<i64>,
+    #[schema(minimum = 1, maximum = 4503599627370496.0)]
     pub daily_tokens: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
-    /// Unique, 1 to 200 characters.
+    /// Unique, 1 to 200 characters (not all blank).
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     /// Who to call about this client (at most 320 characters).
     #[serde(default)]
+    #[schema(max_length = 320)]
     pub contact: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::de::object")]
     pub limits: LimitOverrides,
 }
 
@@ -39,12 +45,14 @@ pub struct CreateClient {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchClient {
+    #[schema(min_length = 1, max_length = 200)]
     pub name: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 320)]
     pub contact: Option<Option<String>>,
     /// A suspended client gets 403 on its very next request.
     pub suspended: Option<bool>,
+    #[serde(default, deserialize_with = "crate::http::de::opt_object")]
     pub limits: Option<PatchLimits>,
 }
 
@@ -53,16 +61,16 @@ pub struct PatchClient {
 #[serde(deny_unknown_fields)]
 pub struct PatchLimits {
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 2147483647)]
     pub rpm: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 2147483647)]
     pub tpm: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 2147483647)]
     pub max_concurrent: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4503599627370496.0)]
     pub daily_tokens: Option<Option<i64>>,
 }
 
