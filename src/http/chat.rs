@@ -153,8 +153,7 @@ pub async fn chat_completions(
     ctx: ClientCtx,
     Json(req): Json<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let teacher = common::teacher(&state, &req.model)?;
-    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
+    let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_param("n", "only n = 1 is supported"));
     }
@@ -179,12 +178,8 @@ pub async fn chat_completions(
         ));
     }
     common::validate_top_k(&teacher, top_n, "top_logprobs")?;
-    let temperature = req.temperature.unwrap_or(1.0);
-    common::validate_temperature(temperature, true)?;
-    let top_p = req.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad_param("top_p", "top_p must be in (0, 1]"));
-    }
+    let (temperature, top_p) = (req.temperature.unwrap_or(1.0), req.top_p.unwrap_or(1.0));
+    common::validate_sampling(temperature, top_p)?;
     let stops = generation::parse_stop(req.stop)?;
     let messages = common::convert_messages(&req.messages)?;
     let prompt = teacher.tokenize_chat(&messages, true).await?;

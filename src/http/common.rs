@@ -18,6 +18,26 @@ pub fn teacher(state: &AppState, model: &str) -> Result<Arc<Teacher>, ApiError> 
         .ok_or_else(|| ApiError::model_not_found(model))
 }
 
+/// The teacher `model`, once `ctx` passed the ToS and licence checks for it.
+pub async fn teacher_for(
+    state: &AppState,
+    ctx: &crate::auth::ClientCtx,
+    model: &str,
+) -> Result<Arc<Teacher>, ApiError> {
+    let teacher = teacher(state, model)?;
+    super::tos::check_tos_and_licence(&state.tos, ctx, &teacher.info).await?;
+    Ok(teacher)
+}
+
+/// Generation sampling parameters: temperature in [0, 100] (0 = greedy), top_p in (0, 1].
+pub fn validate_sampling(temperature: f64, top_p: f64) -> Result<(), ApiError> {
+    validate_temperature(temperature, true)?;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_param("top_p", "top_p must be in (0, 1]"));
+    }
+    Ok(())
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {

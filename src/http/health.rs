@@ -23,7 +23,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
         return (StatusCode::SERVICE_UNAVAILABLE, "no model loaded");
     }
     if !state.ledger.is_healthy() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "usage ledger cannot commit");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "usage ledger cannot commit",
+        );
     }
     match sqlx::query("SELECT 1").execute(&state.db).await {
         Ok(_) => (StatusCode::OK, "ready"),

@@ -376,8 +376,7 @@ pub async fn judgments(
     ctx: ClientCtx,
     Json(req): Json<JudgmentRequest>,
 ) -> Result<Response, ApiError> {
-    let teacher = common::teacher(&state, &req.model)?;
-    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
+    let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
     let mut usage = Usage {
         model: Some(teacher.info.id.clone()),
         weights_sha256: Some(teacher.info.weights_sha256.clone()),

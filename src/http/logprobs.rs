@@ -156,8 +156,7 @@ pub async fn logprobs(
     headers: HeaderMap,
     Json(req): Json<LogprobsRequest>,
 ) -> Result<Response, ApiError> {
-    let teacher = common::teacher(&state, &req.model)?;
-    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
+    let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
     let top_k = req.top_k.unwrap_or(20);
     common::validate_top_k(&teacher, top_k, "top_k")?;
     let temperature = req.temperature.unwrap_or(1.0);

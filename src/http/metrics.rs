@@ -30,12 +30,26 @@ impl Metrics {
 /// Ids in paths (`/admin/clients/<uuid>`) become `{id}` so the label set stays bounded;
 /// unknown paths collapse into one label.
 fn normalise(path: &str) -> String {
-    const KNOWN: &[&str] = &["/v1/", "/admin/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"];
+    const KNOWN: &[&str] = &[
+        "/v1/",
+        "/admin/",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+    ];
     if !KNOWN.iter().any(|k| path.starts_with(k)) {
         return "other".into();
     }
     path.split('/')
-        .map(|seg| if uuid::Uuid::parse_str(seg).is_ok() { "{id}" } else { seg })
+        .map(|seg| {
+            if uuid::Uuid::parse_str(seg).is_ok() {
+                "{id}"
+            } else {
+                seg
+            }
+        })
         .collect::<Vec<_>>()
         .join("/")
 }
@@ -46,21 +60,36 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     out.push_str("# HELP teachd_requests_total Requests answered, by route and status.\n");
     out.push_str("# TYPE teachd_requests_total counter\n");
     for ((path, status), (n, _)) in &requests {
-        let _ = writeln!(out, "teachd_requests_total{{path=\"{path}\",status=\"{status}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "teachd_requests_total{{path=\"{path}\",status=\"{status}\"}} {n}"
+        );
     }
     out.push_str("# HELP teachd_request_duration_seconds_sum Time to the response head, summed.\n");
     out.push_str("# TYPE teachd_request_duration_seconds_sum counter\n");
     for ((path, status), (_, secs)) in &requests {
-        let _ = writeln!(out, "teachd_request_duration_seconds_sum{{path=\"{path}\",status=\"{status}\"}} {secs}");
+        let _ = writeln!(
+            out,
+            "teachd_request_duration_seconds_sum{{path=\"{path}\",status=\"{status}\"}} {secs}"
+        );
     }
     out.push_str("# HELP teachd_engine_queue_depth Requests waiting for a model's engine.\n");
     out.push_str("# TYPE teachd_engine_queue_depth gauge\n");
     for t in state.models.iter() {
-        let _ = writeln!(out, "teachd_engine_queue_depth{{model=\"{}\"}} {}", t.info.id, t.queue_depth());
+        let _ = writeln!(
+            out,
+            "teachd_engine_queue_depth{{model=\"{}\"}} {}",
+            t.info.id,
+            t.queue_depth()
+        );
     }
     out.push_str("# HELP teachd_ledger_healthy 1 while the usage ledger commits.\n");
     out.push_str("# TYPE teachd_ledger_healthy gauge\n");
-    let _ = writeln!(out, "teachd_ledger_healthy {}", u8::from(state.ledger.is_healthy()));
+    let _ = writeln!(
+        out,
+        "teachd_ledger_healthy {}",
+        u8::from(state.ledger.is_healthy())
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 

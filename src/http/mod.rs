@@ -16,8 +16,8 @@ mod generation;
 pub mod health;
 mod judgments;
 pub mod ledger_layer;
-pub mod metrics;
 pub mod logprobs;
+pub mod metrics;
 pub mod models;
 mod tokenize;
 pub mod tos;
@@ -205,7 +205,10 @@ pub fn router(state: AppState) -> Router {
             (in_flight, timeout),
             admission,
         ))
-        .layer(middleware::from_fn_with_state(state.metrics.clone(), request_id))
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            request_id,
+        ))
         // Keys must never reach a log line, whatever tracing layer is added around this.
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
@@ -246,7 +249,11 @@ fn valid_request_id(v: &str) -> bool {
 
 /// Echo a valid caller `x-request-id`, else mint a UUID; every response carries it, and errors
 /// built below see it through the task-local.
-async fn request_id(State(metrics): State<Arc<metrics::Metrics>>, mut req: Request, next: Next) -> Response {
+async fn request_id(
+    State(metrics): State<Arc<metrics::Metrics>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = std::time::Instant::now();
     let path = req.uri().path().to_string();
     let id = req

@@ -71,8 +71,7 @@ pub async fn tokenize(
     ctx: ClientCtx,
     Json(req): Json<TokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    let teacher = common::teacher(&state, &req.model)?;
-    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
+    let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
     let ids = match (req.prompt, req.messages) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(ApiError::bad_request(
@@ -118,8 +117,7 @@ pub async fn detokenize(
     ctx: ClientCtx,
     Json(req): Json<DetokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    let teacher = common::teacher(&state, &req.model)?;
-    super::tos::check_tos_and_licence(&state.tos, &ctx, &teacher.info).await?;
+    let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
     let text = teacher.detokenize(&req.token_ids)?;
     let mut response = Json(DetokenizeResponse { text }).into_response();
     response

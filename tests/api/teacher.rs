@@ -476,9 +476,17 @@ async fn concurrent_mixed_requests_all_succeed() {
 #[tokio::test]
 async fn metrics_count_requests_and_need_no_key() {
     let s = shared();
-    let (status, _) = post_json("/v1/logprobs", json!({"model": MODEL, "prompt": "count me", "top_k": 1})).await;
+    let (status, _) = post_json(
+        "/v1/logprobs",
+        json!({"model": MODEL, "prompt": "count me", "top_k": 1}),
+    )
+    .await;
     assert_eq!(status, 200);
-    let resp = crate::helpers::client().get(s.url("/metrics")).send().await.unwrap();
+    let resp = crate::helpers::client()
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     let line = text
