@@ -198,6 +198,18 @@ pub fn f(x: f64) -> f32 {
     x as f32
 }
 
+/// 400 when a string that goes to PostgreSQL holds U+0000, which `text` cannot store (the
+/// insert or query would fail: a 500, or a 503 where storage errors fail closed).
+pub fn no_nul(param: &str, value: &str) -> Result<(), ApiError> {
+    if value.contains('\0') {
+        return Err(ApiError::bad_param(
+            param,
+            format!("`{param}` must not contain NUL (U+0000)"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn validate_temperature(t: f64, allow_zero: bool) -> Result<(), ApiError> {
     let ok = t.is_finite() && if allow_zero { t >= 0.0 } else { t > 0.0 } && t <= 100.0;
     if ok {

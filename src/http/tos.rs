@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::common;
 use crate::auth::ClientCtx;
 use crate::engine::ModelInfo;
 use crate::error::{ApiError, ErrorEnvelope, Json, Result};
@@ -156,6 +157,7 @@ async fn accept_tos(
                 format!("`{param}` must not be empty"),
             ));
         }
+        common::no_nul(param, value)?;
     }
     let acceptance = state
         .tos
@@ -202,6 +204,8 @@ async fn publish_tos(
     if req.text.trim().is_empty() {
         return Err(ApiError::bad_param("text", "`text` must not be empty"));
     }
+    common::no_nul("version", &req.version)?;
+    common::no_nul("text", &req.text)?;
     let v = state.tos.publish(&req.version, &req.text).await?;
     Ok((StatusCode::CREATED, Json(v)))
 }

@@ -104,7 +104,9 @@ fn csv_line(out: &mut String, e: &EventView) {
 /// transfer), never silently shortened.
 #[utoipa::path(get, path = "/admin/audit/export", tag = "admin", params(ExportParams),
     responses(
-        (status = 200, description = "JSON lines (`application/x-ndjson`) or CSV (`text/csv`)", body = String),
+        (status = 200, description = "JSON lines (`application/x-ndjson`) or CSV (`text/csv`)", content(
+            (String = "application/x-ndjson"),
+            (String = "text/csv"))),
         (status = 400, body = ErrorEnvelope),
     ),
     security(("bearer" = [])))]

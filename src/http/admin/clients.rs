@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::keys::KeyView;
 use super::{double_option, parse_id, List};
 use crate::error::{ApiError, ErrorEnvelope, Json, Result};
+use crate::http::common::no_nul;
 use crate::limits::Limits;
 use crate::AppState;
 
@@ -30,7 +31,7 @@ pub struct LimitOverrides {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
-    /// Unique, 1 to 200 characters (not all blank).
+    /// Unique, 1 to 200 characters (not all blank, no NUL).
     #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     /// Who to call about this client (at most 320 characters).
@@ -158,10 +159,14 @@ fn valid_name(name: &str) -> Result<String> {
             "`name` must be 1 to 200 characters",
         ));
     }
+    no_nul("name", name)?;
     Ok(name.to_string())
 }
 
 fn valid_contact(contact: Option<&str>) -> Result<Option<String>> {
+    if let Some(c) = contact {
+        no_nul("contact", c)?;
+    }
     match contact.map(str::trim) {
         Some(c) if c.chars().count() > 320 => Err(ApiError::bad_param(
             "contact",
@@ -395,5 +400,8 @@ mod tests {
         assert!(valid_limit("tpm", Some(MAX_I32 + 1), MAX_I32).is_err());
         assert_eq!(valid_limit("tpm", None, MAX_I32).unwrap(), None);
         assert!(valid_name("   ").is_err());
+        assert!(valid_name("a\0b").is_err());
+        assert!(valid_contact(Some("x\0")).is_err());
+        assert_eq!(valid_contact(Some("  ")).unwrap(), None);
     }
 }

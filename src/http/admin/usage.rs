@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::{parse_range, Query};
 use crate::auth::ClientCtx;
 use crate::error::{ApiError, ErrorEnvelope, Json, Result};
+use crate::http::common;
 use crate::ledger::queries::{self, EventFilter, GroupKey};
 use crate::ledger::ChainedEvent;
 use crate::AppState;
@@ -103,6 +104,11 @@ async fn usage(
     Query(p): Query<UsageParams>,
 ) -> Result<Json<UsageResponse>> {
     let keys = parse_group_by(p.group_by.as_deref())?;
+    for (param, value) in [("model", &p.model), ("endpoint", &p.endpoint)] {
+        if let Some(v) = value {
+            common::no_nul(param, v)?;
+        }
+    }
     let filter = EventFilter {
         range: parse_range(p.from.as_deref(), p.to.as_deref())?,
         client_id: p.client_id,
