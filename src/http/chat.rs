@@ -250,7 +250,7 @@ pub async fn chat_completions(
         completion_tokens: finished.sampled_tokens,
         total_tokens: prompt.len() + finished.sampled_tokens,
     };
-    let mut response = Json(ChatResponse {
+    let response = Json(ChatResponse {
         id,
         object: "chat.completion".into(),
         created,
@@ -268,14 +268,14 @@ pub async fn chat_completions(
         system_fingerprint: fingerprint(&teacher),
     })
     .into_response();
-    response
-        .headers_mut()
-        .extend(super::tos::provenance_headers(&teacher.info));
-    response.extensions_mut().insert(Usage {
-        generated_tokens: finished.sampled_tokens as u64,
-        ..usage
-    });
-    Ok(response)
+    Ok(common::stamp(
+        response,
+        &teacher,
+        Usage {
+            generated_tokens: finished.sampled_tokens as u64,
+            ..usage
+        },
+    ))
 }
 
 #[derive(Serialize)]
@@ -414,12 +414,8 @@ fn stream(
         }
     });
     let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    let mut response = Sse::new(stream)
+    let response = Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response();
-    response
-        .headers_mut()
-        .extend(super::tos::provenance_headers(&teacher.info));
-    response.extensions_mut().insert(cell);
-    response
+    common::stamp(response, &teacher, cell)
 }

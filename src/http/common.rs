@@ -29,6 +29,29 @@ pub async fn teacher_for(
     Ok(teacher)
 }
 
+/// A teacher response as it leaves the handler: provenance headers, and what the gate and the
+/// ledger read from its extensions (a [`crate::usage::Usage`], or a `UsageCell` for streams).
+pub fn stamp<U: Clone + Send + Sync + 'static>(
+    mut response: axum::response::Response,
+    teacher: &Teacher,
+    usage: U,
+) -> axum::response::Response {
+    response
+        .headers_mut()
+        .extend(super::tos::provenance_headers(&teacher.info));
+    response.extensions_mut().insert(usage);
+    response
+}
+
+/// The usage record of a request served by `teacher`, counts still zero.
+pub fn usage_of(teacher: &Teacher) -> crate::usage::Usage {
+    crate::usage::Usage {
+        model: Some(teacher.info.id.clone()),
+        weights_sha256: Some(teacher.info.weights_sha256.clone()),
+        ..Default::default()
+    }
+}
+
 /// Generation sampling parameters: temperature in [0, 100] (0 = greedy), top_p in (0, 1].
 pub fn validate_sampling(temperature: f64, top_p: f64) -> Result<(), ApiError> {
     validate_temperature(temperature, true)?;

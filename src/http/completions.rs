@@ -276,7 +276,7 @@ pub async fn completions(
     reservation.settle(usage.total_tokens as u64).await;
     ledger.prompt_tokens = usage.prompt_tokens as u64;
     ledger.generated_tokens = usage.completion_tokens as u64;
-    let mut response = Json(CompletionResponse {
+    let response = Json(CompletionResponse {
         id,
         object: "text_completion".into(),
         created,
@@ -285,11 +285,7 @@ pub async fn completions(
         usage,
     })
     .into_response();
-    response
-        .headers_mut()
-        .extend(super::tos::provenance_headers(&teacher.info));
-    response.extensions_mut().insert(ledger);
-    Ok(response)
+    Ok(common::stamp(response, &teacher, ledger))
 }
 
 /// One prompt: optional prompt scoring, optional generation. `on_delta` sees generated
@@ -575,14 +571,10 @@ fn stream(
         let _ = tx.send(Event::default().data("[DONE]"));
     });
     let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    let mut response = Sse::new(stream)
+    let response = Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response();
-    response
-        .headers_mut()
-        .extend(super::tos::provenance_headers(&teacher.info));
-    response.extensions_mut().insert(cell);
-    response
+    common::stamp(response, &teacher, cell)
 }
 
 use tokio_stream::StreamExt as _;

@@ -13,7 +13,6 @@ use super::common;
 use crate::auth::ClientCtx;
 use crate::engine::{Rubric, Teacher, JUDGE_TEMPLATE_VERSION};
 use crate::error::{ApiError, ErrorBody, ErrorEnvelope, Json};
-use crate::usage::Usage;
 use crate::AppState;
 
 mod schema;
@@ -377,11 +376,7 @@ pub async fn judgments(
     Json(req): Json<JudgmentRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
-    let mut usage = Usage {
-        model: Some(teacher.info.id.clone()),
-        weights_sha256: Some(teacher.info.weights_sha256.clone()),
-        ..Default::default()
-    };
+    let mut usage = common::usage_of(&teacher);
     // The exact cost is known after rendering; reserve an upper estimate, settle the truth.
     let specs: Vec<&JudgmentSpec> = match &req.items {
         Some(items) => items.iter().collect(),
@@ -389,7 +384,7 @@ pub async fn judgments(
     };
     let estimate: usize = specs.iter().map(|s| estimate_tokens(&teacher, s)).sum();
     let reservation = state.limits.reserve_tokens(&ctx, estimate as u64).await?;
-    let mut response = match req.items {
+    let response = match req.items {
         None => {
             let r = judge_one(&teacher, &req.spec).await?;
             usage.prompt_tokens = r.usage.total_tokens as u64;
@@ -446,11 +441,7 @@ pub async fn judgments(
         }
     };
     reservation.settle(usage.prompt_tokens).await;
-    response
-        .headers_mut()
-        .extend(super::tos::provenance_headers(&teacher.info));
-    response.extensions_mut().insert(usage);
-    Ok(response)
+    Ok(common::stamp(response, &teacher, usage))
 }
 
 /// An upper estimate of the tokens a judgment runs through the teacher: its texts, the

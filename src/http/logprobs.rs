@@ -194,7 +194,7 @@ pub async fn logprobs(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains(ARROW_STREAM));
-    let mut response = if wants_arrow {
+    let response = if wants_arrow {
         let bytes = super::arrow::encode(&body)?;
         (
             [(header::CONTENT_TYPE, HeaderValue::from_static(ARROW_STREAM))],
@@ -204,11 +204,7 @@ pub async fn logprobs(
     } else {
         Json(body).into_response()
     };
-    response
-        .headers_mut()
-        .extend(super::tos::provenance_headers(&teacher.info));
-    response.extensions_mut().insert(usage);
-    Ok(response)
+    Ok(common::stamp(response, &teacher, usage))
 }
 
 fn build_response(

@@ -10,7 +10,6 @@ use super::common::{self, Message};
 use super::logprobs::resolve_input;
 use crate::auth::ClientCtx;
 use crate::error::{ApiError, ErrorEnvelope, Json};
-use crate::usage::Usage;
 use crate::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -88,22 +87,18 @@ pub async fn tokenize(
         (None, Some(messages)) => resolve_input(&teacher, None, None, Some(messages), true).await?,
     };
     let tokens = ids.iter().map(|&id| teacher.token_str(id)).collect();
-    let mut response = Json(TokenizeResponse {
+    let response = Json(TokenizeResponse {
         count: ids.len(),
         token_ids: ids,
         tokens,
         max_model_len: teacher.info.context_length,
     })
     .into_response();
-    response
-        .headers_mut()
-        .extend(super::tos::provenance_headers(&teacher.info));
-    response.extensions_mut().insert(Usage {
-        model: Some(teacher.info.id.clone()),
-        weights_sha256: Some(teacher.info.weights_sha256.clone()),
-        ..Default::default()
-    });
-    Ok(response)
+    Ok(common::stamp(
+        response,
+        &teacher,
+        common::usage_of(&teacher),
+    ))
 }
 
 /// Decode token ids to text.
@@ -119,14 +114,10 @@ pub async fn detokenize(
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
     let text = teacher.detokenize(&req.token_ids)?;
-    let mut response = Json(DetokenizeResponse { text }).into_response();
-    response
-        .headers_mut()
-        .extend(super::tos::provenance_headers(&teacher.info));
-    response.extensions_mut().insert(Usage {
-        model: Some(teacher.info.id.clone()),
-        weights_sha256: Some(teacher.info.weights_sha256.clone()),
-        ..Default::default()
-    });
-    Ok(response)
+    let response = Json(DetokenizeResponse { text }).into_response();
+    Ok(common::stamp(
+        response,
+        &teacher,
+        common::usage_of(&teacher),
+    ))
 }
