@@ -35,7 +35,6 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
-use utoipa_scalar::Servable as _;
 
 use crate::error::{ApiError, REQUEST_ID};
 use crate::AppState;
@@ -187,7 +186,7 @@ pub fn router(state: AppState) -> Router {
                 ([("content-type", "application/json")], spec_json)
             }),
         )
-        .merge(utoipa_scalar::Scalar::with_url("/docs", (*spec).clone()))
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", (*spec).clone()))
         .fallback(|| async { ApiError::not_found("no such route") })
         // 405 with the envelope; axum adds the `Allow` header.
         .method_not_allowed_fallback(|| async {
