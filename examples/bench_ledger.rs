@@ -4,20 +4,17 @@
 //! BENCH_PG_ADMIN_URL). Creates throwaway databases `teachd_bench_*`.
 //!
 //! 1. `Ledger::record` alone: durably committed rows/s and record latency with N callers.
-//! 2. Full stack: `GET /v1/tos` through axum + the ledger layer (every request's row committed
-//!    before its response), against the same route without the ledger layer: requests/s and the
-//!    latency the commit adds. Load generator and server share the machine's cores.
+//! 2. Full stack: `GET /v1/tos` through the real server (`teachd::serve`), a real teacher key,
+//!    the gate (auth, limits) and the ledger (every request's row committed before its
+//!    response), against the open `GET /healthz` on the same server (no auth, no row):
+//!    requests/s and the latency auth + the commit add. Load generator and server share the
+//!    machine's cores.
 //! 3. `GET /admin/usage` over 1,000,000 seeded events.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::middleware::{from_fn_with_state, Next};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
-use teachd::auth::{ClientCtx, Scope};
 use teachd::ledger::{Ledger, UsageEvent};
 use teachd::AppState;
 use uuid::Uuid;
@@ -63,6 +60,7 @@ fn event() -> UsageEvent {
         response_sha256: [2; 32],
         tos_version: Some("v1".into()),
         weights_sha256: Some("ab".repeat(32)),
+        refusals: 0,
     }
 }
 
@@ -108,51 +106,54 @@ async fn bench_record(ledger: &Ledger, callers: usize, secs: u64) -> (f64, f64, 
     (lat.len() as f64 / elapsed, pct(&lat, 0.5), pct(&lat, 0.99))
 }
 
-async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let ctx = ClientCtx {
-        client_id: Uuid::from_u128(1),
-        key_id: Uuid::from_u128(2),
-        scopes: vec![Scope::Teacher, Scope::Admin],
-        client_name: "bench".into(),
-        limits: teachd::limits::Limits::from(&teachd::config::DefaultLimits::default()),
-    };
-    req.extensions_mut().insert(ctx.clone());
-    if req.headers().contains_key("x-bench-no-ledger") {
-        return next.run(req).await.into_response();
-    }
-    teachd::http::ledger_layer::record_usage(&state, &ctx, req, next).await
-}
-
-async fn serve(state: AppState) -> String {
-    let (api, _) = teachd::http::ledger_routes().split_for_parts();
-    let app: Router = api
-        .route_layer(from_fn_with_state(state.clone(), gate))
-        .with_state(state.clone());
+/// The real server on a free port; returns its base URL, an admin key and a teacher key (of a
+/// client whose limits the load cannot reach).
+async fn serve(state: AppState) -> (String, String, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(teachd::serve_router(
-        listener,
-        state,
-        app,
-        std::future::pending(),
-    ));
-    format!("http://{addr}")
+    tokio::spawn(teachd::serve(listener, state.clone(), std::future::pending()));
+    let base = format!("http://{addr}");
+    let (_, admin) = teachd::auth::bootstrap_admin(&state.db).await.unwrap();
+    let admin = admin.expose_secret().to_string();
+    let http = reqwest::Client::new();
+    let client: serde_json::Value = http
+        .post(format!("{base}/admin/clients"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"name": "bench", "limits": {"rpm": 100000000,
+            "tpm": 1000000000, "max_concurrent": 100000, "daily_tokens": 1000000000000i64}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key: serde_json::Value = http
+        .post(format!("{base}/admin/clients/{}/keys", client["id"].as_str().unwrap()))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"scopes": ["teacher"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (base, admin, key["key"].as_str().unwrap().to_string())
 }
 
-async fn bench_http(url: String, ledger: bool, workers: usize, secs: u64) -> (f64, f64, f64) {
+async fn bench_http(url: String, key: Option<String>, workers: usize, secs: u64) -> (f64, f64, f64) {
     let http = reqwest::Client::new();
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..workers {
-        let (http, url, stop) = (http.clone(), url.clone(), stop.clone());
+        let (http, url, stop, key) = (http.clone(), url.clone(), stop.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let mut rq = http.get(&url);
-                if !ledger {
-                    rq = rq.header("x-bench-no-ledger", "1");
+                if let Some(key) = &key {
+                    rq = rq.bearer_auth(key);
                 }
                 let r = rq.send().await.unwrap();
                 assert_eq!(r.status(), 200);
@@ -177,7 +178,8 @@ const SEED_SQL: &str = "
 INSERT INTO usage_events (id, request_id, ts, client_id, key_id, method, endpoint, model, status,
     error_code, prompt_tokens, scored_tokens, generated_tokens, judgments, top_k, latency_ms,
     request_sha256, response_sha256, tos_version, weights_sha256, prev_hash, row_hash)
-SELECT g, 'seed-' || g,
+-- ids from 1000001: the server's own rows (bootstrap, client, key) come first
+SELECT 1000000 + g, 'seed-' || g,
        timestamptz '2025-01-01' + (g * interval '30 days' / 1000000),
        ('00000000-0000-0000-0000-' || lpad((g % 100)::text, 12, '0'))::uuid,
        ('00000000-0000-0000-0001-' || lpad((g % 100)::text, 12, '0'))::uuid,
@@ -190,7 +192,7 @@ SELECT g, 'seed-' || g,
        sha256(('p' || g)::bytea), sha256(('h' || g)::bytea)
 FROM generate_series(1, 1000000) g";
 
-async fn time_usage(base: &str, query: &str) -> (f64, usize) {
+async fn time_usage(base: &str, admin: &str, query: &str) -> (f64, usize) {
     let http = reqwest::Client::new();
     let mut times = Vec::new();
     let mut rows = 0;
@@ -198,6 +200,7 @@ async fn time_usage(base: &str, query: &str) -> (f64, usize) {
         let t = Instant::now();
         let r = http
             .get(format!("{base}/admin/usage?{query}"))
+            .bearer_auth(admin)
             .send()
             .await
             .unwrap();
@@ -234,21 +237,24 @@ async fn main() {
         }
     }
     if sections.contains('2') {
-        println!("\n## 2. Full stack, GET /v1/tos (cached ToS), {secs}s per row\n");
-        println!("| workers | ledger | req/s | p50 ms | p99 ms |");
+        println!("\n## 2. Full stack, real server, {secs}s per row\n");
+        println!("| workers | route | req/s | p50 ms | p99 ms |");
         println!("|---:|---|---:|---:|---:|");
         let state = state_for(&fresh_db().await).await;
         state.tos.publish("v1", "terms").await.unwrap();
-        let base = serve(state.clone()).await;
+        let (base, _admin, key) = serve(state.clone()).await;
         for workers in [16, 64] {
-            for ledger in [false, true] {
-                let (rps, p50, p99) =
-                    bench_http(format!("{base}/v1/tos"), ledger, workers, secs).await;
-                let label = if ledger {
-                    "on (row committed per request)"
+            for gated in [false, true] {
+                let (url, key, label) = if gated {
+                    (
+                        format!("{base}/v1/tos"),
+                        Some(key.clone()),
+                        "GET /v1/tos (auth + limits + row committed per request)",
+                    )
                 } else {
-                    "off"
+                    (format!("{base}/healthz"), None, "GET /healthz (open: no auth, no row)")
                 };
+                let (rps, p50, p99) = bench_http(url, key, workers, secs).await;
                 println!("| {workers} | {label} | {rps:.0} | {p50:.2} | {p99:.2} |");
             }
         }
@@ -287,7 +293,7 @@ async fn usage_queries() {
         .await
         .unwrap();
     println!("seeded in {:.1}s\n", t.elapsed().as_secs_f64());
-    let base = serve(state.clone()).await;
+    let (base, admin, _) = serve(state.clone()).await;
     println!("| query | groups | ms |");
     println!("|---|---:|---:|");
     for q in [
@@ -299,15 +305,16 @@ async fn usage_queries() {
         "client_id=00000000-0000-0000-0000-000000000007&group_by=day",
         "",
     ] {
-        let (ms, rows) = time_usage(&base, q).await;
+        let (ms, rows) = time_usage(&base, &admin, q).await;
         println!("| `{q}` | {rows} | {ms:.0} |");
     }
     let http = reqwest::Client::new();
     let t = Instant::now();
     let r = http
         .get(format!(
-            "{base}/admin/usage/events?limit=1000&cursor=900000"
+            "{base}/admin/usage/events?limit=1000&cursor=1900000"
         ))
+        .bearer_auth(&admin)
         .send()
         .await
         .unwrap();
@@ -320,6 +327,7 @@ async fn usage_queries() {
     let t = Instant::now();
     let r = http
         .get(format!("{base}/admin/audit/export?format=jsonl"))
+        .bearer_auth(&admin)
         .send()
         .await
         .unwrap();

@@ -285,8 +285,7 @@ impl Authenticator {
         )
         .bind(&hash[..])
         .fetch_optional(&self.db)
-        .await
-        .context("looking up an API key")?;
+        .await?; // a database outage is a 503 (see `From<sqlx::Error> for ApiError`)
         let unknown = || ApiError::Unauthorized("invalid API key".into());
         let row = row.ok_or_else(unknown)?;
         if !bool::from(row.key_hash.as_slice().ct_eq(&hash[..])) {
@@ -409,19 +408,59 @@ pub async fn issue_key(
     Ok((record, key))
 }
 
-/// `teachd admin bootstrap`: makes sure a client named `admin` exists and issues it a new
-/// admin key. Each call issues another key; earlier ones stay valid until revoked.
+/// The client `teachd admin bootstrap` issues admin keys to: a reserved id, so that no tenant
+/// (one named `admin`, say) can be mistaken for it.
+pub const BOOTSTRAP_ADMIN_ID: Uuid = Uuid::from_u128(0x7eac_6d00_0000_4000_8000_0000_0000_ad31);
+
+/// `teachd admin bootstrap`: makes sure the reserved admin client exists and is not suspended,
+/// and issues it a new admin key. Always yields a working key: a tenant that took the name,
+/// or a suspension of the admin client, cannot break it (the operator running this has the
+/// database credentials anyway). Each call issues another key; earlier ones stay valid.
 pub async fn bootstrap_admin(db: &PgPool) -> anyhow::Result<(KeyRecord, ApiKey)> {
-    let client_id: Uuid = sqlx::query_scalar(
-        "INSERT INTO clients (id, name, contact) VALUES ($1, 'admin', 'created by teachd admin bootstrap')
-         ON CONFLICT ON CONSTRAINT clients_name_key DO UPDATE SET name = EXCLUDED.name
-         RETURNING id",
-    )
-    .bind(Uuid::now_v7())
-    .fetch_one(db)
-    .await
-    .context("creating the admin client")?;
-    issue_key(db, client_id, &[Scope::Admin], None).await
+    let exists: Option<bool> = sqlx::query_scalar("SELECT suspended FROM clients WHERE id = $1")
+        .bind(BOOTSTRAP_ADMIN_ID)
+        .fetch_optional(db)
+        .await
+        .context("looking up the admin client")?;
+    match exists {
+        Some(true) => {
+            tracing::warn!("the admin client was suspended; bootstrap resumes it");
+            sqlx::query("UPDATE clients SET suspended = false, updated_at = now() WHERE id = $1")
+                .bind(BOOTSTRAP_ADMIN_ID)
+                .execute(db)
+                .await
+                .context("resuming the admin client")?;
+        }
+        Some(false) => {}
+        None => {
+            // The name is for people; a tenant may already use it.
+            let mut name = "teachd-admin".to_string();
+            for attempt in 0.. {
+                let inserted = sqlx::query(
+                    "INSERT INTO clients (id, name, contact) VALUES ($1, $2, 'created by teachd admin bootstrap')
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(BOOTSTRAP_ADMIN_ID)
+                .bind(&name)
+                .execute(db)
+                .await
+                .context("creating the admin client")?;
+                if inserted.rows_affected() == 1 {
+                    break;
+                }
+                let ours: Option<Uuid> =
+                    sqlx::query_scalar("SELECT id FROM clients WHERE id = $1")
+                        .bind(BOOTSTRAP_ADMIN_ID)
+                        .fetch_optional(db)
+                        .await?;
+                if ours.is_some() || attempt > 5 {
+                    break; // created concurrently by another bootstrap, or give up renaming
+                }
+                name = format!("teachd-admin-{}", &Uuid::new_v4().simple().to_string()[..8]);
+            }
+        }
+    }
+    issue_key(db, BOOTSTRAP_ADMIN_ID, &[Scope::Admin], None).await
 }
 
 /// The row the anonymous client of `server.disable_auth` needs for its daily quota.

@@ -40,8 +40,23 @@ pub struct ServerConfig {
     /// Requests in flight across all clients before new ones get 503 `overloaded` instead of
     /// queueing without bound.
     pub max_in_flight: usize,
-    /// Grace period on SIGTERM for in-flight requests and the ledger drain.
+    /// Grace period on SIGTERM for in-flight requests (streams included) to finish. Connections
+    /// still open after it are cut; their rows are still written (see `ledger_drain_secs`).
     pub shutdown_grace_secs: u64,
+    /// After the grace period, how long shutdown waits for the rows of cut and finished
+    /// requests to commit. A container's stop grace period must exceed
+    /// `shutdown_grace_secs + ledger_drain_secs` (docker-compose.yml uses 50 s), or rows queued
+    /// at the end are lost to SIGKILL.
+    pub ledger_drain_secs: u64,
+    /// Longest a client may take to send a request's headers. A slow-header client then loses
+    /// its connection instead of holding it.
+    pub header_read_timeout_secs: u64,
+    /// Longest a client may take to send a request body, once admitted (408 after). A slow
+    /// upload cannot hold its client's concurrency slot for long.
+    pub body_read_timeout_secs: u64,
+    /// Who may read `/metrics`: `open` (no key; route templates as labels, unmatched paths
+    /// collapsed into one label), `admin` (an admin key), or `off`.
+    pub metrics: MetricsAccess,
     /// For benchmarks and development only: teacher requests need no key and all run as one
     /// fixed `anonymous` client with the default limits (admin routes still need an admin
     /// key). Logs a loud warning at start. Never set this where clients can reach the server.
@@ -56,9 +71,22 @@ impl Default for ServerConfig {
             request_timeout_secs: 600,
             max_in_flight: 256,
             shutdown_grace_secs: 30,
+            ledger_drain_secs: 10,
+            header_read_timeout_secs: 30,
+            body_read_timeout_secs: 30,
+            metrics: MetricsAccess::Open,
             disable_auth: false,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAccess {
+    #[default]
+    Open,
+    Admin,
+    Off,
 }
 
 #[derive(Clone, Deserialize)]
@@ -70,6 +98,13 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// Run migrations when `serve` starts (also available as `teachd migrate`).
     pub migrate_on_start: bool,
+    /// Longest a query waits for a pooled connection. When the database is down, the first
+    /// requests wait this long before they answer 503; later ones fail fast (see
+    /// `outage_backoff_ms`). Short values fail fast; long ones ride out connection spikes.
+    pub acquire_timeout_ms: u64,
+    /// After a query failed because the database is down, requests that need it answer 503
+    /// `service_unavailable` at once for this long, then one request probes it again.
+    pub outage_backoff_ms: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -78,6 +113,8 @@ impl Default for DatabaseConfig {
             url: "postgres://postgres@127.0.0.1:5432/teachd".into(),
             max_connections: 16,
             migrate_on_start: true,
+            acquire_timeout_ms: 2_000,
+            outage_backoff_ms: 1_000,
         }
     }
 }
@@ -88,6 +125,8 @@ impl fmt::Debug for DatabaseConfig {
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
             .field("migrate_on_start", &self.migrate_on_start)
+            .field("acquire_timeout_ms", &self.acquire_timeout_ms)
+            .field("outage_backoff_ms", &self.outage_backoff_ms)
             .finish()
     }
 }
@@ -155,6 +194,11 @@ pub struct LedgerConfig {
     /// and the connection is replaced. Short values fail fast when Postgres hangs; long ones ride
     /// out slow disks.
     pub commit_timeout_ms: u64,
+    /// Refusals (429, 503 `overloaded`, 413, ...) of one client written as individual rows per
+    /// UTC minute. Later ones of that minute are counted into one aggregated row per status and
+    /// code, so a client hammering past its limits cannot grow the ledger by a row per request.
+    /// Higher keeps more detail about abusive traffic; lower bounds storage tighter.
+    pub max_refusal_rows_per_minute: u32,
 }
 
 impl Default for LedgerConfig {
@@ -164,6 +208,7 @@ impl Default for LedgerConfig {
             max_wait_ms: 0,
             store_bodies: false,
             commit_timeout_ms: 5_000,
+            max_refusal_rows_per_minute: 60,
         }
     }
 }
@@ -333,6 +378,13 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if self.server.disable_auth && !bind_is_loopback(&self.server.bind) {
+            bail!(
+                "server.disable_auth is set but server.bind = {} is not a loopback address: \
+                 refusing to serve every client without a key on a reachable interface",
+                self.server.bind
+            );
+        }
         let mut seen = std::collections::HashSet::new();
         for m in &self.models {
             if !seen.insert(&m.id) {
@@ -344,6 +396,19 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether a bind address (`host:port`) only accepts connections from this machine.
+pub fn bind_is_loopback(bind: &str) -> bool {
+    let host = match bind.rsplit_once(':') {
+        Some((host, _)) => host,
+        None => bind,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn expand_home(path: &Path) -> PathBuf {
@@ -434,6 +499,23 @@ licence = { id = "apache-2.0", distillation = "allowed" }
         assert_eq!(cfg.server.bind, "0.0.0.0:9");
         assert_eq!(cfg.models[0].max_top_k, 7);
         assert_eq!(cfg.limits.rpm, 5);
+    }
+
+    #[test]
+    fn disable_auth_refuses_a_reachable_bind() {
+        let env = |bind: &str| {
+            vec![
+                ("TEACHD__SERVER__DISABLE_AUTH".to_string(), "true".to_string()),
+                ("TEACHD__SERVER__BIND".to_string(), bind.to_string()),
+            ]
+        };
+        for bind in ["0.0.0.0:8080", "[::]:8080", "10.0.0.5:80"] {
+            let err = Config::load_with_env(None, &env(bind)).unwrap_err();
+            assert!(format!("{err:#}").contains("loopback"), "{bind}: {err:#}");
+        }
+        for bind in ["127.0.0.1:8080", "[::1]:9", "localhost:1"] {
+            assert!(Config::load_with_env(None, &env(bind)).is_ok(), "{bind}");
+        }
     }
 
     #[test]

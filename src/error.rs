@@ -20,6 +20,20 @@ pub fn current_request_id() -> Option<String> {
     REQUEST_ID.try_with(|id| id.clone()).ok()
 }
 
+/// `fut` with the current request id (if any) in scope: for tasks a request spawns, so that
+/// errors built there carry the id too.
+pub fn in_request_scope<F: std::future::Future>(
+    fut: F,
+) -> impl std::future::Future<Output = F::Output> {
+    let id = current_request_id();
+    async move {
+        match id {
+            Some(id) => REQUEST_ID.scope(id, fut).await,
+            None => fut.await,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// 400 invalid_request_error; `param` names the offending field.
@@ -64,6 +78,13 @@ pub enum ApiError {
     /// 503 ledger_unavailable: the usage ledger could not commit (fail closed).
     #[error("the usage ledger is unavailable; no teacher output was served")]
     LedgerUnavailable,
+    /// 503 service_unavailable: a dependency (the database) is down or too slow; retry later.
+    /// An outage, not a bug: it carries `Retry-After`.
+    #[error("{0}")]
+    ServiceUnavailable(String),
+    /// 408: the request (its body) did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 500: always a bug or an unexpected failure; details are logged, never sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -117,62 +138,66 @@ impl ApiError {
     }
 
     pub fn status(&self) -> StatusCode {
-        match self {
-            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Overloaded(_) | ApiError::LedgerUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.wire().status
     }
 
-    fn kind(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest { .. }
-            | ApiError::PayloadTooLarge { .. }
-            | ApiError::NotFound { .. } => {
-                if matches!(self, ApiError::NotFound { .. }) {
-                    "not_found_error"
-                } else {
-                    "invalid_request_error"
-                }
-            }
-            ApiError::Unauthorized(_) => "authentication_error",
-            ApiError::Forbidden { .. } => "permission_error",
-            ApiError::TooManyRequests { kind, .. } => kind,
-            ApiError::Overloaded(_) => "overloaded",
-            ApiError::LedgerUnavailable => "ledger_unavailable",
-            ApiError::Internal(_) => "server_error",
-        }
+    /// The machine-readable `error.code`.
+    pub fn code(&self) -> Option<&'static str> {
+        self.wire().code
     }
 
-    fn code(&self) -> Option<&'static str> {
+    /// What this error is on the wire: status, `error.type`, `error.code`, `error.param`. The
+    /// one place that decides it, for JSON responses and SSE error events alike.
+    fn wire(&self) -> Wire<'_> {
+        use StatusCode as S;
+        let w = |status, kind, code| Wire {
+            status,
+            kind,
+            code,
+            param: None,
+        };
         match self {
-            ApiError::BadRequest { code, .. } | ApiError::PayloadTooLarge { code, .. } => *code,
-            ApiError::Unauthorized(_) => Some("invalid_api_key"),
-            ApiError::Forbidden { code, .. } => Some(code),
-            ApiError::NotFound { param, .. } if param.as_deref() == Some("model") => {
-                Some("model_not_found")
+            ApiError::BadRequest { param, code, .. } => Wire {
+                param: param.as_deref(),
+                ..w(S::BAD_REQUEST, "invalid_request_error", *code)
+            },
+            ApiError::Unauthorized(_) => {
+                w(S::UNAUTHORIZED, "authentication_error", Some("invalid_api_key"))
             }
-            ApiError::NotFound { .. } => None,
-            ApiError::TooManyRequests { kind, .. } => Some(kind),
-            ApiError::Overloaded(_) => Some("overloaded"),
-            ApiError::LedgerUnavailable => Some("ledger_unavailable"),
-            ApiError::Internal(_) => Some("internal_error"),
-        }
-    }
-
-    fn param(&self) -> Option<&str> {
-        match self {
-            ApiError::BadRequest { param, .. } | ApiError::NotFound { param, .. } => {
-                param.as_deref()
+            ApiError::Forbidden { code, .. } => w(S::FORBIDDEN, "permission_error", Some(code)),
+            ApiError::NotFound { param, .. } => Wire {
+                param: param.as_deref(),
+                ..w(
+                    S::NOT_FOUND,
+                    "not_found_error",
+                    (param.as_deref() == Some("model")).then_some("model_not_found"),
+                )
+            },
+            ApiError::RequestTimeout(_) => w(
+                S::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+            ),
+            ApiError::PayloadTooLarge { code, .. } => {
+                w(S::PAYLOAD_TOO_LARGE, "invalid_request_error", *code)
             }
-            _ => None,
+            ApiError::TooManyRequests { kind, .. } => w(S::TOO_MANY_REQUESTS, kind, Some(kind)),
+            ApiError::Overloaded(_) => w(S::SERVICE_UNAVAILABLE, "overloaded", Some("overloaded")),
+            ApiError::LedgerUnavailable => w(
+                S::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                Some("ledger_unavailable"),
+            ),
+            ApiError::ServiceUnavailable(_) => w(
+                S::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("service_unavailable"),
+            ),
+            ApiError::Internal(_) => w(
+                S::INTERNAL_SERVER_ERROR,
+                "server_error",
+                Some("internal_error"),
+            ),
         }
     }
 
@@ -189,16 +214,31 @@ impl ApiError {
 
     /// The envelope as JSON, for errors sent inside a stream (SSE) rather than as a status.
     pub fn envelope(&self, request_id: Option<String>) -> ErrorEnvelope {
+        let wire = self.wire();
         ErrorEnvelope {
             error: ErrorBody {
                 message: self.public_message(),
-                r#type: self.kind().to_string(),
-                code: self.code().map(str::to_string),
-                param: self.param().map(str::to_string),
+                r#type: wire.kind.to_string(),
+                code: wire.code.map(str::to_string),
+                param: wire.param.map(str::to_string),
                 request_id,
             },
         }
     }
+
+    /// The error as one SSE event (`data: <envelope>`), for failures after a stream started.
+    pub fn sse_event(&self) -> axum::response::sse::Event {
+        axum::response::sse::Event::default().data(
+            serde_json::to_string(&self.envelope(current_request_id())).unwrap_or_default(),
+        )
+    }
+}
+
+struct Wire<'a> {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<&'a str>,
 }
 
 /// `{"error": {...}}`, the OpenAI error envelope.
@@ -225,6 +265,7 @@ impl IntoResponse for ApiError {
             tracing::error!(request_id = ?request_id, error = ?err, "internal error");
         }
         let status = self.status();
+        let code = self.code();
         let body = serde_json::to_vec(&self.envelope(request_id)).unwrap_or_default();
         let mut response = (
             status,
@@ -235,21 +276,107 @@ impl IntoResponse for ApiError {
             body,
         )
             .into_response();
-        if let ApiError::TooManyRequests { headers, .. } = self {
-            response.headers_mut().extend(*headers);
+        match self {
+            ApiError::TooManyRequests { headers, .. } => response.headers_mut().extend(*headers),
+            ApiError::ServiceUnavailable(_) | ApiError::LedgerUnavailable | ApiError::Overloaded(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
-        response.extensions_mut().insert(ErrorMarker);
+        response.extensions_mut().insert(ErrorMarker { code });
         response
     }
 }
 
 /// Set on responses built from an [`ApiError`], so layers above can tell them apart.
 #[derive(Clone, Copy, Debug)]
-pub struct ErrorMarker;
+pub struct ErrorMarker {
+    pub code: Option<&'static str>,
+}
 
+/// The `error.code` of a response built from an [`ApiError`].
+pub fn code_of(response: &Response) -> Option<&'static str> {
+    response
+        .extensions()
+        .get::<ErrorMarker>()
+        .and_then(|m| m.code)
+}
+
+/// A database that is down or slow is an outage (503 `service_unavailable`), not a bug; other
+/// database errors are bugs (500).
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        ApiError::Internal(err.into())
+        if crate::db::is_outage(&err) {
+            tracing::warn!(error = %err, "database unavailable");
+            ApiError::ServiceUnavailable("the database is unavailable; retry shortly".into())
+        } else {
+            ApiError::Internal(err.into())
+        }
+    }
+}
+
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(err: crate::ledger::LedgerError) -> Self {
+        use crate::ledger::LedgerError;
+        match err {
+            LedgerError::DuplicateRequestId(id) => ApiError::BadRequest {
+                message: format!(
+                    "the request id `{id}` was already used; send a new x-request-id"
+                ),
+                param: None,
+                code: Some("duplicate_request_id"),
+            },
+            LedgerError::Unavailable(why) => {
+                tracing::warn!(error = %why, "ledger commit failed; answering 503");
+                ApiError::LedgerUnavailable
+            }
+            LedgerError::Closed => ApiError::LedgerUnavailable,
+        }
+    }
+}
+
+impl From<crate::engine::EngineError> for ApiError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        match e {
+            crate::engine::EngineError::BadInput { message, param } => ApiError::BadRequest {
+                message,
+                param: param.map(str::to_string),
+                code: None,
+            },
+            crate::engine::EngineError::ContextLength { len, max } => ApiError::context_length_exceeded(len, max),
+            crate::engine::EngineError::Overloaded => {
+                ApiError::Overloaded("the teacher's queue is full; retry shortly".into())
+            }
+            crate::engine::EngineError::Unavailable(msg) => ApiError::Internal(anyhow::anyhow!(msg)),
+            crate::engine::EngineError::Internal(err) => ApiError::Internal(err),
+        }
+    }
+}
+
+impl From<crate::tos::TosError> for ApiError {
+    fn from(e: crate::tos::TosError) -> Self {
+        match e {
+            crate::tos::TosError::VersionExists(_) => ApiError::BadRequest {
+                message: e.to_string(),
+                param: Some("version".into()),
+                code: Some("tos_version_exists"),
+            },
+            crate::tos::TosError::NotCurrent { .. } => ApiError::BadRequest {
+                message: e.to_string(),
+                param: Some("version".into()),
+                code: Some("tos_version_not_current"),
+            },
+            crate::tos::TosError::NothingPublished => ApiError::not_found(e.to_string()),
+            // The ToS tables are part of the ledger's evidence: when they cannot be read the
+            // service fails closed exactly like the ledger.
+            crate::tos::TosError::Timeout => ApiError::LedgerUnavailable,
+            crate::tos::TosError::Db(err) => {
+                tracing::warn!(error = %err, "ToS storage failed");
+                ApiError::LedgerUnavailable
+            }
+        }
     }
 }
 

@@ -60,40 +60,95 @@ async fn prepare_db(config: &Config) -> anyhow::Result<sqlx::PgPool> {
 }
 
 /// Serve until `shutdown` resolves, then let in-flight requests finish (at most
-/// `server.shutdown_grace_secs`) and drain every buffered ledger row before returning.
+/// `server.shutdown_grace_secs`), cut the connections still open, and wait (at most
+/// `server.ledger_drain_secs`) until the row of every request, cut ones included, is committed.
+///
+/// Connections are served by hyper directly (HTTP/1.1 and HTTP/2), so that a client that is
+/// slow to send its headers is cut after `server.header_read_timeout_secs` instead of holding
+/// its connection forever.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    serve_router(listener, state.clone(), http::router(state), shutdown).await
+    serve_with(listener, state.clone(), http::router(state), shutdown).await
 }
 
-/// [`serve`] with a router built by the caller (tests wrap the routes in their own gate).
-pub async fn serve_router(
+/// [`serve`] with the router given (the app's, possibly with routes of the caller's merged in).
+pub async fn serve_with(
     listener: TcpListener,
     state: AppState,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
     let grace = Duration::from_secs(state.config.server.shutdown_grace_secs);
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stopping_tx.send(true);
-    });
-    let deadline = async move {
-        let _ = stopping_rx.wait_for(|s| *s).await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        result = server => result.context("server error")?,
-        _ = deadline => tracing::warn!("shutdown grace period over; dropping open connections"),
+    let drain = Duration::from_secs(state.config.server.ledger_drain_secs);
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(
+            state.config.server.header_read_timeout_secs.max(1),
+        ));
+    let builder = std::sync::Arc::new(builder);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait a moment instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
     }
-    if state.ledger.shutdown(grace).await {
+    drop(listener);
+    tracing::info!(
+        connections = connections.len(),
+        "shutting down: finishing in-flight requests"
+    );
+    let _ = stop_tx.send(true);
+    let finished = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            "shutdown grace period over; cutting the connections still open"
+        );
+        // Their requests' rows are written as they drop (status 499), before the drain ends.
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
+    if state.ledger.shutdown(drain).await {
         tracing::info!("ledger drained");
     } else {
-        tracing::error!("ledger did not drain within the grace period");
+        tracing::error!("ledger did not drain within server.ledger_drain_secs");
     }
     Ok(())
 }

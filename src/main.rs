@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries command output (`admin bootstrap`'s key, `openapi`).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,mistralrs_core=warn".into()),

@@ -22,6 +22,10 @@ pub struct AppState {
     pub ledger: Ledger,
     pub tos: Arc<TosStore>,
     pub metrics: Arc<crate::http::metrics::Metrics>,
+    /// Requests being served across all clients (`server.max_in_flight`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Fails database-bound requests fast while Postgres is down.
+    pub db_health: Arc<crate::db::DbHealth>,
 }
 
 /// How often idle clients are dropped from the limiters' maps.
@@ -43,6 +47,10 @@ impl AppState {
         }
         let ledger = Ledger::start(&db, &config.ledger);
         let tos = Arc::new(TosStore::new(db.clone()));
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(config.server.max_in_flight));
+        let db_health = Arc::new(crate::db::DbHealth::new(Duration::from_millis(
+            config.database.outage_backoff_ms,
+        )));
         AppState {
             config: Arc::new(config),
             models: Arc::new(models),
@@ -52,6 +60,8 @@ impl AppState {
             ledger,
             tos,
             metrics: Default::default(),
+            in_flight,
+            db_health,
         }
     }
 }

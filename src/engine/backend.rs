@@ -73,6 +73,11 @@ impl Backend {
         self.waiting.load(Ordering::SeqCst)
     }
 
+    /// Whether a new request would be refused as overloaded right now.
+    pub fn queue_full(&self) -> bool {
+        self.queue_depth() >= self.max_queue
+    }
+
     /// Wait for exclusive use of the engine; 503 `overloaded` when too many already wait.
     pub async fn turn(&self) -> Result<EngineTurn, EngineError> {
         let queued = self.waiting.fetch_add(1, Ordering::SeqCst);

@@ -76,6 +76,10 @@ pub struct PairwiseJudgment {
     pub orders: Vec<PairwiseOrder>,
     pub rubric_sha256: Option<String>,
     pub tokens_processed: usize,
+    /// Both orders prefer the same response.
+    pub consistent: bool,
+    /// `A`, `B` or `tie` (see [`pairwise_verdict`]).
+    pub winner: &'static str,
 }
 
 fn render_absolute(
@@ -117,6 +121,105 @@ fn template_sha(user: &str, prefix: &str) -> String {
     hex::encode(h.finalize())
 }
 
+/// Which teacher-forcing passes score a set of candidate answers after a prompt: one pass per
+/// candidate that no other candidate extends, skipped when earlier passes already gave every
+/// distribution it needs. Depends only on the candidates' tokens, so the cost of a judgment is
+/// known exactly before it runs.
+fn passes(candidates: &[Vec<u32>]) -> Vec<usize> {
+    let is_prefix_of_other = |i: usize| {
+        candidates.iter().enumerate().any(|(j, c)| {
+            j != i && c.len() > candidates[i].len() && c.starts_with(&candidates[i])
+        })
+    };
+    let mut covered: std::collections::HashSet<&[u32]> = Default::default();
+    let mut out = Vec::new();
+    for (i, leaf) in candidates.iter().enumerate() {
+        if is_prefix_of_other(i) {
+            continue;
+        }
+        if (0..leaf.len()).all(|k| covered.contains(&leaf[..k])) {
+            continue;
+        }
+        for k in 0..=leaf.len() {
+            covered.insert(&leaf[..k]);
+        }
+        out.push(i);
+    }
+    out
+}
+
+/// A judgment's prompt and candidates, tokenized, with the exact number of tokens its passes
+/// run through the teacher.
+#[derive(Clone, Debug)]
+pub struct Scoring {
+    pub prompt: Vec<u32>,
+    candidates: Vec<Vec<u32>>,
+    passes: Vec<usize>,
+    pub template_sha256: String,
+}
+
+impl Scoring {
+    /// Tokens the passes run through the teacher (the cost to reserve).
+    pub fn cost(&self) -> usize {
+        self.passes
+            .iter()
+            .map(|&i| self.prompt.len() + self.candidates[i].len())
+            .sum()
+    }
+}
+
+/// An absolute judgment, planned.
+#[derive(Clone, Debug)]
+pub struct AbsolutePlan {
+    scoring: Scoring,
+    points: Vec<i64>,
+    rubric_sha256: String,
+}
+
+impl AbsolutePlan {
+    pub fn cost(&self) -> usize {
+        self.scoring.cost()
+    }
+}
+
+/// A pairwise judgment, planned: both presentation orders.
+#[derive(Clone, Debug)]
+pub struct PairwisePlan {
+    orders: Vec<([&'static str; 2], Scoring)>,
+    rubric_sha256: Option<String>,
+    tie_margin: f64,
+}
+
+impl PairwisePlan {
+    pub fn cost(&self) -> usize {
+        self.orders.iter().map(|(_, s)| s.cost()).sum()
+    }
+}
+
+/// Pairwise policy: the orders agree when both prefer the same response; the winner is a tie
+/// when they disagree or when |pA - pB| is under the tie margin.
+pub fn pairwise_verdict(p_a: f64, orders: &[PairwiseOrder], tie_margin: f64) -> (bool, &'static str) {
+    let consistent = orders.windows(2).all(|w| (w[0].p_a > 0.5) == (w[1].p_a > 0.5));
+    let winner = if !consistent || (2.0 * p_a - 1.0).abs() < tie_margin {
+        "tie"
+    } else if p_a > 0.5 {
+        "A"
+    } else {
+        "B"
+    };
+    (consistent, winner)
+}
+
+/// The SHA-256 of a pairwise judgment's criteria, as a rubric without a scale.
+pub fn criteria_sha256(criteria: &str) -> String {
+    Rubric {
+        criteria: criteria.to_string(),
+        scale: (0, 0),
+        descriptions: BTreeMap::new(),
+    }
+    .sha256()
+}
+
 impl Teacher {
     async fn judge_prompt(&self, user: String, prefix: &str) -> Result<Vec<u32>, EngineError> {
         let messages = [
@@ -134,38 +237,43 @@ impl Teacher {
         Ok(ids)
     }
 
-    /// Probability of each candidate answer after `prompt` (not renormalised), and the tokens
-    /// processed. Each candidate is a token sequence; see the module docs for prefixes.
-    async fn candidate_probs(
+    async fn scoring(
         &self,
-        prompt: &[u32],
-        candidates: &[Vec<u32>],
-    ) -> Result<(Vec<f64>, usize), EngineError> {
+        user: String,
+        prefix: &str,
+        candidates: Vec<Vec<u32>>,
+    ) -> Result<Scoring, EngineError> {
+        let template_sha256 = template_sha(&user, prefix);
+        let prompt = self.judge_prompt(user, prefix).await?;
+        let passes = passes(&candidates);
+        for &i in &passes {
+            self.check_len(prompt.len() + candidates[i].len())?;
+        }
+        Ok(Scoring {
+            prompt,
+            candidates,
+            passes,
+            template_sha256,
+        })
+    }
+
+    /// Probability of each candidate answer after the prompt (not renormalised). Each
+    /// candidate is a token sequence; see the module docs for prefixes.
+    async fn candidate_probs(&self, s: &Scoring) -> Result<Vec<f64>, EngineError> {
+        let candidates = &s.candidates;
+        let prompt = &s.prompt;
         let is_prefix_of_other = |i: usize| {
             candidates.iter().enumerate().any(|(j, c)| {
                 j != i && c.len() > candidates[i].len() && c.starts_with(&candidates[i])
             })
         };
-        // One teacher-forcing pass per candidate that no longer candidate extends: its rows give
-        // the distribution after the prompt and after each of its prefixes.
         // Key: the candidate tokens after the prompt; value: log-softmax of the next token.
         let mut rows: HashMap<Vec<u32>, Vec<f64>> = HashMap::new();
-        let mut processed = 0;
-        let leaves: Vec<&Vec<u32>> = candidates
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !is_prefix_of_other(*i))
-            .map(|(_, c)| c)
-            .collect();
-        for leaf in leaves {
+        for &leaf_index in &s.passes {
+            let leaf = &candidates[leaf_index];
             let mut seq = prompt.to_vec();
             seq.extend(leaf);
-            if (0..leaf.len()).all(|k| rows.contains_key(&leaf[..k])) {
-                continue;
-            }
-            self.check_len(seq.len())?;
             let (logits, vocab) = self.raw_logits(&seq).await?;
-            processed += seq.len();
             for k in 0..=leaf.len() {
                 let key = leaf[..k].to_vec();
                 if rows.contains_key(&key) {
@@ -211,31 +319,39 @@ impl Teacher {
             }
             out.push(lp.exp());
         }
-        Ok((out, processed))
+        Ok(out)
     }
 
-    pub async fn judge_absolute(
+    /// Tokenizes an absolute judgment: its exact cost is known before anything runs.
+    pub async fn plan_absolute(
         &self,
         instruction: &str,
         response: &str,
         reference: Option<&str>,
         rubric: &Rubric,
-    ) -> Result<AbsoluteJudgment, EngineError> {
+    ) -> Result<AbsolutePlan, EngineError> {
         let user = render_absolute(instruction, response, reference, rubric);
-        let template_sha256 = template_sha(&user, ABSOLUTE_PREFIX);
-        let prompt = self.judge_prompt(user, ABSOLUTE_PREFIX).await?;
         let points: Vec<i64> = (rubric.scale.0..=rubric.scale.1).collect();
         let candidates = points
             .iter()
             .map(|s| self.tokenize(&format!(" {s}"), false))
             .collect::<Result<Vec<_>, _>>()?;
-        let (probs, processed) = self.candidate_probs(&prompt, &candidates).await?;
+        Ok(AbsolutePlan {
+            scoring: self.scoring(user, ABSOLUTE_PREFIX, candidates).await?,
+            points,
+            rubric_sha256: rubric.sha256(),
+        })
+    }
+
+    pub async fn judge_absolute(&self, plan: AbsolutePlan) -> Result<AbsoluteJudgment, EngineError> {
+        let probs = self.candidate_probs(&plan.scoring).await?;
         let total: f64 = probs.iter().sum();
         if total.is_nan() || total <= 0.0 {
             return Err(EngineError::Internal(anyhow::anyhow!(
                 "judge: no mass on the scale"
             )));
         }
+        let points = &plan.points;
         let distribution: BTreeMap<i64, f64> = points
             .iter()
             .zip(&probs)
@@ -249,39 +365,56 @@ impl Teacher {
                 |best, (&s, &p)| if p > best.1 { (s, p) } else { best },
             )
             .0;
+        let tokens_processed = plan.cost();
         Ok(AbsoluteJudgment {
             distribution,
             score,
             verdict,
             stamp: JudgeStamp {
                 template_version: TEMPLATE_VERSION,
-                template_sha256,
-                rubric_sha256: Some(rubric.sha256()),
+                template_sha256: plan.scoring.template_sha256,
+                rubric_sha256: Some(plan.rubric_sha256),
             },
-            prompt_token_ids: prompt,
-            tokens_processed: processed,
+            prompt_token_ids: plan.scoring.prompt,
+            tokens_processed,
         })
     }
 
-    pub async fn judge_pairwise(
+    /// Tokenizes a pairwise judgment (both orders): its exact cost is known before it runs.
+    pub async fn plan_pairwise(
         &self,
         instruction: &str,
         a: &str,
         b: &str,
         criteria: Option<&str>,
-        rubric_sha256: Option<String>,
-    ) -> Result<PairwiseJudgment, EngineError> {
-        let criteria = criteria.unwrap_or(DEFAULT_PAIRWISE_CRITERIA);
+        tie_margin: f64,
+    ) -> Result<PairwisePlan, EngineError> {
+        let rubric_sha256 = criteria.map(criteria_sha256);
+        let criteria = criteria
+            .filter(|c| !c.trim().is_empty())
+            .unwrap_or(DEFAULT_PAIRWISE_CRITERIA);
         let candidates = vec![self.tokenize(" A", false)?, self.tokenize(" B", false)?];
         let mut orders = Vec::new();
-        let mut processed = 0;
         for presented in [["A", "B"], ["B", "A"]] {
             let (first, second) = if presented[0] == "A" { (a, b) } else { (b, a) };
             let user = render_pairwise(instruction, first, second, criteria);
-            let template_sha256 = template_sha(&user, PAIRWISE_PREFIX);
-            let prompt = self.judge_prompt(user, PAIRWISE_PREFIX).await?;
-            let (probs, n) = self.candidate_probs(&prompt, &candidates).await?;
-            processed += n;
+            orders.push((
+                presented,
+                self.scoring(user, PAIRWISE_PREFIX, candidates.clone()).await?,
+            ));
+        }
+        Ok(PairwisePlan {
+            orders,
+            rubric_sha256,
+            tie_margin,
+        })
+    }
+
+    pub async fn judge_pairwise(&self, plan: PairwisePlan) -> Result<PairwiseJudgment, EngineError> {
+        let tokens_processed = plan.cost();
+        let mut orders = Vec::new();
+        for (presented, scoring) in plan.orders {
+            let probs = self.candidate_probs(&scoring).await?;
             let p_first = probs[0] / (probs[0] + probs[1]);
             let p_a = if presented[0] == "A" {
                 p_first
@@ -291,16 +424,33 @@ impl Teacher {
             orders.push(PairwiseOrder {
                 presented,
                 p_a,
-                template_sha256,
-                prompt_token_ids: prompt,
+                template_sha256: scoring.template_sha256,
+                prompt_token_ids: scoring.prompt,
             });
         }
         let p_a = orders.iter().map(|o| o.p_a).sum::<f64>() / orders.len() as f64;
+        let (consistent, winner) = pairwise_verdict(p_a, &orders, plan.tie_margin);
         Ok(PairwiseJudgment {
             p_a,
             orders,
-            rubric_sha256,
-            tokens_processed: processed,
+            rubric_sha256: plan.rubric_sha256,
+            tokens_processed,
+            consistent,
+            winner,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_cover_every_distribution_once() {
+        // " 1", " 10", " 2" as [sp, 1], [sp, 1, 0], [sp, 2]: " 1" is a prefix of " 10".
+        let c = vec![vec![9, 1], vec![9, 1, 0], vec![9, 2]];
+        assert_eq!(passes(&c), vec![1]); // " 10" gives [], [sp], [sp,1], [sp,1,0]; " 2" needs [sp]
+        let c = vec![vec![5], vec![6]];
+        assert_eq!(passes(&c), vec![0]);
     }
 }

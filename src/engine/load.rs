@@ -219,9 +219,19 @@ pub(super) async fn load_teacher(
         max_top_k: cfg.max_top_k.min(vocab_size),
         licence: cfg.licence.clone(),
     };
+    let special_ids = tokenizer
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, _)| id)
+        .collect();
+    let mut plain = (*tokenizer).clone();
+    plain.set_encode_special_tokens(true);
     Ok(Teacher {
         info,
         backend,
+        plain_tokenizer: std::sync::Arc::new(plain),
+        special_ids,
         tokenizer,
         token_bytes,
         eos,

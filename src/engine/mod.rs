@@ -16,7 +16,7 @@ use crate::config::{EngineConfig, LicenceConfig, ModelConfig};
 
 pub use generate::{FinishReason, GenEvent, GenHandle, GenToken, GenerateParams};
 pub use judge::{
-    AbsoluteJudgment, PairwiseJudgment, PairwiseOrder, Rubric,
+    AbsoluteJudgment, AbsolutePlan, PairwiseJudgment, PairwiseOrder, PairwisePlan, Rubric,
     TEMPLATE_VERSION as JUDGE_TEMPLATE_VERSION,
 };
 pub use math::PositionStats;
@@ -66,6 +66,11 @@ pub struct Teacher {
     pub info: ModelInfo,
     backend: backend::Backend,
     tokenizer: Arc<tokenizers::Tokenizer>,
+    /// The same tokenizer with special-token matching off: text through it never yields a
+    /// special-token id (user content inside a chat template is data, not markup).
+    plain_tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Ids of the special (added) tokens, e.g. `<|im_start|>`.
+    special_ids: std::collections::HashSet<u32>,
     /// Raw bytes of every token (byte-level BPE undone), for `bytes` in chat logprobs.
     token_bytes: Vec<Vec<u8>>,
     eos: Vec<u32>,
@@ -88,7 +93,33 @@ impl Teacher {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Render `messages` with the model's chat template and tokenize the result.
+    /// [`Teacher::tokenize`] on a blocking thread: a 4 MiB prompt must not stall the async
+    /// workers (the ledger writer and every other client run there).
+    pub async fn tokenize_async(
+        self: &Arc<Self>,
+        text: String,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, EngineError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.tokenize(&text, add_special_tokens))
+            .await
+            .map_err(|e| EngineError::Internal(anyhow::anyhow!(e)))?
+    }
+
+    /// 503 `overloaded` now if the engine queue is full (so that a stream can be refused before
+    /// its 200 headers rather than with an error event inside them).
+    pub fn check_capacity(&self) -> Result<(), EngineError> {
+        if self.backend.queue_full() {
+            Err(EngineError::Overloaded)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Render `messages` with the model's chat template and tokenize the result. Message
+    /// contents are data: a content that spells a special token of the template (e.g.
+    /// `<|im_end|>`) is tokenized as plain text, so the only special-token ids in the result
+    /// are the template's own.
     pub async fn tokenize_chat(
         &self,
         messages: &[ChatMessage],
@@ -97,21 +128,64 @@ impl Teacher {
         if messages.is_empty() {
             return Err(EngineError::bad("messages", "messages must not be empty"));
         }
-        let converted = messages
-            .iter()
-            .map(|m| {
-                let mut map = indexmap::IndexMap::new();
-                map.insert("role".to_string(), either::Either::Left(m.role.clone()));
-                map.insert(
-                    "content".to_string(),
-                    either::Either::Left(m.content.clone()),
-                );
-                map
-            })
-            .collect();
-        self.backend
-            .tokenize_chat(converted, add_generation_prompt)
-            .await
+        let render = |contents: &dyn Fn(usize, &ChatMessage) -> String| {
+            messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let mut map = indexmap::IndexMap::new();
+                    map.insert("role".to_string(), either::Either::Left(m.role.clone()));
+                    map.insert("content".to_string(), either::Either::Left(contents(i, m)));
+                    map
+                })
+                .collect()
+        };
+        let ids = self
+            .backend
+            .tokenize_chat(render(&|_, m| m.content.clone()), add_generation_prompt)
+            .await?;
+        if !messages.iter().any(|m| self.spells_special(&m.content)) {
+            return Ok(ids);
+        }
+        // Some content spells a special token. Render the template around placeholders, then
+        // tokenize the template's text with special tokens and each content as plain text.
+        let marker = |i: usize| format!("\u{E000}teachd-content-{i}\u{E001}");
+        let skeleton_ids = self
+            .backend
+            .tokenize_chat(render(&|i, _| marker(i)), add_generation_prompt)
+            .await?;
+        let skeleton = self
+            .tokenizer
+            .decode(&skeleton_ids, false)
+            .map_err(|e| EngineError::Internal(anyhow::anyhow!("decode: {e}")))?;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut rest = skeleton.as_str();
+        for (i, m) in messages.iter().enumerate() {
+            let mark = marker(i);
+            let Some(at) = rest.find(&mark) else {
+                // The template dropped or transformed this message: it cannot carry content.
+                continue;
+            };
+            out.extend(self.tokenize(&rest[..at], false)?);
+            let plain = self
+                .plain_tokenizer
+                .encode_fast(m.content.as_str(), false)
+                .map_err(|e| EngineError::bad("messages", format!("cannot tokenize: {e}")))?;
+            out.extend_from_slice(plain.get_ids());
+            rest = &rest[at + mark.len()..];
+        }
+        out.extend(self.tokenize(rest, false)?);
+        Ok(out)
+    }
+
+    /// Whether `text` contains the content of a special token.
+    fn spells_special(&self, text: &str) -> bool {
+        text.contains('<')
+            && self
+                .special_ids
+                .iter()
+                .filter_map(|&id| self.tokenizer.id_to_token(id))
+                .any(|t| !t.is_empty() && text.contains(t.as_str()))
     }
 
     pub fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError> {
@@ -247,7 +321,9 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// Every configured teacher, by id, in configuration order.
+/// Every configured teacher, by id, in configuration order. Cheap to clone (the teachers are
+/// shared).
+#[derive(Clone)]
 pub struct ModelRegistry {
     models: BTreeMap<String, Arc<Teacher>>,
     order: Vec<String>,

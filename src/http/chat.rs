@@ -1,25 +1,21 @@
 //! `POST /v1/chat/completions`: OpenAI compatible, streaming included. Logprobs are the
 //! natural-log probabilities of the distribution each token was sampled from.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tokio_stream::StreamExt as _;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::{self, f, Message};
 use super::completions::{CompletionUsage, StreamOptions};
-use super::generation;
+use super::{generation, sse};
 use crate::auth::ClientCtx;
 use crate::engine::{GenToken, GenerateParams, Teacher};
 use crate::error::{ApiError, ErrorEnvelope, Json};
-use crate::limits::TokenReservation;
-use crate::usage::{Usage, UsageCell};
+use crate::usage::Meter;
 use crate::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -142,18 +138,17 @@ fn token_logprob(t: &Teacher, tok: &GenToken, as_ids: bool) -> TokenLogprob {
         (status = 200, description = "Completion (JSON, or SSE `chat.completion.chunk`s with `stream: true`)", content(
             (ChatResponse = "application/json"),
             (generation::SseEvent = "text/event-stream"))),
-        (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
-        (status = 413, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope),
-        (status = 503, body = ErrorEnvelope)),
+        (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     ctx: ClientCtx,
+    meter: Meter,
     Json(req): Json<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
+    meter.serve(&teacher);
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_param("n", "only n = 1 is supported"));
     }
@@ -204,56 +199,39 @@ pub async fn chat_completions(
         seed: common::seed_or_random(req.seed),
         top_logprobs: top_n,
     };
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let created = chrono::Utc::now().timestamp();
-    let usage = Usage {
-        model: Some(teacher.info.id.clone()),
-        weights_sha256: Some(teacher.info.weights_sha256.clone()),
-        prompt_tokens: prompt.len() as u64,
-        top_k: want_logprobs.then_some(top_n as u32),
-        ..Default::default()
+    meter.record(|u| u.top_k = want_logprobs.then_some(top_n as u32));
+    // A generation reserves prompt + max_tokens; what it does not produce is refunded.
+    meter.reserve((prompt.len() + max_new) as u64).await?;
+    let out = Out {
+        teacher: teacher.clone(),
+        fingerprint: fingerprint(&teacher),
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: chrono::Utc::now().timestamp(),
+        want_logprobs,
+        as_ids,
     };
-
-    // A generation reserves prompt + max_tokens and refunds the unused part when it ends.
-    let reservation = state
-        .limits
-        .reserve_tokens(&ctx, (prompt.len() + max_new) as u64)
-        .await?;
     if req.stream.unwrap_or(false) {
+        teacher.check_capacity()?; // 503 `overloaded` before the 200 headers, not inside them
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let out = StreamOut {
-            id,
-            created,
-            usage,
-            include_usage,
-            reservation,
-        };
-        return Ok(stream(teacher, params, stops, (want_logprobs, as_ids), out));
+        let response = stream(out, meter, params, stops, include_usage);
+        return Ok(common::provenance(response, &teacher));
     }
 
     let mut content = String::new();
     let mut lps = want_logprobs.then(ChoiceLogprobs::default);
-    let finished = generation::run(&teacher, params, stops, |d| {
+    let finished = generation::run(&teacher, &meter, true, params, stops, |d| {
         content.push_str(&d.text);
         if let Some(l) = lps.as_mut() {
             l.content
                 .extend(d.tokens.iter().map(|t| token_logprob(&teacher, t, as_ids)));
         }
-        true
+        std::future::ready(true)
     })
     .await?;
-    reservation
-        .settle((prompt.len() + finished.sampled_tokens) as u64)
-        .await;
-    let usage_body = CompletionUsage {
-        prompt_tokens: prompt.len(),
-        completion_tokens: finished.sampled_tokens,
-        total_tokens: prompt.len() + finished.sampled_tokens,
-    };
     let response = Json(ChatResponse {
-        id,
+        id: out.id,
         object: "chat.completion".into(),
-        created,
+        created: out.created,
         model: teacher.info.id.clone(),
         choices: vec![ChatChoice {
             index: 0,
@@ -264,18 +242,11 @@ pub async fn chat_completions(
             logprobs: lps,
             finish_reason: finished.finish_reason.into(),
         }],
-        usage: usage_body,
-        system_fingerprint: fingerprint(&teacher),
+        usage: CompletionUsage::new(prompt.len(), finished.sampled_tokens),
+        system_fingerprint: out.fingerprint,
     })
     .into_response();
-    Ok(common::stamp(
-        response,
-        &teacher,
-        Usage {
-            generated_tokens: finished.sampled_tokens as u64,
-            ..usage
-        },
-    ))
+    Ok(common::provenance(response, &teacher))
 }
 
 #[derive(Serialize)]
@@ -312,110 +283,93 @@ fn fingerprint(t: &Teacher) -> String {
     )
 }
 
-/// What a streamed answer needs besides the generation itself.
-struct StreamOut {
+/// What every chunk of one answer shares.
+struct Out {
+    teacher: Arc<Teacher>,
+    fingerprint: String,
     id: String,
     created: i64,
-    usage: Usage,
-    include_usage: bool,
-    reservation: TokenReservation,
+    want_logprobs: bool,
+    as_ids: bool,
+}
+
+impl Out {
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<CompletionUsage>) -> ChatChunk<'_> {
+        ChatChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.teacher.info.id,
+            system_fingerprint: &self.fingerprint,
+            choices,
+            usage,
+        }
+    }
+}
+
+fn choice(
+    content: Option<String>,
+    role: Option<&'static str>,
+    logprobs: Option<ChoiceLogprobs>,
+    finish: Option<&'static str>,
+) -> ChunkChoice {
+    ChunkChoice {
+        index: 0,
+        delta: ChunkDelta { role, content },
+        logprobs,
+        finish_reason: finish,
+    }
 }
 
 fn stream(
-    teacher: Arc<Teacher>,
+    out: Out,
+    meter: Meter,
     params: GenerateParams,
     stops: Vec<String>,
-    (want_logprobs, as_ids): (bool, bool),
-    out: StreamOut,
+    include_usage: bool,
 ) -> Response {
-    let StreamOut {
-        id,
-        created,
-        usage,
-        include_usage,
-        reservation,
-    } = out;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let cell = UsageCell::new(usage);
-    let producer_cell = cell.clone();
-    let t = teacher.clone();
-    tokio::spawn(async move {
-        let model = t.info.id.clone();
-        let fp = fingerprint(&t);
-        let chunk = |choices: Vec<ChunkChoice>, usage: Option<CompletionUsage>| {
-            let body = ChatChunk {
-                id: &id,
-                object: "chat.completion.chunk",
-                created,
-                model: &model,
-                system_fingerprint: &fp,
-                choices,
-                usage,
-            };
-            Event::default().data(serde_json::to_string(&body).unwrap_or_default())
-        };
-        let choice = |content: Option<String>,
-                      role: Option<&'static str>,
-                      logprobs: Option<ChoiceLogprobs>,
-                      finish: Option<&'static str>| ChunkChoice {
-            index: 0,
-            delta: ChunkDelta { role, content },
-            logprobs,
-            finish_reason: finish,
-        };
-        let _ = tx.send(chunk(
+    sse::stream(meter.clone(), move |sink| async move {
+        let first = out.chunk(
             vec![choice(Some(String::new()), Some("assistant"), None, None)],
             None,
-        ));
+        );
+        if !sink.send(&first).await {
+            return Ok(());
+        }
         let prompt_len = params.prompt.len();
-        let result = generation::run(&t, params, stops, |d| {
-            let logprobs = want_logprobs.then(|| ChoiceLogprobs {
+        let t = out.teacher.clone();
+        let finished = generation::run(&t, &meter, true, params, stops, |d| {
+            let logprobs = out.want_logprobs.then(|| ChoiceLogprobs {
                 content: d
                     .tokens
                     .iter()
-                    .map(|x| token_logprob(&t, x, as_ids))
+                    .map(|x| token_logprob(&t, x, out.as_ids))
                     .collect(),
             });
-            tx.send(chunk(
-                vec![choice(Some(d.text), None, logprobs, None)],
-                None,
-            ))
-            .is_ok()
-        })
-        .await;
-        match result {
-            Ok(finished) => {
-                reservation
-                    .settle((prompt_len + finished.sampled_tokens) as u64)
-                    .await;
-                producer_cell.update(|u| u.generated_tokens = finished.sampled_tokens as u64);
-                let _ = tx.send(chunk(
-                    vec![choice(None, None, None, Some(finished.finish_reason))],
-                    None,
-                ));
-                if include_usage {
-                    let u = CompletionUsage {
-                        prompt_tokens: prompt_len,
-                        completion_tokens: finished.sampled_tokens,
-                        total_tokens: prompt_len + finished.sampled_tokens,
-                    };
-                    let _ = tx.send(chunk(Vec::new(), Some(u)));
+            // Serialised here, from the typed chunk (a `Value` would print f32s as f64s).
+            let chunk = serde_json::to_string(
+                &out.chunk(vec![choice(Some(d.text), None, logprobs, None)], None),
+            );
+            let sink = sink.clone_sender();
+            async move {
+                match chunk {
+                    Ok(chunk) => sink.send_json(chunk).await,
+                    Err(_) => false,
                 }
-                producer_cell.finish();
-                let _ = tx.send(Event::default().data("[DONE]"));
             }
-            Err(e) => {
-                producer_cell.fail(e.status().as_u16());
-                let _ = tx.send(
-                    Event::default()
-                        .data(serde_json::to_string(&e.envelope(None)).unwrap_or_default()),
-                );
-            }
+        })
+        .await?;
+        let last = out.chunk(
+            vec![choice(None, None, None, Some(finished.finish_reason))],
+            None,
+        );
+        if !sink.send(&last).await {
+            return Ok(());
         }
-    });
-    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    let response = Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response();
-    common::stamp(response, &teacher, cell)
+        if include_usage {
+            let usage = CompletionUsage::new(prompt_len, finished.sampled_tokens);
+            sink.send(&out.chunk(Vec::new(), Some(usage))).await;
+        }
+        Ok(())
+    })
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::ToSchema;
 
-use crate::engine::{ChatMessage, EngineError, Teacher};
+use crate::engine::{ChatMessage, Teacher};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -29,27 +29,15 @@ pub async fn teacher_for(
     Ok(teacher)
 }
 
-/// A teacher response as it leaves the handler: provenance headers, and what the gate and the
-/// ledger read from its extensions (a [`crate::usage::Usage`], or a `UsageCell` for streams).
-pub fn stamp<U: Clone + Send + Sync + 'static>(
+/// A teacher response as it leaves the handler: with the provenance headers of `teacher`.
+pub fn provenance(
     mut response: axum::response::Response,
     teacher: &Teacher,
-    usage: U,
 ) -> axum::response::Response {
     response
         .headers_mut()
         .extend(super::tos::provenance_headers(&teacher.info));
-    response.extensions_mut().insert(usage);
     response
-}
-
-/// The usage record of a request served by `teacher`, counts still zero.
-pub fn usage_of(teacher: &Teacher) -> crate::usage::Usage {
-    crate::usage::Usage {
-        model: Some(teacher.info.id.clone()),
-        weights_sha256: Some(teacher.info.weights_sha256.clone()),
-        ..Default::default()
-    }
 }
 
 /// Generation sampling parameters: temperature in [0, 100] (0 = greedy), top_p in (0, 1].
@@ -59,24 +47,6 @@ pub fn validate_sampling(temperature: f64, top_p: f64) -> Result<(), ApiError> {
         return Err(ApiError::bad_param("top_p", "top_p must be in (0, 1]"));
     }
     Ok(())
-}
-
-impl From<EngineError> for ApiError {
-    fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::BadInput { message, param } => ApiError::BadRequest {
-                message,
-                param: param.map(str::to_string),
-                code: None,
-            },
-            EngineError::ContextLength { len, max } => ApiError::context_length_exceeded(len, max),
-            EngineError::Overloaded => {
-                ApiError::Overloaded("the teacher's queue is full; retry shortly".into())
-            }
-            EngineError::Unavailable(msg) => ApiError::Internal(anyhow::anyhow!(msg)),
-            EngineError::Internal(err) => ApiError::Internal(err),
-        }
-    }
 }
 
 /// An OpenAI chat message. `content` is a string or an array of `{"type":"text","text":…}`.
@@ -233,7 +203,39 @@ pub fn no_nul(param: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A client-supplied text that is stored: not blank, no NUL, at most `max` characters (so that
+/// what one request can make the server store stays bounded).
+pub fn stored_text(param: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::bad_param(
+            param,
+            format!("`{param}` must not be empty"),
+        ));
+    }
+    no_nul(param, value)?;
+    if value.chars().count() > max {
+        return Err(ApiError::bad_param(
+            param,
+            format!("`{param}` is longer than {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Smallest temperature accepted (other than 0 = greedy for generation). Below it, `logits / T`
+/// leaves the range where the softmax is computed exactly (and `1 / T` overflows near 1e-308).
+pub const MIN_TEMPERATURE: f64 = 1e-4;
+
 pub fn validate_temperature(t: f64, allow_zero: bool) -> Result<(), ApiError> {
+    if t.is_finite() && t > 0.0 && t < MIN_TEMPERATURE {
+        return Err(ApiError::bad_param(
+            "temperature",
+            format!(
+                "temperature must be at least {MIN_TEMPERATURE}{}",
+                if allow_zero { " (or 0 for greedy decoding)" } else { "" }
+            ),
+        ));
+    }
     let ok = t.is_finite() && if allow_zero { t >= 0.0 } else { t > 0.0 } && t <= 100.0;
     if ok {
         Ok(())

@@ -2,11 +2,9 @@
 //! prompts as token ids). Unknown fields are ignored, as SDKs send extras.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -14,11 +12,11 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::{self, f};
 use super::generation::{self, Delta};
+use super::{gate, sse};
 use crate::auth::ClientCtx;
 use crate::engine::{GenToken, GenerateParams, PositionStats, Teacher};
 use crate::error::{ApiError, ErrorEnvelope, Json};
-use crate::limits::TokenReservation;
-use crate::usage::{Usage, UsageCell};
+use crate::usage::Meter;
 use crate::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -115,9 +113,20 @@ pub struct CompletionUsage {
     pub total_tokens: usize,
 }
 
-/// Parse OpenAI's many prompt shapes into token-id sequences.
-fn prompts(
-    teacher: &Teacher,
+impl CompletionUsage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        CompletionUsage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// Parse OpenAI's many prompt shapes into token-id sequences (text is tokenized off the async
+/// workers).
+async fn prompts(
+    teacher: &Arc<Teacher>,
     prompt: &serde_json::Value,
     add_special: bool,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
@@ -140,15 +149,19 @@ fn prompts(
             .collect()
     };
     let out = match prompt {
-        Value::String(s) => vec![teacher.tokenize(s, add_special)?],
+        Value::String(s) => vec![teacher.tokenize_async(s.clone(), add_special).await?],
         Value::Array(items) if items.is_empty() => {
             return Err(ApiError::bad_param("prompt", "the prompt is empty"))
         }
         Value::Array(items) if items.iter().all(Value::is_number) => vec![ids_of(items)?],
-        Value::Array(items) if items.iter().all(Value::is_string) => items
-            .iter()
-            .map(|s| teacher.tokenize(s.as_str().unwrap_or_default(), add_special))
-            .collect::<Result<_, _>>()?,
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            let mut out = Vec::with_capacity(items.len());
+            for s in items {
+                let text = s.as_str().unwrap_or_default().to_string();
+                out.push(teacher.tokenize_async(text, add_special).await?);
+            }
+            out
+        }
         Value::Array(items) if items.iter().all(Value::is_array) => items
             .iter()
             .map(|a| ids_of(a.as_array().map(Vec::as_slice).unwrap_or_default()))
@@ -183,18 +196,17 @@ struct Plan {
         (status = 200, description = "Completion (JSON, or SSE chunks with `stream: true`)", content(
             (CompletionResponse = "application/json"),
             (generation::SseEvent = "text/event-stream"))),
-        (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
-        (status = 413, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope),
-        (status = 503, body = ErrorEnvelope)),
+        (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn completions(
     State(state): State<AppState>,
     ctx: ClientCtx,
+    meter: Meter,
     Json(req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
+    meter.serve(&teacher);
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_param("n", "only n = 1 is supported"));
     }
@@ -212,7 +224,8 @@ pub async fn completions(
         &teacher,
         &req.prompt,
         req.add_special_tokens.unwrap_or(true),
-    )?;
+    )
+    .await?;
     let mut max_tokens = Vec::new();
     for p in &prompts {
         let m =
@@ -225,7 +238,7 @@ pub async fn completions(
         }
         max_tokens.push(m);
     }
-    let plan = Plan {
+    let plan = Arc::new(Plan {
         teacher: teacher.clone(),
         echo,
         logprobs: req.logprobs,
@@ -235,47 +248,35 @@ pub async fn completions(
         top_p,
         seed: common::seed_or_random(req.seed),
         stops,
-    };
+    });
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = chrono::Utc::now().timestamp();
-    // Reserve every prompt plus its max_tokens; the unused part is refunded at the end.
+    meter.record(|u| u.top_k = req.logprobs.max(req.prompt_logprobs).map(|k| k as u32));
+    // Reserve every prompt plus its max_tokens; what is not produced is refunded at the end.
     let cost: usize = prompts
         .iter()
         .zip(&plan.max_tokens)
         .map(|(p, m)| p.len() + m)
         .sum();
-    let reservation = state.limits.reserve_tokens(&ctx, cost as u64).await?;
+    meter.reserve(cost as u64).await?;
 
     if req.stream.unwrap_or(false) {
+        teacher.check_capacity()?; // 503 `overloaded` before the 200 headers
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(stream(
-            plan,
-            prompts,
-            (id, created),
-            include_usage,
-            reservation,
-        ));
+        let response = stream(plan, meter, prompts, (id, created), include_usage);
+        return Ok(common::provenance(response, &teacher));
     }
 
     let mut choices = Vec::new();
     let mut usage = CompletionUsage::default();
-    let mut ledger = Usage {
-        model: Some(teacher.info.id.clone()),
-        weights_sha256: Some(teacher.info.weights_sha256.clone()),
-        top_k: req.logprobs.max(req.prompt_logprobs).map(|k| k as u32),
-        ..Default::default()
-    };
     for (index, ids) in prompts.into_iter().enumerate() {
-        let (choice, u, scored) = run_one(&plan, index, ids, |_| true).await?;
+        let (choice, u) =
+            run_one(&plan, &meter, index, ids, |_| std::future::ready(true)).await?;
         usage.prompt_tokens += u.prompt_tokens;
         usage.completion_tokens += u.completion_tokens;
-        ledger.scored_tokens += scored as u64;
         choices.push(choice);
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    reservation.settle(usage.total_tokens as u64).await;
-    ledger.prompt_tokens = usage.prompt_tokens as u64;
-    ledger.generated_tokens = usage.completion_tokens as u64;
     let response = Json(CompletionResponse {
         id,
         object: "text_completion".into(),
@@ -285,17 +286,23 @@ pub async fn completions(
         usage,
     })
     .into_response();
-    Ok(common::stamp(response, &teacher, ledger))
+    Ok(common::provenance(response, &teacher))
 }
 
 /// One prompt: optional prompt scoring, optional generation. `on_delta` sees generated
-/// pieces (for streaming). Returns the choice, its usage and the number of scored positions.
-async fn run_one(
-    plan: &Plan,
+/// pieces (for streaming). Records on `meter` what the engine ran (the prompt once, the
+/// scored positions, every generated token) as it completes. Returns the choice and its usage.
+async fn run_one<F, Fut>(
+    plan: &Arc<Plan>,
+    meter: &Meter,
     index: usize,
     ids: Vec<u32>,
-    mut on_delta: impl FnMut(&Delta) -> bool,
-) -> Result<(CompletionChoice, CompletionUsage, usize), ApiError> {
+    mut on_delta: F,
+) -> Result<(CompletionChoice, CompletionUsage), ApiError>
+where
+    F: FnMut(&Delta) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let t = &plan.teacher;
     let echo_lp = plan.echo && plan.logprobs.is_some();
     let prompt_k = plan.prompt_logprobs.unwrap_or(0).max(if echo_lp {
@@ -303,15 +310,27 @@ async fn run_one(
     } else {
         0
     });
-    let rows: Option<Vec<PositionStats>> =
-        if (plan.prompt_logprobs.is_some() || echo_lp) && ids.len() > 1 {
-            Some(t.score(&ids, 1, prompt_k, 1.0).await?.rows)
-        } else if plan.prompt_logprobs.is_some() || echo_lp {
-            Some(Vec::new())
-        } else {
-            None
-        };
-
+    let scoring = plan.prompt_logprobs.is_some() || echo_lp;
+    let rows: Option<Vec<PositionStats>> = if scoring && ids.len() > 1 {
+        // A started pass runs to its end and is paid for, even if the client leaves.
+        let (t2, seq) = (t.clone(), ids.clone());
+        Some(
+            gate::detached(meter, move |m| async move {
+                let rows = t2.score(&seq, 1, prompt_k, 1.0).await?.rows;
+                m.record(|u| {
+                    u.prompt_tokens += seq.len() as u64;
+                    u.scored_tokens += rows.len() as u64;
+                });
+                Ok(rows)
+            })
+            .await?,
+        )
+    } else if scoring {
+        meter.record(|u| u.prompt_tokens += ids.len() as u64);
+        Some(Vec::new())
+    } else {
+        None
+    };
     let mut text = String::new();
     let mut legacy = plan.logprobs.map(|_| LegacyLogprobs::default());
     if plan.echo {
@@ -357,7 +376,8 @@ async fn run_one(
         };
         let mut generated_text = String::new();
         let mut generated: Vec<GenToken> = Vec::new();
-        let finished = generation::run(t, params, plan.stops.clone(), |d| {
+        // The prompt is billed once, by its scoring pass when there was one.
+        let finished = generation::run(t, meter, !scoring, params, plan.stops.clone(), |d| {
             let keep_going = on_delta(&d);
             generated_text.push_str(&d.text);
             generated.extend(d.tokens);
@@ -389,7 +409,6 @@ async fn run_one(
         (Some(k), Some(rows)) => Some(vllm_prompt_logprobs(t, &ids, rows, k)),
         _ => None,
     };
-    let scored = rows.as_ref().map_or(0, Vec::len);
     let choice = CompletionChoice {
         index,
         text,
@@ -403,7 +422,7 @@ async fn run_one(
         completion_tokens,
         total_tokens: ids.len() + completion_tokens,
     };
-    Ok((choice, usage, scored))
+    Ok((choice, usage))
 }
 
 /// vLLM's shape: `[null, {"<id>": {logprob, rank, decoded_token}, …}, …]` with the top-k plus
@@ -457,40 +476,27 @@ struct Chunk<'a> {
 }
 
 fn stream(
-    plan: Plan,
+    plan: Arc<Plan>,
+    meter: Meter,
     prompts: Vec<Vec<u32>>,
     (id, created): (String, i64),
     include_usage: bool,
-    reservation: TokenReservation,
 ) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let teacher = plan.teacher.clone();
-    let cell = UsageCell::new(Usage {
-        model: Some(teacher.info.id.clone()),
-        weights_sha256: Some(teacher.info.weights_sha256.clone()),
-        top_k: plan.logprobs.max(plan.prompt_logprobs).map(|k| k as u32),
-        ..Default::default()
-    });
-    let producer_cell = cell.clone();
-    tokio::spawn(async move {
+    sse::stream(meter.clone(), move |sink| async move {
         let model = plan.teacher.info.id.clone();
-        let chunk = |choices: Vec<CompletionChoice>, usage: Option<CompletionUsage>| {
-            let c = Chunk {
-                id: &id,
-                object: "text_completion",
-                created,
-                model: &model,
-                choices,
-                usage,
-            };
-            Event::default().data(serde_json::to_string(&c).unwrap_or_default())
+        let chunk = |choices: Vec<CompletionChoice>, usage: Option<CompletionUsage>| Chunk {
+            id: &id,
+            object: "text_completion",
+            created,
+            model: &model,
+            choices,
+            usage,
         };
         let mut total = CompletionUsage::default();
         for (index, ids) in prompts.into_iter().enumerate() {
-            let tx2 = tx.clone();
             let mut first = true;
             let t = plan.teacher.clone();
-            let result = run_one(&plan, index, ids.clone(), |d| {
+            let (choice, u) = run_one(&plan, &meter, index, ids.clone(), |d| {
                 let logprobs = plan.logprobs.map(|_| LegacyLogprobs {
                     tokens: d.tokens.iter().map(|x| t.decode_one(x.id)).collect(),
                     token_logprobs: d.tokens.iter().map(|x| Some(f(x.logprob))).collect(),
@@ -524,57 +530,39 @@ fn stream(
                     prompt_token_ids: None,
                 };
                 first = false;
-                tx2.send(chunk(vec![choice], None)).is_ok()
-            })
-            .await;
-            match result {
-                Ok((choice, u, scored)) => {
-                    total.prompt_tokens += u.prompt_tokens;
-                    total.completion_tokens += u.completion_tokens;
-                    producer_cell.update(|x| {
-                        x.prompt_tokens += u.prompt_tokens as u64;
-                        x.generated_tokens += u.completion_tokens as u64;
-                        x.scored_tokens += scored as u64;
-                    });
-                    let last = CompletionChoice {
-                        index,
-                        text: if first && plan.echo {
-                            choice.text.clone()
-                        } else {
-                            String::new()
-                        },
-                        logprobs: None,
-                        finish_reason: choice.finish_reason,
-                        prompt_logprobs: choice.prompt_logprobs,
-                        prompt_token_ids: choice.prompt_token_ids,
-                    };
-                    if tx.send(chunk(vec![last], None)).is_err() {
-                        return;
+                // Serialised here, from the typed chunk (a `Value` would print f32s as f64s).
+                let chunk = serde_json::to_string(&chunk(vec![choice], None));
+                let sink = sink.clone_sender();
+                async move {
+                    match chunk {
+                        Ok(c) => sink.send_json(c).await,
+                        Err(_) => false,
                     }
                 }
-                Err(e) => {
-                    producer_cell.fail(e.status().as_u16());
-                    let env = e.envelope(None);
-                    let _ = tx.send(
-                        Event::default().data(serde_json::to_string(&env).unwrap_or_default()),
-                    );
-                    return;
-                }
+            })
+            .await?;
+            total.prompt_tokens += u.prompt_tokens;
+            total.completion_tokens += u.completion_tokens;
+            let last = CompletionChoice {
+                index,
+                text: if first && plan.echo {
+                    choice.text.clone()
+                } else {
+                    String::new()
+                },
+                logprobs: None,
+                finish_reason: choice.finish_reason,
+                prompt_logprobs: choice.prompt_logprobs,
+                prompt_token_ids: choice.prompt_token_ids,
+            };
+            if !sink.send(&chunk(vec![last], None)).await {
+                return Ok(()); // the client left; what ran is recorded on the meter
             }
         }
         total.total_tokens = total.prompt_tokens + total.completion_tokens;
-        reservation.settle(total.total_tokens as u64).await;
         if include_usage {
-            let _ = tx.send(chunk(Vec::new(), Some(total)));
+            sink.send(&chunk(Vec::new(), Some(total))).await;
         }
-        producer_cell.finish();
-        let _ = tx.send(Event::default().data("[DONE]"));
-    });
-    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    let response = Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response();
-    common::stamp(response, &teacher, cell)
+        Ok(())
+    })
 }
-
-use tokio_stream::StreamExt as _;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::engine::{FinishReason, GenEvent, GenToken, GenerateParams, Teacher};
 use crate::error::ApiError;
+use crate::usage::Meter;
 
 /// One server-sent event of a streamed generation (`stream: true`), as the schema of each
 /// event of a `text/event-stream` response.
@@ -137,13 +138,27 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 }
 
 /// Run one generation, calling `on_delta` for each piece of output as it becomes final.
-/// `on_delta` returning false (the client went away) stops the generation early.
-pub async fn run(
+/// `on_delta` resolving to false (the client went away) stops the generation early; so does
+/// dropping this future. Every sampled token is recorded on `meter` as it arrives (and, with
+/// `bill_prompt`, the prompt once the engine has run it), so every exit path bills exactly
+/// what was produced.
+pub async fn run<F, Fut>(
     teacher: &Arc<Teacher>,
+    meter: &Meter,
+    bill_prompt: bool,
     params: GenerateParams,
     stops: Vec<String>,
-    mut on_delta: impl FnMut(Delta) -> bool,
-) -> Result<Finished, ApiError> {
+    mut on_delta: F,
+) -> Result<Finished, ApiError>
+where
+    F: FnMut(Delta) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let prompt_len = if bill_prompt {
+        params.prompt.len() as u64
+    } else {
+        0
+    };
     let mut handle = teacher.generate(params)?;
     let mut decoder = Decoder::new(teacher.clone(), stops);
     let mut sampled = 0usize;
@@ -151,6 +166,12 @@ pub async fn run(
     while let Some(event) = handle.events.recv().await {
         match event {
             GenEvent::Token(tok) => {
+                meter.record(|u| {
+                    if sampled == 0 {
+                        u.prompt_tokens += prompt_len;
+                    }
+                    u.generated_tokens += 1;
+                });
                 sampled += 1;
                 if stopped_by_string {
                     continue;
@@ -159,7 +180,7 @@ pub async fn run(
                     continue;
                 }
                 let (delta, hit) = decoder.push(tok)?;
-                if (!delta.text.is_empty() || !delta.tokens.is_empty()) && !on_delta(delta) {
+                if (!delta.text.is_empty() || !delta.tokens.is_empty()) && !on_delta(delta).await {
                     handle.stop();
                     stopped_by_string = true;
                 }
@@ -172,7 +193,7 @@ pub async fn run(
                 if !stopped_by_string {
                     let rest = decoder.flush();
                     if !rest.text.is_empty() || !rest.tokens.is_empty() {
-                        on_delta(rest);
+                        on_delta(rest).await;
                     }
                 }
                 let finish_reason = if stopped_by_string {

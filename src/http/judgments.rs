@@ -9,10 +9,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common;
+use super::{common, gate};
 use crate::auth::ClientCtx;
-use crate::engine::{Rubric, Teacher, JUDGE_TEMPLATE_VERSION};
+use crate::engine::{AbsolutePlan, PairwisePlan, Rubric, Teacher, JUDGE_TEMPLATE_VERSION};
 use crate::error::{ApiError, ErrorBody, ErrorEnvelope, Json};
+use crate::usage::Meter;
 use crate::AppState;
 
 mod schema;
@@ -166,7 +167,8 @@ fn parse_rubric(spec: Option<&RubricSpec>) -> Result<Rubric, ApiError> {
             "scale must be [min, max] with min < max",
         ));
     }
-    if hi - lo + 1 > MAX_SCALE_POINTS {
+    // Checked: `[i64::MIN, i64::MAX]` must be a 400, not an overflow.
+    if hi.checked_sub(lo).is_none_or(|span| span >= MAX_SCALE_POINTS) {
         return Err(ApiError::bad_param(
             "rubric.scale",
             format!("a scale has at most {MAX_SCALE_POINTS} points"),
@@ -205,7 +207,22 @@ fn required<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str, ApiError> 
     }
 }
 
-async fn judge_one(teacher: &Teacher, spec: &JudgmentSpec) -> Result<JudgmentResult, ApiError> {
+/// One judgment, validated and tokenized: its exact cost is known before anything runs.
+enum Planned {
+    Absolute(AbsolutePlan, bool),
+    Pairwise(PairwisePlan, bool),
+}
+
+impl Planned {
+    fn cost(&self) -> usize {
+        match self {
+            Planned::Absolute(p, _) => p.cost(),
+            Planned::Pairwise(p, _) => p.cost(),
+        }
+    }
+}
+
+async fn plan_one(teacher: &Teacher, spec: &JudgmentSpec) -> Result<Planned, ApiError> {
     let instruction = required(&spec.instruction, "instruction")?;
     let include_prompt = spec.include_prompt.unwrap_or(false);
     match spec.mode.clone().unwrap_or(Mode::Absolute) {
@@ -218,36 +235,10 @@ async fn judge_one(teacher: &Teacher, spec: &JudgmentSpec) -> Result<JudgmentRes
             }
             let response = required(&spec.response, "response")?;
             let rubric = parse_rubric(spec.rubric.as_ref())?;
-            let j = teacher
-                .judge_absolute(instruction, response, spec.reference.as_deref(), &rubric)
+            let plan = teacher
+                .plan_absolute(instruction, response, spec.reference.as_deref(), &rubric)
                 .await?;
-            Ok(JudgmentResult {
-                mode: Mode::Absolute,
-                score: Some(j.score),
-                verdict: Some(j.verdict),
-                distribution: Some(
-                    j.distribution
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), *v))
-                        .collect(),
-                ),
-                preference: None,
-                winner: None,
-                consistent: None,
-                orders: None,
-                judge: JudgeInfo {
-                    template_version: JUDGE_TEMPLATE_VERSION.into(),
-                    template_sha256: j.stamp.template_sha256,
-                    rubric_sha256: j.stamp.rubric_sha256,
-                },
-                usage: JudgmentUsage {
-                    prompt_tokens: j.prompt_token_ids.len(),
-                    scored_tokens: j.tokens_processed,
-                    total_tokens: j.tokens_processed,
-                    judgments: 1,
-                },
-                prompt_token_ids: include_prompt.then(|| vec![j.prompt_token_ids]),
-            })
+            Ok(Planned::Absolute(plan, include_prompt))
         }
         Mode::Pairwise => {
             if spec.response.is_some() {
@@ -276,38 +267,51 @@ async fn judge_one(teacher: &Teacher, spec: &JudgmentSpec) -> Result<JudgmentRes
                     "tie_margin must be in [0, 1]",
                 ));
             }
-            let rubric_sha = spec.rubric.as_ref().map(|r| {
-                Rubric {
-                    criteria: r.criteria.clone(),
-                    scale: (0, 0),
-                    descriptions: BTreeMap::new(),
-                }
-                .sha256()
-            });
-            let criteria = spec
-                .rubric
-                .as_ref()
-                .map(|r| r.criteria.as_str())
-                .filter(|c| !c.trim().is_empty());
-            let j = teacher
-                .judge_pairwise(
-                    instruction,
-                    &responses[0],
-                    &responses[1],
-                    criteria,
-                    rubric_sha.clone(),
-                )
+            let criteria = spec.rubric.as_ref().map(|r| r.criteria.as_str());
+            let plan = teacher
+                .plan_pairwise(instruction, &responses[0], &responses[1], criteria, margin)
                 .await?;
+            Ok(Planned::Pairwise(plan, include_prompt))
+        }
+    }
+}
+
+async fn judge_one(teacher: &Teacher, planned: Planned) -> Result<JudgmentResult, ApiError> {
+    match planned {
+        Planned::Absolute(plan, include_prompt) => {
+            let j = teacher.judge_absolute(plan).await?;
+            Ok(JudgmentResult {
+                mode: Mode::Absolute,
+                score: Some(j.score),
+                verdict: Some(j.verdict),
+                distribution: Some(
+                    j.distribution
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), *v))
+                        .collect(),
+                ),
+                preference: None,
+                winner: None,
+                consistent: None,
+                orders: None,
+                judge: JudgeInfo {
+                    template_version: JUDGE_TEMPLATE_VERSION.into(),
+                    template_sha256: j.stamp.template_sha256,
+                    rubric_sha256: j.stamp.rubric_sha256,
+                },
+                usage: JudgmentUsage {
+                    prompt_tokens: j.prompt_token_ids.len(),
+                    scored_tokens: j.tokens_processed,
+                    total_tokens: j.tokens_processed,
+                    judgments: 1,
+                },
+                prompt_token_ids: include_prompt.then(|| vec![j.prompt_token_ids]),
+            })
+        }
+        Planned::Pairwise(plan, include_prompt) => {
+            let j = teacher.judge_pairwise(plan).await?;
             let pref =
                 |p_a: f64| BTreeMap::from([("A".to_string(), p_a), ("B".to_string(), 1.0 - p_a)]);
-            let consistent = (j.orders[0].p_a > 0.5) == (j.orders[1].p_a > 0.5);
-            let winner = if !consistent || (2.0 * j.p_a - 1.0).abs() < margin {
-                "tie"
-            } else if j.p_a > 0.5 {
-                "A"
-            } else {
-                "B"
-            };
             let prompt_tokens = j.orders.iter().map(|o| o.prompt_token_ids.len()).sum();
             Ok(JudgmentResult {
                 mode: Mode::Pairwise,
@@ -315,8 +319,8 @@ async fn judge_one(teacher: &Teacher, spec: &JudgmentSpec) -> Result<JudgmentRes
                 verdict: None,
                 distribution: None,
                 preference: Some(pref(j.p_a)),
-                winner: Some(winner.into()),
-                consistent: Some(consistent),
+                winner: Some(j.winner.into()),
+                consistent: Some(j.consistent),
                 judge: JudgeInfo {
                     template_version: JUDGE_TEMPLATE_VERSION.into(),
                     template_sha256: j.orders[0].template_sha256.clone(),
@@ -364,121 +368,100 @@ fn is_empty_spec(s: &JudgmentSpec) -> bool {
 #[utoipa::path(post, path = "/v1/judgments", tag = "teacher", request_body = JudgmentRequest,
     responses(
         (status = 200, description = "A judgment, or with `items` a list of per-item results/errors", body = JudgmentResponse),
-        (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
-        (status = 413, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope),
-        (status = 503, body = ErrorEnvelope)),
+        (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn judgments(
     State(state): State<AppState>,
     ctx: ClientCtx,
+    meter: Meter,
     Json(req): Json<JudgmentRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
-    let mut usage = common::usage_of(&teacher);
-    // The exact cost is known after rendering; reserve an upper estimate, settle the truth.
-    let specs: Vec<&JudgmentSpec> = match &req.items {
-        Some(items) => items.iter().collect(),
-        None => vec![&req.spec],
-    };
-    let estimate: usize = specs.iter().map(|s| estimate_tokens(&teacher, s)).sum();
-    let reservation = state.limits.reserve_tokens(&ctx, estimate as u64).await?;
-    let response = match req.items {
-        None => {
-            let r = judge_one(&teacher, &req.spec).await?;
-            usage.prompt_tokens = r.usage.total_tokens as u64;
-            usage.scored_tokens = r.usage.scored_tokens as u64;
-            usage.judgments = 1;
-            Json(r).into_response()
-        }
-        Some(items) => {
-            if !is_empty_spec(&req.spec) {
-                return Err(ApiError::bad_param(
-                    "items",
-                    "with `items`, give the judgment fields inside each item",
-                ));
-            }
-            if items.is_empty() || items.len() > MAX_ITEMS {
-                return Err(ApiError::bad_param(
-                    "items",
-                    format!("items must hold 1 to {MAX_ITEMS} judgments"),
-                ));
-            }
-            let mut results = Vec::with_capacity(items.len());
-            let mut total = JudgmentUsage::default();
-            for (index, item) in items.iter().enumerate() {
-                match judge_one(&teacher, item).await {
-                    Ok(r) => {
-                        total.prompt_tokens += r.usage.prompt_tokens;
-                        total.scored_tokens += r.usage.scored_tokens;
-                        total.total_tokens += r.usage.total_tokens;
-                        total.judgments += 1;
-                        results.push(BatchItem {
-                            index,
-                            result: Some(r),
-                            error: None,
-                        });
-                    }
-                    Err(e @ (ApiError::Internal(_) | ApiError::Overloaded(_))) => return Err(e),
-                    Err(e) => results.push(BatchItem {
-                        index,
-                        result: None,
-                        error: Some(e.envelope(crate::error::current_request_id()).error),
-                    }),
-                }
-            }
-            usage.prompt_tokens = total.total_tokens as u64;
-            usage.scored_tokens = total.scored_tokens as u64;
-            usage.judgments = total.judgments as u64;
-            Json(BatchResponse {
-                object: "list".into(),
-                model: teacher.info.id.clone(),
-                results,
-                usage: total,
-            })
-            .into_response()
-        }
-    };
-    reservation.settle(usage.prompt_tokens).await;
-    Ok(common::stamp(response, &teacher, usage))
-}
-
-/// An upper estimate of the tokens a judgment runs through the teacher: its texts, the
-/// template around them, and one pass per order (pairwise) or per leading digit (scales of
-/// 10 points and more, whose numbers span several tokens).
-fn estimate_tokens(teacher: &Teacher, spec: &JudgmentSpec) -> usize {
-    let count = |s: Option<&str>| {
-        s.map_or(0, |t| {
-            teacher.tokenize(t, false).map_or(t.len(), |ids| ids.len())
+    meter.serve(&teacher);
+    let Some(items) = req.items else {
+        // One judgment: its cost is exact once it is planned; a started pass is paid for.
+        let planned = plan_one(&teacher, &req.spec).await?;
+        meter.reserve(planned.cost() as u64).await?;
+        let t = teacher.clone();
+        let result = gate::detached(&meter, move |m| async move {
+            let r = judge_one(&t, planned).await?;
+            m.record(|u| {
+                u.prompt_tokens += r.usage.total_tokens as u64;
+                u.scored_tokens += r.usage.scored_tokens as u64;
+                u.judgments += 1;
+            });
+            Ok(r)
         })
+        .await?;
+        return Ok(common::provenance(Json(result).into_response(), &teacher));
     };
-    let rubric = spec.rubric.as_ref().map_or(0, |r| {
-        count(Some(&r.criteria))
-            + r.descriptions
-                .values()
-                .map(|d| count(Some(d)))
-                .sum::<usize>()
-    });
-    let responses: usize = spec
-        .responses
-        .iter()
-        .flatten()
-        .map(|r| count(Some(r)))
-        .sum();
-    let body = count(spec.instruction.as_deref())
-        + count(spec.response.as_deref())
-        + count(spec.reference.as_deref())
-        + rubric
-        + responses
-        + 160;
-    let passes = match spec.mode {
-        Some(Mode::Pairwise) => 2,
-        _ => spec
-            .rubric
-            .as_ref()
-            .and_then(|r| r.scale)
-            .map_or(1, |[_, hi]| if hi >= 10 { 11 } else { 1 }),
-    };
-    body * passes
+    if !is_empty_spec(&req.spec) {
+        return Err(ApiError::bad_param(
+            "items",
+            "with `items`, give the judgment fields inside each item",
+        ));
+    }
+    if items.is_empty() || items.len() > MAX_ITEMS {
+        return Err(ApiError::bad_param(
+            "items",
+            format!("items must hold 1 to {MAX_ITEMS} judgments"),
+        ));
+    }
+    // Plan every item first: bad items get their error without costing anything, and the
+    // reservation is the exact cost of the good ones.
+    let mut planned = Vec::with_capacity(items.len());
+    for item in &items {
+        planned.push(plan_one(&teacher, item).await);
+    }
+    let cost: usize = planned.iter().flatten().map(Planned::cost).sum();
+    meter.reserve(cost as u64).await?;
+    let t = teacher.clone();
+    let results = gate::detached(&meter, move |m| async move {
+        let mut results = Vec::with_capacity(planned.len());
+        for (index, plan) in planned.into_iter().enumerate() {
+            // Every item ends with its result or its own error; the items that ran are paid
+            // for (recorded as each completes) even when a later one fails.
+            let outcome = match plan {
+                Ok(plan) => judge_one(&t, plan).await,
+                Err(e) => Err(e),
+            };
+            results.push(match outcome {
+                Ok(r) => {
+                    m.record(|u| {
+                        u.prompt_tokens += r.usage.total_tokens as u64;
+                        u.scored_tokens += r.usage.scored_tokens as u64;
+                        u.judgments += 1;
+                    });
+                    BatchItem {
+                        index,
+                        result: Some(r),
+                        error: None,
+                    }
+                }
+                Err(e) => BatchItem {
+                    index,
+                    result: None,
+                    error: Some(e.envelope(crate::error::current_request_id()).error),
+                },
+            });
+        }
+        Ok(results)
+    })
+    .await?;
+    let mut total = JudgmentUsage::default();
+    for r in results.iter().filter_map(|i| i.result.as_ref()) {
+        total.prompt_tokens += r.usage.prompt_tokens;
+        total.scored_tokens += r.usage.scored_tokens;
+        total.total_tokens += r.usage.total_tokens;
+        total.judgments += 1;
+    }
+    let response = Json(BatchResponse {
+        object: "list".into(),
+        model: teacher.info.id.clone(),
+        results,
+        usage: total,
+    })
+    .into_response();
+    Ok(common::provenance(response, &teacher))
 }

@@ -1,42 +1,46 @@
-//! The ledger wrapper: every authenticated request leaves exactly one ledger row.
+//! The request's ledger row: every authenticated request leaves exactly one row.
 //!
-//! The auth gate calls [`record_usage`] (or [`record_with`], to also log its own refusals such
-//! as 429s) once it knows the [`ClientCtx`]. The wrapper buffers and hashes the request body,
-//! runs the request, then:
+//! The gate opens a [`Row`] as soon as it knows the caller (after authentication, before any
+//! other check), together with the request's [`Meter`]. The row then ends in one of three ways:
 //!
-//! * **Buffered responses** (JSON, errors, Arrow): the body is hashed and the row committed
-//!   *before* the response leaves. If the commit fails the caller gets 503 `ledger_unavailable`
-//!   and none of the output: there is never a response without its row.
-//! * **Streamed responses** (`text/event-stream`, or any response carrying [`StreamedBody`],
-//!   like the audit export): the bytes flow as they are produced while being hashed; the last
-//!   chunk (for SSE, `data: [DONE]`) is held back until the row, with the hash of every byte and
-//!   the final usage, is committed. If that commit fails, an SSE stream ends with an error event
-//!   instead of its last chunk, and any other stream is aborted, so the client never sees a
-//!   complete response without a row. A stream only starts while the ledger is healthy.
-//! * **Dropped requests** (client went away before the response): the row is still written, with
-//!   status 499 and the hash of whatever was produced.
+//! * **Refused** ([`Row::refuse`]) by an admission check (rate limits, concurrency, load, body
+//!   size or read timeout): a row with the refusal's status and code. Refusal rows are bounded
+//!   per client (`ledger.max_refusal_rows_per_minute`): past the bound, refusals of a client
+//!   are counted and written as one aggregated row per minute (see `ledger::refusals`).
+//! * **Finished** ([`Row::finish`]) with the handler's response. A **buffered** response (JSON,
+//!   errors, Arrow) leaves only after its row — status, error code, usage from the meter, the
+//!   SHA-256 of the exact bytes — is committed; if the commit fails the caller gets 503
+//!   `ledger_unavailable` and none of the output. A **streamed** response (SSE, or the audit
+//!   export) flows as it is produced while being hashed; its final chunk (for SSE the
+//!   `data: [DONE]` event, or the error event of a failed stream) is held back until the row,
+//!   with the hash of every byte, the meter's usage and the stream's real outcome, is
+//!   committed. If that commit fails, an SSE stream ends with a `ledger_unavailable` error event
+//!   instead, and any other stream is aborted: a client never sees a complete response without
+//!   its row.
+//! * **Dropped** (the client went away first, or the server cut the connection at shutdown):
+//!   the row is written with status 499 once the request's meter closes, i.e. once the work
+//!   that was already running has ended, so it carries (and the client pays) exactly what was
+//!   produced. [`crate::ledger::Ledger::shutdown`] waits for these rows before it drains.
 //!
-//! Rows for requests refused with 503 `ledger_unavailable` are the only ones that do not exist;
-//! a COMMIT whose reply was lost may leave a row for a request that was answered 503.
+//! Bills are settled here, after the row: charged what was produced, or refunded entirely when
+//! the response was not delivered (503 `ledger_unavailable`, 400 `duplicate_request_id`).
 
-use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Request};
-use axum::http::{header, HeaderValue};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
 use crate::auth::ClientCtx;
-use crate::error::{current_request_id, ApiError, ErrorEnvelope, REQUEST_ID};
+use crate::error::{current_request_id, ApiError};
 use crate::ledger::chain::to_db_precision;
-use crate::ledger::{Bodies, Ledger, LedgerError, UsageEvent};
-use crate::usage::Usage;
+use crate::ledger::{Bodies, Ledger, LedgerError, PendingRow, UsageEvent};
+use crate::usage::{Closed, Meter, MeterWatch, Outcome, Usage};
 use crate::AppState;
 
 /// Put this in a response's extensions to have it streamed (hashed on the fly, row committed at
@@ -47,181 +51,237 @@ pub struct StreamedBody;
 /// Status recorded for a request whose client went away before the response was complete.
 pub const STATUS_CLIENT_CLOSED: i16 = 499;
 
-const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// Run `next` under the ledger (see the module docs).
-pub async fn record_usage(state: &AppState, ctx: &ClientCtx, req: Request, next: Next) -> Response {
-    record_with(state, ctx, req, |req| next.run(req)).await
-}
-
-/// Like [`record_usage`] with any inner service: the gate can put its admission checks (limits,
-/// scope) inside `inner` so that their refusals are recorded too.
-pub async fn record_with<F, Fut>(
-    state: &AppState,
-    ctx: &ClientCtx,
-    req: Request,
-    inner: F,
-) -> Response
-where
-    F: FnOnce(Request) -> Fut,
-    Fut: Future<Output = Response>,
-{
-    let request_id = current_request_id()
-        .or_else(|| {
-            req.headers()
-                .get(REQUEST_ID_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| valid_request_id(v))
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| Uuid::now_v7().to_string());
-    let mut response = if current_request_id().is_some() {
-        record_inner(state, ctx, request_id.clone(), req, inner).await
-    } else {
-        REQUEST_ID
-            .scope(
-                request_id.clone(),
-                record_inner(state, ctx, request_id.clone(), req, inner),
-            )
-            .await
-    };
-    if !response.headers().contains_key(REQUEST_ID_HEADER) {
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(REQUEST_ID_HEADER, v);
-        }
-    }
-    response
-}
-
-fn valid_request_id(v: &str) -> bool {
-    !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic())
-}
-
 /// Text as Postgres accepts it (no NUL), bounded.
 fn clean(s: &str) -> String {
     s.chars().filter(|c| *c != '\0').take(256).collect()
 }
 
-async fn record_inner<F, Fut>(
-    state: &AppState,
-    ctx: &ClientCtx,
-    request_id: String,
-    req: Request,
-    inner: F,
-) -> Response
-where
-    F: FnOnce(Request) -> Fut,
-    Fut: Future<Output = Response>,
-{
-    let started = Instant::now();
-    let endpoint = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| req.uri().path().to_string());
-    let mut event = UsageEvent {
-        request_id,
-        ts: to_db_precision(Utc::now()),
-        client_id: ctx.client_id,
-        key_id: ctx.key_id,
-        method: req.method().as_str().to_string(),
-        endpoint: clean(&endpoint),
-        model: None,
-        status: STATUS_CLIENT_CLOSED,
-        error_code: None,
-        prompt_tokens: 0,
-        scored_tokens: 0,
-        generated_tokens: 0,
-        judgments: 0,
-        top_k: None,
-        latency_ms: 0.0,
-        request_sha256: [0; 32],
-        response_sha256: Sha256::digest(b"").into(),
-        tos_version: state.tos.current_version_for_ledger().await,
-        weights_sha256: None,
-    };
+/// The ledger row of one request, from authentication to commit. See the module docs.
+pub struct Row {
+    ledger: Ledger,
+    event: Option<UsageEvent>,
+    watch: Option<MeterWatch>,
+    request_body: Bytes,
+    started: Instant,
+    /// Longest a dropped request's row waits for its work to end before it is written with the
+    /// usage seen so far.
+    close_wait: Duration,
+    _pending: PendingRow,
+}
 
-    let (parts, body) = req.into_parts();
-    let limit = state.config.server.body_limit_bytes;
-    let (request_bytes, response) = match read_limited(body, limit).await {
-        Ok(bytes) => {
-            event.request_sha256 = Sha256::digest(&bytes).into();
-            let req = Request::from_parts(parts, Body::from(bytes.clone()));
-            let mut guard = RowGuard::new(state.ledger.clone(), event, started);
-            let response = inner(req).await;
-            event = guard.disarm();
-            (bytes, response)
+impl Row {
+    /// Opens the row of `ctx`'s request and its meter. `req` gives the route and method.
+    pub fn open(
+        state: &AppState,
+        ctx: &ClientCtx,
+        req: &Request,
+    ) -> impl std::future::Future<Output = (Row, Meter)> + Send + 'static {
+        let endpoint = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| req.uri().path().to_string());
+        let method = req.method().as_str().to_string();
+        let (state, ctx) = (state.clone(), ctx.clone());
+        async move { Self::open_with(&state, &ctx, endpoint, method).await }
+    }
+
+    async fn open_with(
+        state: &AppState,
+        ctx: &ClientCtx,
+        endpoint: String,
+        method: String,
+    ) -> (Row, Meter) {
+        let request_id =
+            current_request_id().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let event = UsageEvent {
+            request_id,
+            ts: to_db_precision(Utc::now()),
+            client_id: ctx.client_id,
+            key_id: ctx.key_id,
+            method,
+            endpoint: clean(&endpoint),
+            model: None,
+            status: STATUS_CLIENT_CLOSED,
+            error_code: None,
+            prompt_tokens: 0,
+            scored_tokens: 0,
+            generated_tokens: 0,
+            judgments: 0,
+            top_k: None,
+            latency_ms: 0.0,
+            request_sha256: Sha256::digest(b"").into(),
+            response_sha256: Sha256::digest(b"").into(),
+            tos_version: state.tos.current_version_for_ledger().await,
+            weights_sha256: None,
+            refusals: 0,
+        };
+        let (meter, watch) = Meter::open(ctx.clone(), state.limits.clone());
+        let row = Row {
+            ledger: state.ledger.clone(),
+            event: Some(event),
+            watch: Some(watch),
+            request_body: Bytes::new(),
+            started: Instant::now(),
+            close_wait: Duration::from_secs(state.config.server.request_timeout_secs),
+            _pending: state.ledger.pending_row(),
+        };
+        (row, meter)
+    }
+
+    pub fn request_id(&self) -> &str {
+        self.event.as_ref().map_or("", |e| e.request_id.as_str())
+    }
+
+    /// The request body as read: its hash goes into the row (the bytes too, with
+    /// `ledger.store_bodies`).
+    pub fn set_request_body(&mut self, bytes: &Bytes) {
+        if let Some(e) = self.event.as_mut() {
+            e.request_sha256 = Sha256::digest(bytes).into();
         }
-        Err(too_large) => {
-            event.request_sha256 = Sha256::digest(b"").into();
-            let e = if too_large {
-                ApiError::PayloadTooLarge {
-                    message: "request body is over the size limit".into(),
-                    code: Some("body_too_large"),
-                }
-            } else {
-                ApiError::bad_request("could not read the request body")
+        if self.ledger.stores_bodies() {
+            self.request_body = bytes.clone();
+        }
+    }
+
+    fn take(&mut self) -> (UsageEvent, MeterWatch) {
+        (
+            self.event.take().expect("row taken twice"),
+            self.watch.take().expect("row taken twice"),
+        )
+    }
+
+    /// The request was refused by an admission check before its handler ran. Refusal rows are
+    /// bounded per client; see the module docs.
+    pub async fn refuse(mut self, err: ApiError) -> Response {
+        let (mut event, watch) = self.take();
+        drop(watch); // nothing was reserved or produced
+        event.status = err.status().as_u16() as i16;
+        event.error_code = err.code().map(clean);
+        event.latency_ms = ms(self.started);
+        let (parts, body) = err.into_response().into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
+        event.response_sha256 = Sha256::digest(&bytes).into();
+        match self.ledger.record_refusal(event).await {
+            Ok(()) => Response::from_parts(parts, Body::from(bytes)),
+            Err(err) => refusal(err),
+        }
+    }
+
+    /// The handler's response: buffered (row committed before it leaves) or streamed (final
+    /// chunk held until the row is committed). See the module docs.
+    pub async fn finish(mut self, response: Response) -> Response {
+        let (mut parts, body) = response.into_parts();
+        let streamed =
+            parts.extensions.remove::<StreamedBody>().is_some() || is_sse(&parts.headers);
+        if streamed {
+            if let Some(e) = self.event.as_mut() {
+                e.status = parts.status.as_u16() as i16;
+            }
+            let sse = is_sse(&parts.headers);
+            let stream = StreamRow {
+                request_id: self.request_id().to_string(),
+                row: self,
+                hasher: Sha256::new(),
+                sse,
             };
-            (Bytes::new(), e.into_response())
+            return Response::from_parts(parts, stream.into_body(body));
         }
-    };
 
-    let (parts, body) = response.into_parts();
-    event.status = parts.status.as_u16() as i16;
-    if let Some(usage) = parts.extensions.get::<Usage>() {
-        apply_usage(&mut event, usage);
-    }
-
-    let streamed = parts.extensions.get::<StreamedBody>().is_some() || is_sse(&parts.headers);
-    if streamed {
-        if !state.ledger.is_healthy() {
-            return ApiError::LedgerUnavailable.into_response();
+        let (mut event, watch) = self.take();
+        event.status = parts.status.as_u16() as i16;
+        let response_bytes = match axum::body::to_bytes(body, usize::MAX).await {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::error!(error = %err, "response body failed");
+                event.status = 500;
+                Bytes::new()
+            }
+        };
+        let mut closed = watch.closed().await;
+        apply(&mut event, &closed.usage);
+        event.response_sha256 = Sha256::digest(&response_bytes).into();
+        if event.status >= 400 {
+            event.error_code =
+                serde_json::from_slice::<crate::error::ErrorEnvelope>(&response_bytes)
+                    .ok()
+                    .and_then(|e| e.error.code)
+                    .map(|c| clean(&c));
         }
-        let sse = is_sse(&parts.headers);
-        let body = stream_through_ledger(state.ledger.clone(), event, started, body, sse);
-        return Response::from_parts(parts, body);
-    }
-
-    let response_bytes = match axum::body::to_bytes(body, usize::MAX).await {
-        Ok(b) => b,
-        Err(err) => {
-            tracing::error!(error = %err, "response body failed");
-            event.status = 500;
-            Bytes::new()
+        event.latency_ms = ms(self.started);
+        let bodies = (self.ledger.stores_bodies() && !closed.sensitive).then(|| Bodies {
+            request: std::mem::take(&mut self.request_body),
+            response: response_bytes.clone(),
+        });
+        match self.ledger.record(event, bodies).await {
+            Ok(_) => {
+                closed.settle().await;
+                Response::from_parts(parts, Body::from(response_bytes))
+            }
+            Err(err) => {
+                closed.refund().await;
+                refusal(err)
+            }
         }
-    };
-    event.response_sha256 = Sha256::digest(&response_bytes).into();
-    if event.status >= 400 {
-        event.error_code = serde_json::from_slice::<ErrorEnvelope>(&response_bytes)
-            .ok()
-            .and_then(|e| e.error.code)
-            .map(|c| clean(&c));
-    }
-    event.latency_ms = started.elapsed().as_secs_f64() * 1e3;
-    let bodies = state.ledger.stores_bodies().then(|| Bodies {
-        request: request_bytes,
-        response: response_bytes.clone(),
-    });
-    match state.ledger.record(event, bodies).await {
-        Ok(_) => Response::from_parts(parts, Body::from(response_bytes)),
-        Err(err) => refusal(err),
     }
 }
 
-/// The whole body, or `Err(true)` when it is over `limit` bytes, `Err(false)` when it failed.
-async fn read_limited(body: Body, limit: usize) -> Result<Bytes, bool> {
-    let mut stream = body.into_data_stream();
-    let mut buf = bytes::BytesMut::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| false)?;
-        if buf.len() + chunk.len() > limit {
-            return Err(true);
-        }
-        buf.extend_from_slice(&chunk);
+impl Row {
+    /// The response is leaving without this row (the request timed out): write the row with
+    /// `status` and `code` once the request's meter closes, i.e. once the work that was running
+    /// has ended, so it records (and the client pays) exactly what was produced.
+    pub fn abandon(mut self, status: i16, code: &str) {
+        self.detach(status, code);
     }
-    Ok(buf.freeze())
+
+    fn detach(&mut self, status: i16, code: &str) {
+        let (Some(mut event), Some(watch)) = (self.event.take(), self.watch.take()) else {
+            return;
+        };
+        let ledger = self.ledger.clone();
+        let pending = ledger.pending_row();
+        let (started, wait) = (self.started, self.close_wait);
+        let code = code.to_string();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let _pending = pending;
+            let snapshot = watch.snapshot();
+            let closed = tokio::time::timeout(wait, watch.closed()).await;
+            let (usage, closed) = match closed {
+                Ok(c) => (c.usage.clone(), Some(c)),
+                Err(_) => (snapshot.unwrap_or_default(), None),
+            };
+            apply(&mut event, &usage);
+            event.status = status;
+            event.error_code = Some(code);
+            event.latency_ms = ms(started);
+            if let Err(e) = ledger.record(event, None).await {
+                tracing::warn!(error = %e, "could not record an abandoned request");
+            }
+            // Work that ran is paid for even though its response did not complete.
+            if let Some(mut c) = closed {
+                c.settle().await;
+            }
+        });
+    }
 }
 
+impl Drop for Row {
+    fn drop(&mut self) {
+        // The client went away (or the connection was cut) before the response was complete.
+        self.detach(STATUS_CLIENT_CLOSED, "client_closed_request");
+    }
+}
+
+fn ms(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1e3
+}
+
+/// What a failed commit becomes on the wire.
 fn refusal(err: LedgerError) -> Response {
     match err {
         LedgerError::DuplicateRequestId(id) => ApiError::BadRequest {
@@ -238,7 +298,7 @@ fn refusal(err: LedgerError) -> Response {
     }
 }
 
-fn apply_usage(event: &mut UsageEvent, usage: &Usage) {
+fn apply(event: &mut UsageEvent, usage: &Usage) {
     event.model = usage.model.as_deref().map(clean);
     event.prompt_tokens = usage.prompt_tokens as i64;
     event.scored_tokens = usage.scored_tokens as i64;
@@ -255,129 +315,99 @@ fn is_sse(headers: &axum::http::HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
-/// Writes the row (status 499, hash of what was produced) if the request or its stream is
-/// dropped before it completes.
-struct RowGuard {
-    ledger: Ledger,
-    event: Option<UsageEvent>,
-    hasher: Sha256,
-    started: Instant,
-}
-
-impl RowGuard {
-    fn new(ledger: Ledger, event: UsageEvent, started: Instant) -> Self {
-        Self {
-            ledger,
-            event: Some(event),
-            hasher: Sha256::new(),
-            started,
-        }
-    }
-
-    fn disarm(&mut self) -> UsageEvent {
-        self.event.take().expect("guard disarmed twice")
-    }
-}
-
-impl Drop for RowGuard {
-    fn drop(&mut self) {
-        let Some(mut event) = self.event.take() else {
-            return;
-        };
-        event.status = STATUS_CLIENT_CLOSED;
-        event.error_code = Some("client_closed_request".into());
-        event.response_sha256 = std::mem::take(&mut self.hasher).finalize().into();
-        event.latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
-        let ledger = self.ledger.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = ledger.record(event, None).await {
-                    tracing::warn!(error = %e, "could not record a cancelled request");
-                }
-            });
-        }
-    }
-}
-
-struct StreamState {
-    inner: axum::body::BodyDataStream,
-    guard: RowGuard,
-    held: Option<Bytes>,
-    sse: bool,
-    finished: bool,
+/// A streamed response on its way out: hashes every byte, holds the last chunk, commits the row
+/// at the end. Dropped early (client gone), its [`Row`] writes the 499 row.
+struct StreamRow {
     request_id: String,
+    row: Row,
+    hasher: Sha256,
+    sse: bool,
 }
 
-fn stream_through_ledger(
-    ledger: Ledger,
-    event: UsageEvent,
-    started: Instant,
-    body: Body,
-    sse: bool,
-) -> Body {
-    let request_id = event.request_id.clone();
-    let state = StreamState {
-        inner: body.into_data_stream(),
-        guard: RowGuard::new(ledger, event, started),
-        held: None,
-        sse,
-        finished: false,
-        request_id,
-    };
-    let stream = futures::stream::unfold(state, |mut st| async move {
-        if st.finished {
-            return None;
-        }
-        loop {
-            match st.inner.next().await {
-                Some(Ok(chunk)) => {
-                    st.guard.hasher.update(&chunk);
-                    if let Some(prev) = st.held.replace(chunk) {
-                        return Some((Ok(prev), st));
-                    }
+impl StreamRow {
+    fn into_body(self, body: Body) -> Body {
+        let state = (self, body.into_data_stream(), None::<Bytes>, false);
+        let stream =
+            futures::stream::unfold(state, |(mut st, mut inner, mut held, done)| async move {
+                if done {
+                    return None;
                 }
-                Some(Err(err)) => {
-                    // The producer failed mid-stream: record it as a server error.
-                    let mut event = st.guard.disarm();
-                    event.status = 500;
-                    event.error_code = Some("stream_error".into());
-                    event.response_sha256 = std::mem::take(&mut st.guard.hasher).finalize().into();
-                    event.latency_ms = started_ms(&st.guard);
-                    let _ = st.guard.ledger.record(event, None).await;
-                    st.finished = true;
-                    return Some((Err(err), st));
-                }
-                None => {
-                    let mut event = st.guard.disarm();
-                    event.response_sha256 = std::mem::take(&mut st.guard.hasher).finalize().into();
-                    event.latency_ms = started_ms(&st.guard);
-                    st.finished = true;
-                    return match st.guard.ledger.record(event, None).await {
-                        Ok(_) => st.held.take().map(|last| (Ok(last), st)),
-                        Err(err) => {
-                            tracing::warn!(error = %err, "ledger commit failed at the end of a stream");
-                            if st.sse {
-                                let envelope = ApiError::LedgerUnavailable
-                                    .envelope(Some(st.request_id.clone()));
-                                let json = serde_json::to_string(&envelope).unwrap_or_default();
-                                Some((Ok(Bytes::from(format!("data: {json}\n\n"))), st))
-                            } else {
-                                Some((
-                                    Err(axum::Error::new(std::io::Error::other(
-                                        "ledger unavailable",
-                                    ))),
-                                    st,
-                                ))
+                loop {
+                    match inner.next().await {
+                        Some(Ok(chunk)) => {
+                            st.hasher.update(&chunk);
+                            if let Some(prev) = held.replace(chunk) {
+                                return Some((Ok(prev), (st, inner, held, false)));
                             }
                         }
-                    };
+                        Some(Err(err)) => {
+                            // The body failed mid-stream: a server error.
+                            let _ = st.commit(Some(500)).await;
+                            return Some((Err(err), (st, inner, None, true)));
+                        }
+                        None => {
+                            let last = match st.commit(None).await {
+                                Ok(()) => held.take().map(Ok),
+                                Err(()) if st.sse => {
+                                    let envelope = ApiError::LedgerUnavailable
+                                        .envelope(Some(st.request_id.clone()));
+                                    let json =
+                                        serde_json::to_string(&envelope).unwrap_or_default();
+                                    Some(Ok(Bytes::from(format!("data: {json}\n\n"))))
+                                }
+                                Err(()) => Some(Err(axum::Error::new(std::io::Error::other(
+                                    "ledger unavailable",
+                                )))),
+                            };
+                            return last.map(|item| (item, (st, inner, None, true)));
+                        }
+                    }
                 }
+            });
+        Body::from_stream(stream)
+    }
+
+    /// Commits the row of a stream that ended (or failed with `failed` status).
+    async fn commit(&mut self, failed: Option<u16>) -> Result<(), ()> {
+        let (mut event, watch) = self.row.take();
+        let mut closed: Closed = watch.closed().await;
+        apply(&mut event, &closed.usage);
+        match (&closed.outcome, failed) {
+            (_, Some(status)) => {
+                event.status = status as i16;
+                event.error_code = Some("stream_error".into());
+            }
+            (Outcome::Failed { status, code }, None) => {
+                event.status = *status as i16;
+                event.error_code = code.as_deref().map(clean);
+            }
+            (Outcome::Unknown, None) if self.sse => {
+                // An event stream whose producer vanished without finishing (e.g. panicked).
+                event.status = 500;
+                event.error_code = Some("stream_error".into());
+            }
+            _ => {}
+        }
+        event.response_sha256 = std::mem::take(&mut self.hasher).finalize().into();
+        event.latency_ms = ms(self.row.started);
+        match self.row.ledger.record(event, None).await {
+            Ok(_) => {
+                closed.settle().await;
+                Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "ledger commit failed at the end of a stream");
+                // The stream's output (all but its end) was delivered: it is paid for.
+                closed.settle().await;
+                Err(())
             }
         }
-    });
-    Body::from_stream(stream)
+    }
 }
 
-fn started_ms(guard: &RowGuard) -> f64 {
-    guard.started.elapsed().as_secs_f64() * 1e3
+/// Runs `next` under a ledger row for an already authenticated `ctx` (admin-style: no limits).
+/// Used by gates outside [`crate::http::gate`] (e.g. a console session) so that their requests
+/// are recorded like every other.
+pub async fn record_usage(state: &AppState, ctx: &ClientCtx, req: Request, next: Next) -> Response {
+    crate::http::gate::run_admitted(state, ctx, req, next).await
 }

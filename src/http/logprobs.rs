@@ -14,7 +14,8 @@ use super::common::{self, f, Message};
 use crate::auth::ClientCtx;
 use crate::engine::{ScoreResult, Teacher};
 use crate::error::{ApiError, ErrorEnvelope, Json};
-use crate::usage::Usage;
+use crate::usage::Meter;
+use super::gate;
 use crate::AppState;
 
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
@@ -101,7 +102,7 @@ impl TeacherStamp {
 
 /// Resolve the one input of a request into token ids.
 pub async fn resolve_input(
-    teacher: &Teacher,
+    teacher: &Arc<Teacher>,
     token_ids: Option<Vec<u32>>,
     prompt: Option<String>,
     messages: Option<Vec<Message>>,
@@ -120,7 +121,7 @@ pub async fn resolve_input(
         teacher.check_ids(&ids, "token_ids")?;
         ids
     } else if let Some(prompt) = prompt {
-        teacher.tokenize(&prompt, add_special_tokens)?
+        teacher.tokenize_async(prompt, add_special_tokens).await?
     } else {
         let messages = common::convert_messages(&messages.unwrap_or_default())?;
         teacher.tokenize_chat(&messages, false).await?
@@ -153,10 +154,12 @@ pub async fn resolve_input(
 pub async fn logprobs(
     State(state): State<AppState>,
     ctx: ClientCtx,
+    meter: Meter,
     headers: HeaderMap,
     Json(req): Json<LogprobsRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
+    meter.serve(&teacher);
     let top_k = req.top_k.unwrap_or(20);
     common::validate_top_k(&teacher, top_k, "top_k")?;
     let temperature = req.temperature.unwrap_or(1.0);
@@ -176,19 +179,20 @@ pub async fn logprobs(
         ));
     }
     let score_from = req.score_from.unwrap_or(1);
+    meter.record(|u| u.top_k = Some(top_k as u32));
     // A logprobs call costs its prompt tokens.
-    let reservation = state.limits.reserve_tokens(&ctx, ids.len() as u64).await?;
-    let result = teacher.score(&ids, score_from, top_k, temperature).await?;
-    reservation.settle(ids.len() as u64).await;
-
-    let usage = Usage {
-        model: Some(teacher.info.id.clone()),
-        prompt_tokens: ids.len() as u64,
-        scored_tokens: result.rows.len() as u64,
-        top_k: Some(top_k as u32),
-        weights_sha256: Some(teacher.info.weights_sha256.clone()),
-        ..Default::default()
-    };
+    meter.reserve(ids.len() as u64).await?;
+    // A started pass runs to its end and is paid for, even if the client leaves meanwhile.
+    let (t, seq) = (teacher.clone(), ids.clone());
+    let result = gate::detached(&meter, move |m| async move {
+        let result = t.score(&seq, score_from, top_k, temperature).await?;
+        m.record(|u| {
+            u.prompt_tokens += seq.len() as u64;
+            u.scored_tokens += result.rows.len() as u64;
+        });
+        Ok(result)
+    })
+    .await?;
     let body = build_response(&teacher, ids, score_from, top_k, temperature, result);
     let wants_arrow = headers
         .get(header::ACCEPT)
@@ -204,7 +208,7 @@ pub async fn logprobs(
     } else {
         Json(body).into_response()
     };
-    Ok(common::stamp(response, &teacher, usage))
+    Ok(common::provenance(response, &teacher))
 }
 
 fn build_response(

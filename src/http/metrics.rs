@@ -12,46 +12,32 @@ use parking_lot::Mutex;
 
 use crate::AppState;
 
-/// Request counters, keyed by (normalised path, status).
+/// Request counters, keyed by (route template, status). Route templates come from the router
+/// (`/admin/clients/{id}`), and every path no route matched is counted as `unmatched`, so the
+/// label set is bounded by the routes and statuses that exist, whatever clients send.
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), (u64, f64)>>,
 }
 
 impl Metrics {
-    pub fn observe(&self, path: &str, status: u16, elapsed: Duration) {
+    pub fn observe(&self, route: &str, status: u16, elapsed: Duration) {
         let mut map = self.requests.lock();
-        let entry = map.entry((normalise(path), status)).or_default();
-        entry.0 += 1;
-        entry.1 += elapsed.as_secs_f64();
-    }
-}
-
-/// Ids in paths (`/admin/clients/<uuid>`) become `{id}` so the label set stays bounded;
-/// unknown paths collapse into one label.
-fn normalise(path: &str) -> String {
-    const KNOWN: &[&str] = &[
-        "/v1/",
-        "/admin/",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/openapi.json",
-        "/docs",
-    ];
-    if !KNOWN.iter().any(|k| path.starts_with(k)) {
-        return "other".into();
-    }
-    path.split('/')
-        .map(|seg| {
-            if uuid::Uuid::parse_str(seg).is_ok() {
-                "{id}"
-            } else {
-                seg
+        match map.get_mut(&(route.to_string(), status)) {
+            Some(entry) => {
+                entry.0 += 1;
+                entry.1 += elapsed.as_secs_f64();
             }
-        })
-        .collect::<Vec<_>>()
-        .join("/")
+            None => {
+                map.insert((route.to_string(), status), (1, elapsed.as_secs_f64()));
+            }
+        }
+    }
+
+    /// Label sets held (to check they stay bounded).
+    pub fn series(&self) -> usize {
+        self.requests.lock().len()
+    }
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -62,7 +48,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for ((path, status), (n, _)) in &requests {
         let _ = writeln!(
             out,
-            "teachd_requests_total{{path=\"{path}\",status=\"{status}\"}} {n}"
+            "teachd_requests_total{{route=\"{path}\",status=\"{status}\"}} {n}"
         );
     }
     out.push_str("# HELP teachd_request_duration_seconds_sum Time to the response head, summed.\n");
@@ -70,7 +56,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for ((path, status), (_, secs)) in &requests {
         let _ = writeln!(
             out,
-            "teachd_request_duration_seconds_sum{{path=\"{path}\",status=\"{status}\"}} {secs}"
+            "teachd_request_duration_seconds_sum{{route=\"{path}\",status=\"{status}\"}} {secs}"
         );
     }
     out.push_str("# HELP teachd_engine_queue_depth Requests waiting for a model's engine.\n");
@@ -90,20 +76,11 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "teachd_ledger_healthy {}",
         u8::from(state.ledger.is_healthy())
     );
+    out.push_str("# HELP teachd_database_up 0 while database-bound requests fail fast (503).\n");
+    out.push_str("# TYPE teachd_database_up gauge\n");
+    let _ = writeln!(out, "teachd_database_up {}", u8::from(!state.db_health.is_down()));
+    out.push_str("# HELP teachd_ledger_pending_rows Rows not yet handed to the ledger writer.\n");
+    out.push_str("# TYPE teachd_ledger_pending_rows gauge\n");
+    let _ = writeln!(out, "teachd_ledger_pending_rows {}", state.ledger.pending_rows());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::normalise;
-
-    #[test]
-    fn ids_and_unknown_paths_do_not_grow_the_label_set() {
-        assert_eq!(
-            normalise("/admin/clients/6f1c2c1e-8a49-4a57-9a3e-1f0f4a2b8c11/keys"),
-            "/admin/clients/{id}/keys"
-        );
-        assert_eq!(normalise("/wp-login.php"), "other");
-        assert_eq!(normalise("/v1/logprobs"), "/v1/logprobs");
-    }
 }

@@ -19,18 +19,17 @@ pub mod ledger_layer;
 pub mod logprobs;
 pub mod metrics;
 pub mod models;
+pub mod sse;
 mod tokenize;
 pub mod tos;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::{self, from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use tokio::sync::Semaphore;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -104,15 +103,6 @@ fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(admin_routes(state))
 }
 
-/// The ToS, usage and audit routes without any gate (the ledger tests wrap them in their own).
-pub fn ledger_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .merge(tos::routes())
-        .merge(tos::admin_routes())
-        .merge(admin::usage::routes())
-        .merge(admin::audit::routes())
-}
-
 /// The OpenAPI document, as `teachd openapi` prints it and `/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut spec = api_routes(None).split_for_parts().1;
@@ -175,18 +165,20 @@ pub fn router(state: AppState) -> Router {
     document_layer_errors(&mut spec);
     let spec = Arc::new(spec);
     let spec_json = serde_json::to_string_pretty(&*spec).unwrap_or_default();
-    let in_flight = Arc::new(Semaphore::new(state.config.server.max_in_flight));
-    let timeout = Duration::from_secs(state.config.server.request_timeout_secs);
     Router::new()
         .merge(api)
-        .merge(health::routes())
+        .merge(health::routes(&state))
         .route(
             "/openapi.json",
             axum::routing::get(move || async move {
                 ([("content-type", "application/json")], spec_json)
             }),
         )
-        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", (*spec).clone()))
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", (*spec).clone()),
+        )
+        // Every matched route labels its metrics with its template (never the raw path).
+        .route_layer(middleware::from_fn(label_route))
         .fallback(|| async { ApiError::not_found("no such route") })
         // 405 with the envelope; axum adds the `Allow` header.
         .method_not_allowed_fallback(|| async {
@@ -199,10 +191,14 @@ pub fn router(state: AppState) -> Router {
                 },
             )
         })
+        // Bodies are read (bounded in size and time) by the gate; this bounds the extractors
+        // of the open routes too.
         .layer(DefaultBodyLimit::max(state.config.server.body_limit_bytes))
-        .layer(middleware::from_fn_with_state(
-            (in_flight, timeout),
-            admission,
+        // A panic anywhere outside the gate (which records its own) is still a 500 envelope.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::Internal(anyhow::anyhow!("panic outside a handler")).into_response()
+            },
         ))
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
@@ -215,29 +211,28 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Global load shedding and the per-request timeout (the handler, not a stream's body).
-async fn admission(
-    State((in_flight, timeout)): State<(Arc<Semaphore>, Duration)>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let Ok(_permit) = in_flight.try_acquire() else {
-        return ApiError::Overloaded("too many requests in flight; retry shortly".into())
-            .into_response();
-    };
-    match tokio::time::timeout(timeout, next.run(req)).await {
-        Ok(resp) => resp,
-        Err(_) => ApiError::Overloaded(format!(
-            "the request did not finish within {} s",
-            timeout.as_secs()
-        ))
-        .into_response(),
-    }
-}
-
 /// The id of the request, echoed from the caller when valid.
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
+
+/// Present when the caller chose the request id (`x-request-id`): the gate then checks that the
+/// client has not used it before.
+#[derive(Clone, Debug)]
+pub struct CallerRequestId(pub String);
+
+/// The route template a request matched, filled in by [`label_route`] for the metrics.
+#[derive(Clone, Default)]
+struct RouteLabel(Arc<std::sync::OnceLock<String>>);
+
+async fn label_route(req: Request, next: Next) -> Response {
+    if let (Some(label), Some(path)) = (
+        req.extensions().get::<RouteLabel>(),
+        req.extensions().get::<axum::extract::MatchedPath>(),
+    ) {
+        let _ = label.0.set(path.as_str().to_string());
+    }
+    next.run(req).await
+}
 
 fn valid_request_id(v: &str) -> bool {
     !v.is_empty()
@@ -247,23 +242,30 @@ fn valid_request_id(v: &str) -> bool {
 }
 
 /// Echo a valid caller `x-request-id`, else mint a UUID; every response carries it, and errors
-/// built below see it through the task-local.
+/// built below see it through the task-local. Counts the request in the metrics under its route
+/// template (`unmatched` for any path no route matched, so the label set stays bounded).
 async fn request_id(
     State(metrics): State<Arc<metrics::Metrics>>,
     mut req: Request,
     next: Next,
 ) -> Response {
     let started = std::time::Instant::now();
-    let path = req.uri().path().to_string();
-    let id = req
+    let caller = req
         .headers()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| valid_request_id(v))
-        .map(str::to_string)
+        .map(str::to_string);
+    let id = caller
+        .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    if let Some(caller) = caller {
+        req.extensions_mut().insert(CallerRequestId(caller));
+    }
+    let label = RouteLabel::default();
+    req.extensions_mut().insert(label.clone());
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path(), client_id = tracing::field::Empty);
     let mut resp = REQUEST_ID
         .scope(
             id.clone(),
@@ -274,6 +276,7 @@ async fn request_id(
         resp.headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
-    metrics.observe(&path, resp.status().as_u16(), started.elapsed());
+    let route = label.0.get().map_or("unmatched", String::as_str);
+    metrics.observe(route, resp.status().as_u16(), started.elapsed());
     resp
 }

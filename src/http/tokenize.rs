@@ -10,6 +10,7 @@ use super::common::{self, Message};
 use super::logprobs::resolve_input;
 use crate::auth::ClientCtx;
 use crate::error::{ApiError, ErrorEnvelope, Json};
+use crate::usage::Meter;
 use crate::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -68,9 +69,11 @@ pub struct DetokenizeResponse {
 pub async fn tokenize(
     State(state): State<AppState>,
     ctx: ClientCtx,
+    meter: Meter,
     Json(req): Json<TokenizeRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
+    meter.serve(&teacher);
     let ids = match (req.prompt, req.messages) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(ApiError::bad_request(
@@ -78,7 +81,9 @@ pub async fn tokenize(
             ))
         }
         (Some(prompt), None) => {
-            teacher.tokenize(&prompt, req.add_special_tokens.unwrap_or(true))?
+            teacher
+                .tokenize_async(prompt, req.add_special_tokens.unwrap_or(true))
+                .await?
         }
         (None, Some(messages)) if req.add_generation_prompt.unwrap_or(false) => {
             let messages = common::convert_messages(&messages)?;
@@ -86,19 +91,29 @@ pub async fn tokenize(
         }
         (None, Some(messages)) => resolve_input(&teacher, None, None, Some(messages), true).await?,
     };
-    let tokens = ids.iter().map(|&id| teacher.token_str(id)).collect();
-    let response = Json(TokenizeResponse {
-        count: ids.len(),
-        token_ids: ids,
-        tokens,
-        max_model_len: teacher.info.context_length,
+    // A 4 MiB prompt is a million tokens: build the answer off the async workers too.
+    let t = teacher.clone();
+    let body = tokio::task::spawn_blocking(move || {
+        let tokens = ids.iter().map(|&id| t.token_str(id)).collect();
+        serde_json::to_vec(&TokenizeResponse {
+            count: ids.len(),
+            token_ids: ids,
+            tokens,
+            max_model_len: t.info.context_length,
+        })
     })
-    .into_response();
-    Ok(common::stamp(
-        response,
-        &teacher,
-        common::usage_of(&teacher),
-    ))
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?
+    .map_err(|e| ApiError::Internal(e.into()))?;
+    let response = (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response();
+    Ok(common::provenance(response, &teacher))
 }
 
 /// Decode token ids to text.
@@ -110,14 +125,15 @@ pub async fn tokenize(
 pub async fn detokenize(
     State(state): State<AppState>,
     ctx: ClientCtx,
+    meter: Meter,
     Json(req): Json<DetokenizeRequest>,
 ) -> Result<Response, ApiError> {
     let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
-    let text = teacher.detokenize(&req.token_ids)?;
+    meter.serve(&teacher);
+    let t = teacher.clone();
+    let text = tokio::task::spawn_blocking(move || t.detokenize(&req.token_ids))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))??;
     let response = Json(DetokenizeResponse { text }).into_response();
-    Ok(common::stamp(
-        response,
-        &teacher,
-        common::usage_of(&teacher),
-    ))
+    Ok(common::provenance(response, &teacher))
 }

@@ -12,7 +12,7 @@ use super::common;
 use crate::auth::ClientCtx;
 use crate::engine::ModelInfo;
 use crate::error::{ApiError, ErrorEnvelope, Json, Result};
-use crate::tos::{self, Acceptance, TosError, TosStore, TosVersion};
+use crate::tos::{self, Acceptance, TosStore, TosVersion};
 use crate::AppState;
 
 /// `GET /v1/tos`, `POST /v1/tos/accept` (scope `teacher`; not behind the ToS check itself).
@@ -25,31 +25,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// `POST /admin/tos` (scope `admin`).
 pub fn admin_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(publish_tos))
-}
-
-impl From<TosError> for ApiError {
-    fn from(e: TosError) -> Self {
-        match e {
-            TosError::VersionExists(_) => ApiError::BadRequest {
-                message: e.to_string(),
-                param: Some("version".into()),
-                code: Some("tos_version_exists"),
-            },
-            TosError::NotCurrent { .. } => ApiError::BadRequest {
-                message: e.to_string(),
-                param: Some("version".into()),
-                code: Some("tos_version_not_current"),
-            },
-            TosError::NothingPublished => ApiError::not_found(e.to_string()),
-            // The ToS tables are part of the ledger's evidence: when they cannot be read the
-            // service fails closed exactly like the ledger.
-            TosError::Timeout => ApiError::LedgerUnavailable,
-            TosError::Db(err) => {
-                tracing::warn!(error = %err, "ToS storage failed");
-                ApiError::LedgerUnavailable
-            }
-        }
-    }
 }
 
 /// Refuse a teacher request unless the client accepted the current ToS and the model's licence
@@ -147,18 +122,9 @@ async fn accept_tos(
     ctx: ClientCtx,
     Json(req): Json<AcceptRequest>,
 ) -> Result<Json<Acceptance>> {
-    for (param, value) in [
-        ("purpose", &req.purpose),
-        ("student_model", &req.student_model),
-    ] {
-        if value.trim().is_empty() {
-            return Err(ApiError::bad_param(
-                param,
-                format!("`{param}` must not be empty"),
-            ));
-        }
-        common::no_nul(param, value)?;
-    }
+    common::stored_text("purpose", &req.purpose, 2000)?;
+    common::stored_text("student_model", &req.student_model, 200)?;
+    common::stored_text("version", &req.version, 100)?;
     let acceptance = state
         .tos
         .accept(
@@ -195,17 +161,8 @@ async fn publish_tos(
     _ctx: ClientCtx,
     Json(req): Json<PublishRequest>,
 ) -> Result<(StatusCode, Json<TosVersion>)> {
-    if req.version.trim().is_empty() {
-        return Err(ApiError::bad_param(
-            "version",
-            "`version` must not be empty",
-        ));
-    }
-    if req.text.trim().is_empty() {
-        return Err(ApiError::bad_param("text", "`text` must not be empty"));
-    }
-    common::no_nul("version", &req.version)?;
-    common::no_nul("text", &req.text)?;
+    common::stored_text("version", &req.version, 100)?;
+    common::stored_text("text", &req.text, 1_000_000)?;
     let v = state.tos.publish(&req.version, &req.text).await?;
     Ok((StatusCode::CREATED, Json(v)))
 }

@@ -42,6 +42,9 @@ pub struct UsageEvent {
     pub response_sha256: [u8; 32],
     pub tos_version: Option<String>,
     pub weights_sha256: Option<String>,
+    /// For an aggregated refusal row: how many refusals of this client it stands for (the
+    /// refusals past `ledger.max_refusal_rows_per_minute` in its minute). 0 for any other row.
+    pub refusals: i64,
 }
 
 /// A committed row: the event plus its place in the chain.
@@ -109,6 +112,12 @@ pub fn encode(id: i64, e: &UsageEvent) -> Vec<u8> {
     w.0.extend_from_slice(&e.response_sha256);
     w.opt_str(e.tos_version.as_deref());
     w.opt_str(e.weights_sha256.as_deref());
+    // Added after the first rows were written: present only when set, so every earlier row
+    // (and every row that is not an aggregate) encodes exactly as before.
+    if e.refusals != 0 {
+        w.0.extend_from_slice(b"refusals");
+        w.i64(e.refusals);
+    }
     w.0
 }
 
@@ -221,6 +230,7 @@ mod tests {
             response_sha256: [n.wrapping_add(1); 32],
             tos_version: Some("2024-01".into()),
             weights_sha256: Some("ab".into()),
+            refusals: 0,
         }
     }
 

@@ -8,9 +8,10 @@
 
 pub mod chain;
 pub mod queries;
+pub mod refusals;
 mod writer;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,7 +62,32 @@ pub struct Ledger {
     tx: mpsc::Sender<Msg>,
     store_bodies: bool,
     healthy: Arc<AtomicBool>,
+    pool: PgPool,
+    refusals: Arc<refusals::RefusalBook>,
+    pending: Arc<Pending>,
 }
+
+/// Rows that exist (a request is being served, or its row waits for its work to end) but have
+/// not reached the writer yet. Shutdown waits for them before it drains.
+#[derive(Default)]
+struct Pending {
+    count: AtomicUsize,
+    zero: tokio::sync::Notify,
+}
+
+/// One row on its way to the writer; see [`Ledger::pending_row`].
+pub struct PendingRow(Arc<Pending>);
+
+impl Drop for PendingRow {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
+    }
+}
+
+/// How often aggregated refusal rows of past minutes are written.
+const REFUSAL_FLUSH_EVERY: Duration = Duration::from_secs(5);
 
 impl Ledger {
     /// Start the writer task. It opens its own connection (with the pool's options), so admin
@@ -71,11 +97,69 @@ impl Ledger {
         let healthy = Arc::new(AtomicBool::new(true));
         let opts = (*pool.connect_options()).clone();
         tokio::spawn(writer::run(rx, opts, cfg.clone(), healthy.clone()));
-        Ledger {
+        let ledger = Ledger {
             tx,
             store_bodies: cfg.store_bodies,
             healthy,
+            pool: pool.clone(),
+            refusals: Arc::new(refusals::RefusalBook::new(cfg.max_refusal_rows_per_minute)),
+            pending: Arc::default(),
+        };
+        // Writes the aggregates of past minutes; ends once every handle is gone.
+        let weak = Arc::downgrade(&ledger.refusals);
+        let tx = ledger.tx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFUSAL_FLUSH_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(book) = weak.upgrade() else { return };
+                for event in book.take_due(chrono::Utc::now(), false) {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = send(&tx, event, None).await {
+                            tracing::warn!(error = %e, "could not record aggregated refusals");
+                        }
+                    });
+                }
+            }
+        });
+        ledger
+    }
+
+    /// Registers a row that will be handed to [`Ledger::record`]; hold it until then.
+    pub fn pending_row(&self) -> PendingRow {
+        self.pending.count.fetch_add(1, Ordering::AcqRel);
+        PendingRow(self.pending.clone())
+    }
+
+    /// Records a refusal, within the per-client bound on refusal rows (see [`refusals`]).
+    /// Resolves at once for a refusal that is only counted.
+    pub async fn record_refusal(&self, event: UsageEvent) -> Result<(), LedgerError> {
+        match self.refusals.admit(event) {
+            refusals::Decision::Record(event) => self.record(event, None).await.map(|_| ()),
+            refusals::Decision::Counted => Ok(()),
         }
+    }
+
+    /// Whether `client` already has a row under `request_id` (a caller-chosen id reused).
+    pub async fn request_id_used(
+        &self,
+        client: uuid::Uuid,
+        request_id: &str,
+    ) -> Result<bool, LedgerError> {
+        let found: Option<(i64,)> = tokio::time::timeout(
+            Duration::from_secs(5),
+            sqlx::query_as(
+                "SELECT id FROM usage_events WHERE client_id = $1 AND request_id = $2",
+            )
+            .bind(client)
+            .bind(request_id)
+            .fetch_optional(&self.pool),
+        )
+        .await
+        .map_err(|_| LedgerError::Unavailable("timed out checking the request id".into()))?
+        .map_err(|e| LedgerError::Unavailable(e.to_string()))?;
+        Ok(found.is_some())
     }
 
     /// Whether full bodies should be handed to [`Ledger::record`].
@@ -94,28 +178,58 @@ impl Ledger {
         event: UsageEvent,
         bodies: Option<Bodies>,
     ) -> Result<i64, LedgerError> {
-        let (done, rx) = oneshot::channel();
         let bodies = if self.store_bodies { bodies } else { None };
-        self.tx
-            .send(Msg::Record {
-                event,
-                bodies,
-                done,
-            })
-            .await
-            .map_err(|_| LedgerError::Closed)?;
-        rx.await.map_err(|_| LedgerError::Closed)?
+        send(&self.tx, event, bodies).await
     }
 
-    /// Wait until every row queued so far is committed (or refused), at most `deadline`.
+    /// Wait until every row of every request (including rows still waiting for their work to
+    /// end, and this minute's aggregated refusals) is committed or refused, at most `deadline`.
     /// Called on shutdown after the server stopped taking requests. Returns false on timeout.
     pub async fn shutdown(&self, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let zero = self.pending.zero.notified();
+            if self.pending.count.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(until, zero).await.is_err() {
+                tracing::error!(
+                    rows = self.pending.count.load(Ordering::Acquire),
+                    "rows still pending at the end of the drain"
+                );
+                break;
+            }
+        }
+        let aggregates = self.refusals.take_due(chrono::Utc::now(), true);
+        let writes = aggregates.into_iter().map(|row| self.record(row, None));
+        let _ = tokio::time::timeout_at(until, futures::future::join_all(writes)).await;
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Flush(tx)).await.is_err() {
             return true;
         }
-        tokio::time::timeout(deadline, rx).await.is_ok()
+        tokio::time::timeout_at(until, rx).await.is_ok()
     }
+
+    /// Rows not yet handed to the writer (for tests and metrics).
+    pub fn pending_rows(&self) -> usize {
+        self.pending.count.load(Ordering::Acquire)
+    }
+}
+
+async fn send(
+    tx: &mpsc::Sender<Msg>,
+    event: UsageEvent,
+    bodies: Option<Bodies>,
+) -> Result<i64, LedgerError> {
+    let (done, rx) = oneshot::channel();
+    tx.send(Msg::Record {
+        event,
+        bodies,
+        done,
+    })
+    .await
+    .map_err(|_| LedgerError::Closed)?;
+    rx.await.map_err(|_| LedgerError::Closed)?
 }
 
 /// `teachd audit verify [--from --to]`: the bounds are RFC 3339 timestamps or dates.

@@ -10,7 +10,7 @@ use super::chain::{ChainedEvent, UsageEvent, Verifier, GENESIS};
 
 pub const EVENT_COLUMNS: &str = "id, request_id, ts, client_id, key_id, method, endpoint, model, \
     status, error_code, prompt_tokens, scored_tokens, generated_tokens, judgments, top_k, latency_ms, \
-    request_sha256, response_sha256, tos_version, weights_sha256, prev_hash, row_hash";
+    request_sha256, response_sha256, tos_version, weights_sha256, refusals, prev_hash, row_hash";
 
 /// Rows read per round trip when scanning (export, verify).
 pub const SCAN_CHUNK: i64 = 5_000;
@@ -115,6 +115,7 @@ struct EventRow {
     response_sha256: Vec<u8>,
     tos_version: Option<String>,
     weights_sha256: Option<String>,
+    refusals: i64,
     prev_hash: Vec<u8>,
     row_hash: Vec<u8>,
 }
@@ -151,6 +152,7 @@ impl From<EventRow> for ChainedEvent {
                 response_sha256: hash32(r.response_sha256),
                 tos_version: r.tos_version,
                 weights_sha256: r.weights_sha256,
+                refusals: r.refusals,
             },
         }
     }
@@ -248,8 +250,8 @@ pub async fn usage(
         }
     }
     let mut q = QueryBuilder::new(format!(
-        "SELECT {}, count(*)::int8 AS requests, \
-         (count(*) FILTER (WHERE status >= 400))::int8 AS errors, \
+        "SELECT {}, coalesce(sum(greatest(refusals, 1)), 0)::int8 AS requests, \
+         coalesce(sum(greatest(refusals, 1)) FILTER (WHERE status >= 400), 0)::int8 AS errors, \
          coalesce(sum(prompt_tokens), 0)::int8 AS prompt_tokens, \
          coalesce(sum(scored_tokens), 0)::int8 AS scored_tokens, \
          coalesce(sum(generated_tokens), 0)::int8 AS generated_tokens, \

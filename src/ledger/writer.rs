@@ -106,11 +106,11 @@ pub(crate) async fn run(
 
 impl Writer {
     async fn commit(&mut self, batch: Vec<Pending>) {
-        // A request id twice in one batch: the later ones are refused up front.
+        // A request id twice in one batch (of one client): the later ones are refused up front.
         let mut seen = HashSet::with_capacity(batch.len());
         let mut rows = Vec::with_capacity(batch.len());
         for p in batch {
-            if seen.insert(p.event.request_id.clone()) {
+            if seen.insert((p.event.client_id, p.event.request_id.clone())) {
                 rows.push(p);
             } else {
                 let id = p.event.request_id.clone();
@@ -165,13 +165,15 @@ impl Writer {
                 Ok(Err(sqlx::Error::Database(db)))
                     if matches!(
                         db.constraint(),
-                        Some("usage_events_request_id_key" | "usage_bodies_pkey")
+                        Some(
+                            "usage_events_client_request_id_key"
+                                | "usage_bodies_client_request_id_key"
+                        )
                     ) =>
                 {
                     // A request id already in the ledger: refuse those rows, commit the others.
                     let conn = self.conn.as_mut().expect("connected");
-                    let ids: Vec<&str> = rows.iter().map(|p| p.event.request_id.as_str()).collect();
-                    let existing = match existing_request_ids(conn, &ids).await {
+                    let existing = match existing_request_ids(conn, &rows).await {
                         Ok(e) => e,
                         Err(e) => return self.fail(rows, e.to_string()),
                     };
@@ -180,7 +182,9 @@ impl Writer {
                     }
                     let (dups, rest): (Vec<_>, Vec<_>) = rows
                         .into_iter()
-                        .partition(|p| existing.contains(&p.event.request_id));
+                        .partition(|p| {
+                            existing.contains(&(p.event.client_id, p.event.request_id.clone()))
+                        });
                     for p in dups {
                         let id = p.event.request_id.clone();
                         let _ = p.done.send(Err(LedgerError::DuplicateRequestId(id)));
@@ -255,26 +259,33 @@ async fn load_head(conn: &mut PgConnection) -> Result<(i64, [u8; 32]), sqlx::Err
     })
 }
 
+/// The `(client, request id)` pairs of `rows` that the ledger already holds.
 async fn existing_request_ids(
     conn: &mut PgConnection,
-    ids: &[&str],
-) -> Result<HashSet<String>, sqlx::Error> {
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT request_id FROM usage_events WHERE request_id = ANY($1)
-         UNION SELECT request_id FROM usage_bodies WHERE request_id = ANY($1)",
+    rows: &[Pending],
+) -> Result<HashSet<(uuid::Uuid, String)>, sqlx::Error> {
+    let clients: Vec<uuid::Uuid> = rows.iter().map(|p| p.event.client_id).collect();
+    let ids: Vec<&str> = rows.iter().map(|p| p.event.request_id.as_str()).collect();
+    let found: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "WITH q AS (SELECT * FROM UNNEST($1::uuid[], $2::text[]) AS q(client_id, request_id))
+         SELECT e.client_id, e.request_id FROM usage_events e JOIN q USING (client_id, request_id)
+         UNION SELECT b.client_id, b.request_id FROM usage_bodies b JOIN q USING (client_id, request_id)",
     )
-    .bind(ids)
+    .bind(&clients)
+    .bind(&ids)
     .fetch_all(conn)
     .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+    Ok(found.into_iter().collect())
 }
 
 const INSERT_EVENTS: &str = "INSERT INTO usage_events (id, request_id, ts, client_id, key_id, method, \
      endpoint, model, status, error_code, prompt_tokens, scored_tokens, generated_tokens, judgments, \
-     top_k, latency_ms, request_sha256, response_sha256, tos_version, weights_sha256, prev_hash, row_hash) \
+     top_k, latency_ms, request_sha256, response_sha256, tos_version, weights_sha256, prev_hash, row_hash, \
+     refusals) \
      SELECT * FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::uuid[], $5::uuid[], $6::text[], \
      $7::text[], $8::text[], $9::int2[], $10::text[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], \
-     $15::int4[], $16::float8[], $17::bytea[], $18::bytea[], $19::text[], $20::text[], $21::bytea[], $22::bytea[])";
+     $15::int4[], $16::float8[], $17::bytea[], $18::bytea[], $19::text[], $20::text[], $21::bytea[], $22::bytea[], \
+     $23::int8[])";
 
 async fn insert(
     conn: &mut PgConnection,
@@ -288,8 +299,8 @@ async fn insert(
         INSERT_EVENTS
     } else {
         sql = format!(
-            "WITH bodies AS (INSERT INTO usage_bodies (request_id, request_body, response_body) \
-             SELECT * FROM UNNEST($23::text[], $24::bytea[], $25::bytea[])) {INSERT_EVENTS}"
+            "WITH bodies AS (INSERT INTO usage_bodies (client_id, request_id, request_body, response_body) \
+             SELECT * FROM UNNEST($24::uuid[], $25::text[], $26::bytea[], $27::bytea[])) {INSERT_EVENTS}"
         );
         &sql
     };
@@ -318,10 +329,17 @@ async fn insert(
                 .collect::<Vec<_>>(),
         )
         .bind(links.iter().map(|l| &l.1[..]).collect::<Vec<_>>())
-        .bind(links.iter().map(|l| &l.2[..]).collect::<Vec<_>>());
+        .bind(links.iter().map(|l| &l.2[..]).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.refusals).collect::<Vec<_>>());
     if !with_bodies.is_empty() {
         let b = |p: &&Pending| p.bodies.clone().expect("filtered");
         q = q
+            .bind(
+                with_bodies
+                    .iter()
+                    .map(|p| p.event.client_id)
+                    .collect::<Vec<_>>(),
+            )
             .bind(
                 with_bodies
                     .iter()

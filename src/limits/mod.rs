@@ -7,34 +7,20 @@
 //! `Retry-After` otherwise). The slot is held until the response body ends. After the
 //! handler, the gate writes the rate-limit headers on the response, whatever its status.
 //!
-//! # What a /v1 handler does: reserve, run, settle
+//! # Token limits: reserve, run, settle
 //! Token limits (`tpm` and `daily_tokens`) need the cost of the request, which only the
-//! handler knows, and must be checked *before* the model runs:
-//!
-//! ```ignore
-//! async fn handler(State(state): State<AppState>, ctx: ClientCtx, Json(req): Json<Req>) -> Result<Response> {
-//!     // Logprobs: the cost is the prompt. Generation: prompt + max_tokens.
-//!     let reservation = state.limits.reserve_tokens(&ctx, prompt_len + max_tokens).await?; // 429 if not
-//!     let out = model.run(...).await?;          // an early return (`?`) refunds everything
-//!     reservation.settle(prompt_len + out.generated_tokens).await;  // refunds the unused part
-//!     let mut response = Json(body).into_response();
-//!     response.extensions_mut().insert(Usage { .. });                // for the ledger
-//!     Ok(response)
-//! }
-//! ```
+//! handler knows, and must be checked *before* the model runs. Handlers reserve through the
+//! request's [`crate::usage::Meter`] (`meter.reserve(upper_bound).await?`: 429 before any
+//! work) and record what they produce; the gate settles when the request ends.
 //!
 //! - [`Limiter::reserve_tokens`] takes `n` from the client's tpm bucket and adds `n` to its
 //!   row for today in `client_daily_usage`. Errors: 429 `rate_limit_exceeded` with
 //!   `Retry-After` (bucket short), 429 `rate_limit_exceeded` without `Retry-After` when `n`
 //!   alone is over the client's tpm burst (waiting cannot help), 429 `insufficient_quota`
 //!   (today's quota spent; `Retry-After` = next UTC midnight). `n = 0` never fails.
-//! - [`TokenReservation::settle`]`(actual)` refunds `reserved - actual` to both (or charges an
-//!   overrun). Dropping a reservation without settling refunds it all (a failed or cancelled
-//!   request costs nothing).
-//! - Streaming: move the reservation into the stream and settle after the last event.
-//! - Alternatively a non-streaming handler may put [`TokenReservation::defer`] into its
-//!   response extensions next to its `Usage`; the gate then settles with
-//!   `Usage::billable_tokens()`.
+//! - [`TokenReservation::settle`]`(actual)` refunds `reserved - actual` to both; it never
+//!   charges past the reservation. Dropped unsettled, a reservation charges what was produced
+//!   ([`TokenReservation::set_produced`]) and refunds the rest.
 //!
 //! All state here is keyed by client and evicted when idle ([`Limiter::sweep`], run every
 //! minute by [`Limiter::spawn_sweeper`]): a client with no state left is exactly a client
@@ -65,7 +51,7 @@ use quota::DailyQuota;
 use rpm::{RequestsState, RpmLimiter};
 use tokens::{TokenDenial, TokenLimiter};
 
-pub use reservation::{DeferredSettlement, TokenReservation};
+pub use reservation::TokenReservation;
 
 /// A client's effective limits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -249,6 +235,7 @@ impl<C: LimitClock> Limiter<C> {
             day,
             reserved: 0,
             in_quota: false,
+            produced: 0,
         };
         if n == 0 {
             return Ok(reservation);
@@ -290,7 +277,16 @@ impl<C: LimitClock> Limiter<C> {
             let spent = quota
                 .try_spend(ctx.client_id, day, n as i64, limit)
                 .await
-                .map_err(ApiError::Internal)?; // `reservation` drops: tpm refunded
+                .map_err(|e| {
+                    // `reservation` drops: tpm refunded. A database outage is a 503.
+                    if crate::db::is_outage_chain(&e) {
+                        ApiError::ServiceUnavailable(
+                            "the database is unavailable; retry shortly".into(),
+                        )
+                    } else {
+                        ApiError::Internal(e)
+                    }
+                })?;
             match spent {
                 Ok(_) => reservation.in_quota = true,
                 Err(exceeded) => {
@@ -381,11 +377,6 @@ impl<C: LimitClock> Limiter<C> {
             .with_bucket(client_id, tpm, now, |b| b.give_back(tokens, now));
     }
 
-    fn take_extra(&self, client_id: Uuid, tpm: u32, tokens: u64) {
-        let now = self.now_ns();
-        self.tokens
-            .with_bucket(client_id, tpm, now, |b| b.take_unchecked(tokens, now));
-    }
 }
 
 fn until_next_utc_day() -> Duration {
@@ -462,11 +453,16 @@ mod tests {
         let r = l.reserve_tokens(&c, 50).await.unwrap();
         drop(r);
         assert_eq!(l.tokens_remaining(&c), 90);
-        let d = l.reserve_tokens(&c, 50).await.unwrap().defer();
+        // Dropped unsettled, a reservation charges what was produced and refunds the rest.
+        let mut r = l.reserve_tokens(&c, 50).await.unwrap();
         assert_eq!(l.tokens_remaining(&c), 40);
-        d.take().unwrap().settle(50).await;
-        assert!(d.take().is_none());
-        assert_eq!(l.tokens_remaining(&c), 40);
+        r.set_produced(20);
+        drop(r);
+        assert_eq!(l.tokens_remaining(&c), 70);
+        // Settling past the reservation charges the reservation only.
+        let r = l.reserve_tokens(&c, 10).await.unwrap();
+        r.settle(1000).await;
+        assert_eq!(l.tokens_remaining(&c), 60);
     }
 
     #[tokio::test]

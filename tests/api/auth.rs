@@ -222,9 +222,48 @@ async fn bootstrap_keys_are_admin_keys() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|c| c["name"] == "admin")
+        .filter(|c| c["id"] == teachd::auth::BOOTSTRAP_ADMIN_ID.to_string())
         .count();
     assert_eq!(admins, 1, "a second bootstrap reuses the admin client");
+}
+
+/// `teachd admin bootstrap` always yields a working admin key: neither a tenant named `admin`
+/// nor a suspended admin client can break it, and a tenant is never given admin.
+#[tokio::test]
+async fn bootstrap_survives_a_tenant_named_admin_and_a_suspended_admin_client() {
+    let app = TestApp::spawn().await;
+    let tenant = app.create_client("admin", json!({})).await;
+    // The admin suspends the admin client (by mistake, or an attacker with an admin key).
+    let resp = app
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/clients/{}", teachd::auth::BOOTSTRAP_ADMIN_ID),
+        )
+        .json(&json!({"suspended": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = app.admin(reqwest::Method::GET, "/admin/clients").send().await.unwrap();
+    assert_eq!(resp.status(), 403, "the suspended admin client's keys stop working");
+
+    let (record, key) = teachd::auth::bootstrap_admin(&app.db).await.unwrap();
+    assert_eq!(record.client_id, teachd::auth::BOOTSTRAP_ADMIN_ID);
+    assert_ne!(record.client_id, tenant);
+    let resp = app
+        .get("/admin/clients", Some(key.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "bootstrap yields a working key");
+    let keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM api_keys WHERE client_id = ANY($1) AND 'admin' = ANY(scopes)",
+    )
+    .bind(vec![tenant])
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(keys, 0, "no tenant was given an admin key");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::Query;
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -14,7 +14,7 @@ use teachd::auth::{ClientCtx, Scope};
 use teachd::error::ApiError;
 use teachd::http::gate::teacher_gate;
 use teachd::limits::{Limiter, Limits};
-use teachd::usage::Usage;
+use teachd::usage::Meter;
 use teachd::AppState;
 use tokio::sync::{mpsc, Semaphore};
 
@@ -26,20 +26,12 @@ struct Generate {
     actual: u64,
 }
 
-/// Stands in for a generation endpoint: reserves prompt + max_tokens, "generates", settles.
-async fn generate(
-    State(state): State<AppState>,
-    ctx: ClientCtx,
-    Query(q): Query<Generate>,
-) -> Result<Response, ApiError> {
-    let reservation = state.limits.reserve_tokens(&ctx, q.reserve).await?;
-    reservation.settle(q.actual).await;
-    let mut response = "ok".into_response();
-    response.extensions_mut().insert(Usage {
-        prompt_tokens: q.actual,
-        ..Default::default()
-    });
-    Ok(response)
+/// A route of this test behind the real gate, standing in for a generation endpoint: reserves
+/// prompt + max_tokens through the request's meter and records what it "produced".
+async fn generate(meter: Meter, Query(q): Query<Generate>) -> Result<Response, ApiError> {
+    meter.reserve(q.reserve).await?;
+    meter.record(|u| u.prompt_tokens = q.actual);
+    Ok("ok".into_response())
 }
 
 fn generate_route() -> Extra {
@@ -157,7 +149,7 @@ async fn daily_quota_is_still_spent_after_a_restart() {
     };
     assert_eq!(spend(&app, 60).await.unwrap().status(), 200);
 
-    let app = app.restart(Some(generate_route())).await;
+    let app = app.restart().await;
     let resp = spend(&app, 60).await.unwrap();
     assert_rate_limit_headers(&resp);
     assert!(resp.headers().contains_key("retry-after"));
@@ -171,10 +163,7 @@ async fn daily_quota_is_still_spent_after_a_restart() {
     assert_eq!(spend(&app, 40).await.unwrap().status(), 200);
     let resp = spend(&app, 1).await.unwrap();
     error_of(resp, 429, "insufficient_quota").await;
-    assert_eq!(
-        app.state.limits.daily_tokens_used(client).await.unwrap(),
-        100
-    );
+    app.wait_tokens_used(client, 100).await;
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod app;
 mod auth;
 mod helpers;
 mod judgments;
+mod ledger;
 mod limits;
 mod openapi;
 mod teacher;

@@ -491,7 +491,7 @@ async fn metrics_count_requests_and_need_no_key() {
     let text = resp.text().await.unwrap();
     let line = text
         .lines()
-        .find(|l| l.starts_with("teachd_requests_total{path=\"/v1/logprobs\",status=\"200\"}"))
+        .find(|l| l.starts_with("teachd_requests_total{route=\"/v1/logprobs\",status=\"200\"}"))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(line.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= 1);
     assert!(text.contains(&format!("teachd_engine_queue_depth{{model=\"{MODEL}\"}}")));

@@ -51,9 +51,19 @@ pub struct ExportParams {
 
 pub const CSV_HEADER: &str = "id,request_id,ts,client_id,key_id,method,endpoint,model,status,error_code,\
 prompt_tokens,scored_tokens,generated_tokens,judgments,top_k,latency_ms,request_sha256,response_sha256,\
-tos_version,weights_sha256,prev_hash,row_hash\n";
+tos_version,weights_sha256,refusals,prev_hash,row_hash\n";
 
+/// One CSV cell. A cell that a spreadsheet would read as a formula (leading `=`, `+`, `-`, `@`,
+/// tab or carriage return: client-chosen request ids and error codes end up here) is prefixed
+/// with `'`, as OWASP recommends, so opening an export never runs anything.
 fn csv_field(out: &mut String, v: &str) {
+    let neutral;
+    let v = if v.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        neutral = format!("'{v}");
+        neutral.as_str()
+    } else {
+        v
+    };
     if v.contains([',', '"', '\n', '\r']) {
         out.push('"');
         out.push_str(&v.replace('"', "\"\""));
@@ -86,6 +96,7 @@ fn csv_line(out: &mut String, e: &EventView) {
         e.response_sha256.clone(),
         opt(&e.tos_version),
         opt(&e.weights_sha256),
+        e.refusals.to_string(),
         e.prev_hash.clone(),
         e.row_hash.clone(),
     ];
@@ -211,5 +222,20 @@ mod tests {
         s.push('|');
         csv_field(&mut s, "a,b \"c\"");
         assert_eq!(s, "plain|\"a,b \"\"c\"\"\"");
+    }
+
+    #[test]
+    fn formula_cells_are_neutralised() {
+        for (raw, want) in [
+            ("=HYPERLINK(\"x\")", "\"'=HYPERLINK(\"\"x\"\")\""),
+            ("+1", "'+1"),
+            ("-2", "'-2"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("ok=1", "ok=1"),
+        ] {
+            let mut s = String::new();
+            csv_field(&mut s, raw);
+            assert_eq!(s, want, "{raw}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use super::clients::fetch_client;
 use super::parse_id;
 use crate::auth::{self, KeyRecord, Scope};
 use crate::error::{ApiError, ErrorEnvelope, Json, Result};
+use crate::usage::Meter;
 use crate::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -114,9 +115,12 @@ fn valid_scopes(raw: &[String]) -> Result<Vec<Scope>> {
 #[tracing::instrument(skip_all)]
 pub async fn issue_key(
     State(state): State<AppState>,
+    meter: Meter,
     Path(id): Path<String>,
     Json(req): Json<CreateKey>,
 ) -> Result<(StatusCode, Json<CreatedKey>)> {
+    // The response holds the plaintext key: the ledger stores its hash, never its body.
+    meter.sensitive();
     let client_id = parse_id("id", &id)?;
     let scopes = valid_scopes(&req.scopes)?;
     if req.expires_at.is_some_and(|at| at <= Utc::now()) {

@@ -173,6 +173,8 @@ pub struct EventView {
     pub response_sha256: String,
     pub tos_version: Option<String>,
     pub weights_sha256: Option<String>,
+    /// For an aggregated refusal row: how many refused requests it stands for (0 otherwise).
+    pub refusals: i64,
     pub prev_hash: String,
     pub row_hash: String,
 }
@@ -201,6 +203,7 @@ impl From<ChainedEvent> for EventView {
             response_sha256: hex::encode(e.response_sha256),
             tos_version: e.tos_version,
             weights_sha256: e.weights_sha256,
+            refusals: e.refusals,
             prev_hash: hex::encode(c.prev_hash),
             row_hash: hex::encode(c.row_hash),
         }

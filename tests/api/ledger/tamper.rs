@@ -1,14 +1,13 @@
-use uuid::Uuid;
+use crate::app::{superuser, TestApp};
 
-use crate::helpers::{spawn_app, superuser, TestApp};
-
-/// An app with `n` ledger rows (ids 1..=n).
+/// An app with `n >= 2` ledger rows (ids 1..=n): creating a client and its key, then 404s of
+/// `GET /v1/tos` (nothing published).
 async fn app_with_rows(n: usize) -> TestApp {
-    let app = spawn_app().await;
-    let client = Uuid::new_v4();
-    for _ in 0..n {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.teacher("acme", serde_json::json!({})).await;
+    for _ in 2..n {
         assert_eq!(
-            app.get(client, "/v1/tos").send().await.unwrap().status(),
+            app.get("/v1/tos", Some(&key)).send().await.unwrap().status(),
             404
         );
     }
@@ -18,7 +17,7 @@ async fn app_with_rows(n: usize) -> TestApp {
 
 async fn verify_http(app: &TestApp) -> serde_json::Value {
     let r = app
-        .get(Uuid::new_v4(), "/admin/audit/verify")
+        .admin(reqwest::Method::GET, "/admin/audit/verify")
         .send()
         .await
         .unwrap();
@@ -33,7 +32,7 @@ fn verify_cli(app: &TestApp, args: &[&str]) -> (i32, serde_json::Value) {
         .args(args)
         .env(
             "TEACHD__DATABASE__URL",
-            format!("postgres://postgres@127.0.0.1:5432/{}", app.db_name),
+            format!("{}/{}", crate::app::pg_server(), app.db_name),
         )
         .env("RUST_LOG", "error")
         .output()

@@ -2,33 +2,37 @@ use std::collections::{BTreeMap, HashSet};
 
 use uuid::Uuid;
 
-use crate::helpers::{spawn_app, TestApp};
+use crate::app::{TestApp, MODEL, MODEL_ATTRIBUTION, MODEL_NON_COMMERCIAL, MODEL_PROHIBITED};
 
-/// A mixed workload: 3 clients, several endpoints, successes and refusals.
+/// A mixed workload on the real model: 3 clients, several endpoints and models, successes and
+/// refusals (ToS not accepted, licences).
 async fn workload(app: &TestApp) -> Vec<Uuid> {
-    let admin = Uuid::new_v4();
-    let clients = vec![Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
-    app.publish_tos(admin, "v1").await;
-    for (i, c) in clients.iter().enumerate() {
+    app.publish_tos("v1").await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let (c, key) = app.teacher(&format!("client-{i}"), serde_json::json!({})).await;
         if i != 2 {
-            app.accept_tos(*c, "v1", i == 1).await;
+            app.accept_tos(&key, "v1", i == 1).await;
         }
         for n in 0..(20 + 7 * i as u64) {
-            let model = ["open", "llama", "research", "closed"][(n % 4) as usize];
+            let model = [MODEL, MODEL_ATTRIBUTION, MODEL_NON_COMMERCIAL, MODEL_PROHIBITED]
+                [(n % 4) as usize];
+            let ids: Vec<u32> = (0..(n % 5 + 2) as u32).map(|k| 100 + k * 7 + n as u32).collect();
             let r = app
                 .post(
-                    *c,
-                    &format!("/v1/test/teacher/{model}"),
-                    serde_json::json!({"tokens": n + 1}),
+                    "/v1/logprobs",
+                    &key,
+                    serde_json::json!({"model": model, "token_ids": ids, "top_k": 2}),
                 )
                 .send()
                 .await
                 .unwrap();
-            assert!(r.status() == 200 || r.status() == 403);
+            assert!(r.status() == 200 || r.status() == 403, "{}", r.status());
             if n % 5 == 0 {
-                app.get(*c, "/v1/tos").send().await.unwrap();
+                app.get("/v1/tos", Some(&key)).send().await.unwrap();
             }
         }
+        clients.push(c);
     }
     clients
 }
@@ -36,14 +40,13 @@ async fn workload(app: &TestApp) -> Vec<Uuid> {
 async fn all_events(app: &TestApp, query: &str, limit: usize) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     let mut cursor: Option<String> = None;
-    let admin = Uuid::new_v4();
     loop {
         let mut url = format!("/admin/usage/events?limit={limit}{query}");
         if let Some(c) = &cursor {
             url.push_str(&format!("&cursor={c}"));
         }
         let page: serde_json::Value = app
-            .get(admin, &url)
+            .admin(reqwest::Method::GET, &url)
             .send()
             .await
             .unwrap()
@@ -63,7 +66,7 @@ async fn all_events(app: &TestApp, query: &str, limit: usize) -> Vec<serde_json:
 
 #[tokio::test]
 async fn pagination_returns_every_event_exactly_once() {
-    let app = spawn_app().await;
+    let app = TestApp::with_model(|_| {}).await;
     let clients = workload(&app).await;
     let total_before = app.row_count().await;
     let events = all_events(&app, "", 7).await;
@@ -83,7 +86,7 @@ async fn pagination_returns_every_event_exactly_once() {
     let mine = all_events(&app, &format!("&client_id={}", clients[1]), 5).await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE client_id = $1")
         .bind(clients[1])
-        .fetch_one(&app.state.db)
+        .fetch_one(&app.db)
         .await
         .unwrap();
     assert_eq!(mine.len() as i64, n);
@@ -100,7 +103,7 @@ async fn pagination_returns_every_event_exactly_once() {
         "bogus=1",
     ] {
         let r = app
-            .get(Uuid::new_v4(), &format!("/admin/usage/events?{q}"))
+            .admin(reqwest::Method::GET, &format!("/admin/usage/events?{q}"))
             .send()
             .await
             .unwrap();
@@ -110,12 +113,12 @@ async fn pagination_returns_every_event_exactly_once() {
 
 #[tokio::test]
 async fn usage_totals_equal_the_sum_of_the_events() {
-    let app = spawn_app().await;
+    let app = TestApp::with_model(|_| {}).await;
     workload(&app).await;
     // Freeze the range before the audit requests add their own rows: just after the last row.
     let last: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT max(ts) FROM usage_events")
-            .fetch_one(&app.state.db)
+            .fetch_one(&app.db)
             .await
             .unwrap();
     let to = (last + chrono::Duration::microseconds(1)).to_rfc3339();
@@ -146,8 +149,8 @@ async fn usage_totals_equal_the_sum_of_the_events() {
             t[5] += e["judgments"].as_i64().unwrap();
         }
         let r: serde_json::Value = app
-            .get(
-                Uuid::new_v4(),
+            .admin(
+                reqwest::Method::GET,
                 &format!("/admin/usage?group_by={group}&to={to_q}"),
             )
             .send()
@@ -182,9 +185,9 @@ async fn usage_totals_equal_the_sum_of_the_events() {
 
     // Totals without grouping, and a filtered total.
     let r: serde_json::Value = app
-        .get(
-            Uuid::new_v4(),
-            &format!("/admin/usage?to={to_q}&model=open"),
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/usage?to={to_q}&model={MODEL}"),
         )
         .send()
         .await
@@ -192,13 +195,13 @@ async fn usage_totals_equal_the_sum_of_the_events() {
         .json()
         .await
         .unwrap();
-    let open: Vec<_> = events.iter().filter(|e| e["model"] == "open").collect();
+    let open: Vec<_> = events.iter().filter(|e| e["model"] == MODEL).collect();
     assert_eq!(
         r["data"][0]["requests"].as_i64().unwrap(),
         open.len() as i64
     );
     let r = app
-        .get(Uuid::new_v4(), "/admin/usage?group_by=week")
+        .admin(reqwest::Method::GET, "/admin/usage?group_by=week")
         .send()
         .await
         .unwrap();
@@ -211,12 +214,12 @@ fn urlencode(s: &str) -> String {
 
 #[tokio::test]
 async fn export_streams_every_row_as_jsonl_and_csv() {
-    let app = spawn_app().await;
+    let app = TestApp::with_model(|_| {}).await;
     workload(&app).await;
     let before = app.row_count().await;
 
     let r = app
-        .get(Uuid::new_v4(), "/admin/audit/export?format=jsonl")
+        .admin(reqwest::Method::GET, "/admin/audit/export?format=jsonl")
         .send()
         .await
         .unwrap();
@@ -236,7 +239,7 @@ async fn export_streams_every_row_as_jsonl_and_csv() {
     }
 
     let r = app
-        .get(Uuid::new_v4(), "/admin/audit/export?format=csv")
+        .admin(reqwest::Method::GET, "/admin/audit/export?format=csv")
         .send()
         .await
         .unwrap();
@@ -249,7 +252,7 @@ async fn export_streams_every_row_as_jsonl_and_csv() {
     assert!(n > before, "{n} > {before}");
 
     let r = app
-        .get(Uuid::new_v4(), "/admin/audit/export?format=xml")
+        .admin(reqwest::Method::GET, "/admin/audit/export?format=xml")
         .send()
         .await
         .unwrap();

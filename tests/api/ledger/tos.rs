@@ -1,16 +1,13 @@
-use uuid::Uuid;
+use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::app::{TestApp, MODEL, MODEL_ATTRIBUTION, MODEL_NON_COMMERCIAL, MODEL_PROHIBITED};
 
-async fn teacher(app: &crate::helpers::TestApp, client: Uuid, model: &str) -> reqwest::Response {
-    app.post(
-        client,
-        &format!("/v1/test/teacher/{model}"),
-        serde_json::json!({"tokens": 4}),
-    )
-    .send()
-    .await
-    .unwrap()
+/// A cheap teacher call that goes through the ToS and licence checks.
+async fn teacher(app: &TestApp, key: &str, model: &str) -> reqwest::Response {
+    app.post("/v1/tokenize", key, json!({"model": model, "prompt": "hello"}))
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn error_code(r: reqwest::Response) -> String {
@@ -23,21 +20,22 @@ async fn error_code(r: reqwest::Response) -> String {
 
 #[tokio::test]
 async fn teacher_endpoints_need_the_current_tos_accepted() {
-    let app = spawn_app().await;
-    let (admin, client) = (Uuid::new_v4(), Uuid::new_v4());
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.teacher("acme", json!({})).await;
+    let (_, other) = app.teacher("other", json!({})).await;
 
     // Nothing published: nothing can have been accepted.
-    let r = teacher(&app, client, "open").await;
+    let r = teacher(&app, &key, MODEL).await;
     assert_eq!(r.status(), 403);
     assert_eq!(error_code(r).await, "tos_not_accepted");
     assert_eq!(
-        app.get(client, "/v1/tos").send().await.unwrap().status(),
+        app.get("/v1/tos", Some(&key)).send().await.unwrap().status(),
         404
     );
 
-    app.publish_tos(admin, "v1").await;
+    app.publish_tos("v1").await;
     let tos: serde_json::Value = app
-        .get(client, "/v1/tos")
+        .get("/v1/tos", Some(&key))
         .send()
         .await
         .unwrap()
@@ -45,18 +43,18 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
         .await
         .unwrap();
     assert_eq!(tos["version"], "v1");
-    assert_eq!(tos["text"], "Be nice.");
+    assert_eq!(tos["text"], "Distil responsibly.");
     assert!(tos["published_at"].is_string());
 
-    let r = teacher(&app, client, "open").await;
+    let r = teacher(&app, &key, MODEL).await;
     assert_eq!(r.status(), 403);
     assert_eq!(error_code(r).await, "tos_not_accepted");
 
     // Accepting a version that is not current is refused.
     let r = app
         .post(
-            client,
             "/v1/tos/accept",
+            &key,
             serde_json::json!({"version": "v0", "purpose": "p",
             "student_model": "s", "commercial": false}),
         )
@@ -68,8 +66,8 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
     // Unknown fields are refused.
     let r = app
         .post(
-            client,
             "/v1/tos/accept",
+            &key,
             serde_json::json!({"version": "v1", "purpose": "p",
             "student_model": "s", "commercial": false, "extra": 1}),
         )
@@ -80,8 +78,8 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
 
     let r = app
         .post(
-            client,
             "/v1/tos/accept",
+            &key,
             serde_json::json!({"version": "v1", "purpose": "distil",
             "student_model": "tiny", "commercial": false}),
         )
@@ -95,25 +93,22 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
     assert_eq!(acc["commercial"], false);
     assert_eq!(acc["student_model"], "tiny");
 
-    assert_eq!(teacher(&app, client, "open").await.status(), 200);
+    assert_eq!(teacher(&app, &key, MODEL).await.status(), 200);
     // Another client has not accepted.
-    assert_eq!(teacher(&app, Uuid::new_v4(), "open").await.status(), 403);
+    assert_eq!(teacher(&app, &other, MODEL).await.status(), 403);
 
     // A new version must be accepted again.
-    app.publish_tos(admin, "v2").await;
-    let r = teacher(&app, client, "open").await;
+    app.publish_tos("v2").await;
+    let r = teacher(&app, &key, MODEL).await;
     assert_eq!(r.status(), 403);
     assert_eq!(error_code(r).await, "tos_not_accepted");
-    app.accept_tos(client, "v2", false).await;
-    assert_eq!(teacher(&app, client, "open").await.status(), 200);
+    app.accept_tos(&key, "v2", false).await;
+    assert_eq!(teacher(&app, &key, MODEL).await.status(), 200);
 
     // Republishing a version is refused.
     let r = app
-        .post(
-            admin,
-            "/admin/tos",
-            serde_json::json!({"version": "v2", "text": "again"}),
-        )
+        .admin(reqwest::Method::POST, "/admin/tos")
+        .json(&serde_json::json!({"version": "v2", "text": "again"}))
         .send()
         .await
         .unwrap();
@@ -123,10 +118,10 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
     // The ledger rows carry the ToS version in force and the refusal codes.
     let rows: Vec<(Option<String>, i16, Option<String>)> = sqlx::query_as(
         "SELECT tos_version, status, error_code FROM usage_events
-         WHERE client_id = $1 AND endpoint = '/v1/test/teacher/{model}' ORDER BY id",
+         WHERE client_id = $1 AND endpoint = '/v1/tokenize' ORDER BY id",
     )
     .bind(client)
-    .fetch_all(&app.state.db)
+    .fetch_all(&app.db)
     .await
     .unwrap();
     let got: Vec<(Option<&str>, i16, Option<&str>)> = rows
@@ -147,31 +142,31 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
 
 #[tokio::test]
 async fn licence_policies_and_provenance_headers() {
-    let app = spawn_app().await;
-    let admin = Uuid::new_v4();
-    let (hobbyist, company) = (Uuid::new_v4(), Uuid::new_v4());
-    app.publish_tos(admin, "v1").await;
-    app.accept_tos(hobbyist, "v1", false).await;
-    app.accept_tos(company, "v1", true).await;
+    let app = TestApp::with_model(|_| {}).await;
+    app.publish_tos("v1").await;
+    let (_, hobbyist) = app.teacher("hobbyist", json!({})).await;
+    let (_, company) = app.teacher("company", json!({})).await;
+    app.accept_tos(&hobbyist, "v1", false).await;
+    app.accept_tos(&company, "v1", true).await;
 
-    for client in [hobbyist, company] {
-        let r = teacher(&app, client, "open").await;
+    for key in [&hobbyist, &company] {
+        let r = teacher(&app, key, MODEL).await;
         assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["x-teacher-model"], "open");
+        assert_eq!(r.headers()["x-teacher-model"], MODEL);
         assert_eq!(r.headers()["x-teacher-weights-sha256"].len(), 64);
         assert!(r.headers().get("x-teacher-attribution").is_none());
 
-        let r = teacher(&app, client, "llama").await;
+        let r = teacher(&app, key, MODEL_ATTRIBUTION).await;
         assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["x-teacher-attribution"], "Built with Llama");
-        assert_eq!(r.headers()["x-teacher-model"], "llama");
+        assert_eq!(r.headers()["x-teacher-attribution"], "Built with SmolLM2");
+        assert_eq!(r.headers()["x-teacher-model"], MODEL_ATTRIBUTION);
 
-        let r = teacher(&app, client, "closed").await;
+        let r = teacher(&app, key, MODEL_PROHIBITED).await;
         assert_eq!(r.status(), 403);
         assert_eq!(error_code(r).await, "licence_forbids");
     }
-    assert_eq!(teacher(&app, hobbyist, "research").await.status(), 200);
-    let r = teacher(&app, company, "research").await;
+    assert_eq!(teacher(&app, &hobbyist, MODEL_NON_COMMERCIAL).await.status(), 200);
+    let r = teacher(&app, &company, MODEL_NON_COMMERCIAL).await;
     assert_eq!(r.status(), 403);
     assert!(
         r.headers().get("x-teacher-model").is_none(),
@@ -180,6 +175,6 @@ async fn licence_policies_and_provenance_headers() {
     assert_eq!(error_code(r).await, "licence_forbids");
 
     // A company that re-accepts declaring non-commercial use may use it.
-    app.accept_tos(company, "v1", false).await;
-    assert_eq!(teacher(&app, company, "research").await.status(), 200);
+    app.accept_tos(&company, "v1", false).await;
+    assert_eq!(teacher(&app, &company, MODEL_NON_COMMERCIAL).await.status(), 200);
 }
