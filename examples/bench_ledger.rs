@@ -111,7 +111,11 @@ async fn bench_record(ledger: &Ledger, callers: usize, secs: u64) -> (f64, f64, 
 async fn serve(state: AppState) -> (String, String, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(teachd::serve(listener, state.clone(), std::future::pending()));
+    tokio::spawn(teachd::serve(
+        listener,
+        state.clone(),
+        std::future::pending(),
+    ));
     let base = format!("http://{addr}");
     let (_, admin) = teachd::auth::bootstrap_admin(&state.db).await.unwrap();
     let admin = admin.expose_secret().to_string();
@@ -119,8 +123,10 @@ async fn serve(state: AppState) -> (String, String, String) {
     let client: serde_json::Value = http
         .post(format!("{base}/admin/clients"))
         .bearer_auth(&admin)
-        .json(&serde_json::json!({"name": "bench", "limits": {"rpm": 100000000,
-            "tpm": 1000000000, "max_concurrent": 100000, "daily_tokens": 1000000000000i64}}))
+        .json(
+            &serde_json::json!({"name": "bench", "limits": {"rpm": 100000000,
+            "tpm": 1000000000, "max_concurrent": 100000, "daily_tokens": 1000000000000i64}}),
+        )
         .send()
         .await
         .unwrap()
@@ -128,7 +134,10 @@ async fn serve(state: AppState) -> (String, String, String) {
         .await
         .unwrap();
     let key: serde_json::Value = http
-        .post(format!("{base}/admin/clients/{}/keys", client["id"].as_str().unwrap()))
+        .post(format!(
+            "{base}/admin/clients/{}/keys",
+            client["id"].as_str().unwrap()
+        ))
         .bearer_auth(&admin)
         .json(&serde_json::json!({"scopes": ["teacher"]}))
         .send()
@@ -140,7 +149,12 @@ async fn serve(state: AppState) -> (String, String, String) {
     (base, admin, key["key"].as_str().unwrap().to_string())
 }
 
-async fn bench_http(url: String, key: Option<String>, workers: usize, secs: u64) -> (f64, f64, f64) {
+async fn bench_http(
+    url: String,
+    key: Option<String>,
+    workers: usize,
+    secs: u64,
+) -> (f64, f64, f64) {
     let http = reqwest::Client::new();
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
@@ -252,7 +266,11 @@ async fn main() {
                         "GET /v1/tos (auth + limits + row committed per request)",
                     )
                 } else {
-                    (format!("{base}/healthz"), None, "GET /healthz (open: no auth, no row)")
+                    (
+                        format!("{base}/healthz"),
+                        None,
+                        "GET /healthz (open: no auth, no row)",
+                    )
                 };
                 let (rps, p50, p99) = bench_http(url, key, workers, secs).await;
                 println!("| {workers} | {label} | {rps:.0} | {p50:.2} | {p99:.2} |");

@@ -448,11 +448,10 @@ pub async fn bootstrap_admin(db: &PgPool) -> anyhow::Result<(KeyRecord, ApiKey)>
                 if inserted.rows_affected() == 1 {
                     break;
                 }
-                let ours: Option<Uuid> =
-                    sqlx::query_scalar("SELECT id FROM clients WHERE id = $1")
-                        .bind(BOOTSTRAP_ADMIN_ID)
-                        .fetch_optional(db)
-                        .await?;
+                let ours: Option<Uuid> = sqlx::query_scalar("SELECT id FROM clients WHERE id = $1")
+                    .bind(BOOTSTRAP_ADMIN_ID)
+                    .fetch_optional(db)
+                    .await?;
                 if ours.is_some() || attempt > 5 {
                     break; // created concurrently by another bootstrap, or give up renaming
                 }

@@ -505,7 +505,10 @@ licence = { id = "apache-2.0", distillation = "allowed" }
     fn disable_auth_refuses_a_reachable_bind() {
         let env = |bind: &str| {
             vec![
-                ("TEACHD__SERVER__DISABLE_AUTH".to_string(), "true".to_string()),
+                (
+                    "TEACHD__SERVER__DISABLE_AUTH".to_string(),
+                    "true".to_string(),
+                ),
                 ("TEACHD__SERVER__BIND".to_string(), bind.to_string()),
             ]
         };

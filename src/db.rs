@@ -38,9 +38,8 @@ pub fn is_outage(err: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             // Class 08 (connection exception), 53 (insufficient resources), 57P01-57P03
             // (admin shutdown, crash shutdown, cannot connect now).
-            db.code().is_some_and(|c| {
-                c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
-            })
+            db.code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57P"))
         }
         _ => false,
     }
@@ -131,6 +130,8 @@ impl DbHealth {
     }
 
     pub fn is_down(&self) -> bool {
-        self.down_until_ms.load(std::sync::atomic::Ordering::Acquire) != 0
+        self.down_until_ms
+            .load(std::sync::atomic::Ordering::Acquire)
+            != 0
     }
 }

@@ -161,9 +161,11 @@ impl ApiError {
                 param: param.as_deref(),
                 ..w(S::BAD_REQUEST, "invalid_request_error", *code)
             },
-            ApiError::Unauthorized(_) => {
-                w(S::UNAUTHORIZED, "authentication_error", Some("invalid_api_key"))
-            }
+            ApiError::Unauthorized(_) => w(
+                S::UNAUTHORIZED,
+                "authentication_error",
+                Some("invalid_api_key"),
+            ),
             ApiError::Forbidden { code, .. } => w(S::FORBIDDEN, "permission_error", Some(code)),
             ApiError::NotFound { param, .. } => Wire {
                 param: param.as_deref(),
@@ -228,9 +230,8 @@ impl ApiError {
 
     /// The error as one SSE event (`data: <envelope>`), for failures after a stream started.
     pub fn sse_event(&self) -> axum::response::sse::Event {
-        axum::response::sse::Event::default().data(
-            serde_json::to_string(&self.envelope(current_request_id())).unwrap_or_default(),
-        )
+        axum::response::sse::Event::default()
+            .data(serde_json::to_string(&self.envelope(current_request_id())).unwrap_or_default())
     }
 }
 
@@ -278,7 +279,9 @@ impl IntoResponse for ApiError {
             .into_response();
         match self {
             ApiError::TooManyRequests { headers, .. } => response.headers_mut().extend(*headers),
-            ApiError::ServiceUnavailable(_) | ApiError::LedgerUnavailable | ApiError::Overloaded(_) => {
+            ApiError::ServiceUnavailable(_)
+            | ApiError::LedgerUnavailable
+            | ApiError::Overloaded(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -322,9 +325,7 @@ impl From<crate::ledger::LedgerError> for ApiError {
         use crate::ledger::LedgerError;
         match err {
             LedgerError::DuplicateRequestId(id) => ApiError::BadRequest {
-                message: format!(
-                    "the request id `{id}` was already used; send a new x-request-id"
-                ),
+                message: format!("the request id `{id}` was already used; send a new x-request-id"),
                 param: None,
                 code: Some("duplicate_request_id"),
             },
@@ -345,11 +346,15 @@ impl From<crate::engine::EngineError> for ApiError {
                 param: param.map(str::to_string),
                 code: None,
             },
-            crate::engine::EngineError::ContextLength { len, max } => ApiError::context_length_exceeded(len, max),
+            crate::engine::EngineError::ContextLength { len, max } => {
+                ApiError::context_length_exceeded(len, max)
+            }
             crate::engine::EngineError::Overloaded => {
                 ApiError::Overloaded("the teacher's queue is full; retry shortly".into())
             }
-            crate::engine::EngineError::Unavailable(msg) => ApiError::Internal(anyhow::anyhow!(msg)),
+            crate::engine::EngineError::Unavailable(msg) => {
+                ApiError::Internal(anyhow::anyhow!(msg))
+            }
             crate::engine::EngineError::Internal(err) => ApiError::Internal(err),
         }
     }

@@ -127,9 +127,10 @@ fn template_sha(user: &str, prefix: &str) -> String {
 /// known exactly before it runs.
 fn passes(candidates: &[Vec<u32>]) -> Vec<usize> {
     let is_prefix_of_other = |i: usize| {
-        candidates.iter().enumerate().any(|(j, c)| {
-            j != i && c.len() > candidates[i].len() && c.starts_with(&candidates[i])
-        })
+        candidates
+            .iter()
+            .enumerate()
+            .any(|(j, c)| j != i && c.len() > candidates[i].len() && c.starts_with(&candidates[i]))
     };
     let mut covered: std::collections::HashSet<&[u32]> = Default::default();
     let mut out = Vec::new();
@@ -198,8 +199,14 @@ impl PairwisePlan {
 
 /// Pairwise policy: the orders agree when both prefer the same response; the winner is a tie
 /// when they disagree or when |pA - pB| is under the tie margin.
-pub fn pairwise_verdict(p_a: f64, orders: &[PairwiseOrder], tie_margin: f64) -> (bool, &'static str) {
-    let consistent = orders.windows(2).all(|w| (w[0].p_a > 0.5) == (w[1].p_a > 0.5));
+pub fn pairwise_verdict(
+    p_a: f64,
+    orders: &[PairwiseOrder],
+    tie_margin: f64,
+) -> (bool, &'static str) {
+    let consistent = orders
+        .windows(2)
+        .all(|w| (w[0].p_a > 0.5) == (w[1].p_a > 0.5));
     let winner = if !consistent || (2.0 * p_a - 1.0).abs() < tie_margin {
         "tie"
     } else if p_a > 0.5 {
@@ -343,7 +350,10 @@ impl Teacher {
         })
     }
 
-    pub async fn judge_absolute(&self, plan: AbsolutePlan) -> Result<AbsoluteJudgment, EngineError> {
+    pub async fn judge_absolute(
+        &self,
+        plan: AbsolutePlan,
+    ) -> Result<AbsoluteJudgment, EngineError> {
         let probs = self.candidate_probs(&plan.scoring).await?;
         let total: f64 = probs.iter().sum();
         if total.is_nan() || total <= 0.0 {
@@ -400,7 +410,8 @@ impl Teacher {
             let user = render_pairwise(instruction, first, second, criteria);
             orders.push((
                 presented,
-                self.scoring(user, PAIRWISE_PREFIX, candidates.clone()).await?,
+                self.scoring(user, PAIRWISE_PREFIX, candidates.clone())
+                    .await?,
             ));
         }
         Ok(PairwisePlan {
@@ -410,7 +421,10 @@ impl Teacher {
         })
     }
 
-    pub async fn judge_pairwise(&self, plan: PairwisePlan) -> Result<PairwiseJudgment, EngineError> {
+    pub async fn judge_pairwise(
+        &self,
+        plan: PairwisePlan,
+    ) -> Result<PairwiseJudgment, EngineError> {
         let tokens_processed = plan.cost();
         let mut orders = Vec::new();
         for (presented, scoring) in plan.orders {

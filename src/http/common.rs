@@ -232,7 +232,11 @@ pub fn validate_temperature(t: f64, allow_zero: bool) -> Result<(), ApiError> {
             "temperature",
             format!(
                 "temperature must be at least {MIN_TEMPERATURE}{}",
-                if allow_zero { " (or 0 for greedy decoding)" } else { "" }
+                if allow_zero {
+                    " (or 0 for greedy decoding)"
+                } else {
+                    ""
+                }
             ),
         ));
     }

@@ -270,8 +270,7 @@ pub async fn completions(
     let mut choices = Vec::new();
     let mut usage = CompletionUsage::default();
     for (index, ids) in prompts.into_iter().enumerate() {
-        let (choice, u) =
-            run_one(&plan, &meter, index, ids, |_| std::future::ready(true)).await?;
+        let (choice, u) = run_one(&plan, &meter, index, ids, |_| std::future::ready(true)).await?;
         usage.prompt_tokens += u.prompt_tokens;
         usage.completion_tokens += u.completion_tokens;
         choices.push(choice);

@@ -250,7 +250,9 @@ where
     match handle.await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(ApiError::Internal(anyhow::anyhow!("engine work cancelled: {e}"))),
+        Err(e) => Err(ApiError::Internal(anyhow::anyhow!(
+            "engine work cancelled: {e}"
+        ))),
     }
 }
 

@@ -17,9 +17,8 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     let metrics = Router::new().route("/metrics", get(super::metrics::metrics));
     match state.config.server.metrics {
         MetricsAccess::Open => open.merge(metrics),
-        MetricsAccess::Admin => open.merge(
-            metrics.route_layer(from_fn_with_state(state.clone(), super::gate::admin_gate)),
-        ),
+        MetricsAccess::Admin => open
+            .merge(metrics.route_layer(from_fn_with_state(state.clone(), super::gate::admin_gate))),
         MetricsAccess::Off => open,
     }
 }

@@ -168,7 +168,10 @@ fn parse_rubric(spec: Option<&RubricSpec>) -> Result<Rubric, ApiError> {
         ));
     }
     // Checked: `[i64::MIN, i64::MAX]` must be a 400, not an overflow.
-    if hi.checked_sub(lo).is_none_or(|span| span >= MAX_SCALE_POINTS) {
+    if hi
+        .checked_sub(lo)
+        .is_none_or(|span| span >= MAX_SCALE_POINTS)
+    {
         return Err(ApiError::bad_param(
             "rubric.scale",
             format!("a scale has at most {MAX_SCALE_POINTS} points"),

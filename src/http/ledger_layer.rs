@@ -92,8 +92,7 @@ impl Row {
         endpoint: String,
         method: String,
     ) -> (Row, Meter) {
-        let request_id =
-            current_request_id().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let request_id = current_request_id().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let event = UsageEvent {
             request_id,
             ts: to_db_precision(Utc::now()),
@@ -351,8 +350,7 @@ impl StreamRow {
                                 Err(()) if st.sse => {
                                     let envelope = ApiError::LedgerUnavailable
                                         .envelope(Some(st.request_id.clone()));
-                                    let json =
-                                        serde_json::to_string(&envelope).unwrap_or_default();
+                                    let json = serde_json::to_string(&envelope).unwrap_or_default();
                                     Some(Ok(Bytes::from(format!("data: {json}\n\n"))))
                                 }
                                 Err(()) => Some(Err(axum::Error::new(std::io::Error::other(

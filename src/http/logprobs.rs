@@ -11,11 +11,11 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::{self, f, Message};
+use super::gate;
 use crate::auth::ClientCtx;
 use crate::engine::{ScoreResult, Teacher};
 use crate::error::{ApiError, ErrorEnvelope, Json};
 use crate::usage::Meter;
-use super::gate;
 use crate::AppState;
 
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";

@@ -78,9 +78,17 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     );
     out.push_str("# HELP teachd_database_up 0 while database-bound requests fail fast (503).\n");
     out.push_str("# TYPE teachd_database_up gauge\n");
-    let _ = writeln!(out, "teachd_database_up {}", u8::from(!state.db_health.is_down()));
+    let _ = writeln!(
+        out,
+        "teachd_database_up {}",
+        u8::from(!state.db_health.is_down())
+    );
     out.push_str("# HELP teachd_ledger_pending_rows Rows not yet handed to the ledger writer.\n");
     out.push_str("# TYPE teachd_ledger_pending_rows gauge\n");
-    let _ = writeln!(out, "teachd_ledger_pending_rows {}", state.ledger.pending_rows());
+    let _ = writeln!(
+        out,
+        "teachd_ledger_pending_rows {}",
+        state.ledger.pending_rows()
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -161,12 +161,19 @@ fn document_layer_errors(spec: &mut utoipa::openapi::OpenApi) {
 }
 
 pub fn router(state: AppState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// [`router`] with more routes of the caller's, which get the same outer layers (request ids,
+/// metrics, panics caught, sensitive headers).
+pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     let (api, mut spec) = api_routes(Some(&state)).split_for_parts();
     document_layer_errors(&mut spec);
     let spec = Arc::new(spec);
     let spec_json = serde_json::to_string_pretty(&*spec).unwrap_or_default();
     Router::new()
         .merge(api)
+        .merge(extra)
         .merge(health::routes(&state))
         .route(
             "/openapi.json",

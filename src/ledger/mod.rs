@@ -149,12 +149,10 @@ impl Ledger {
     ) -> Result<bool, LedgerError> {
         let found: Option<(i64,)> = tokio::time::timeout(
             Duration::from_secs(5),
-            sqlx::query_as(
-                "SELECT id FROM usage_events WHERE client_id = $1 AND request_id = $2",
-            )
-            .bind(client)
-            .bind(request_id)
-            .fetch_optional(&self.pool),
+            sqlx::query_as("SELECT id FROM usage_events WHERE client_id = $1 AND request_id = $2")
+                .bind(client)
+                .bind(request_id)
+                .fetch_optional(&self.pool),
         )
         .await
         .map_err(|_| LedgerError::Unavailable("timed out checking the request id".into()))?

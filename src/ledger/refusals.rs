@@ -178,7 +178,9 @@ mod tests {
             }
         }
         assert_eq!(recorded, 3);
-        assert!(book.take_due(t0 + chrono::Duration::seconds(30), false).is_empty());
+        assert!(book
+            .take_due(t0 + chrono::Duration::seconds(30), false)
+            .is_empty());
         let rows = book.take_due(t0 + chrono::Duration::seconds(61), false);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].refusals, 7);

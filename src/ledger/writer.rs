@@ -180,11 +180,9 @@ impl Writer {
                     if existing.is_empty() {
                         return self.fail(rows, "unexpected request id conflict".into());
                     }
-                    let (dups, rest): (Vec<_>, Vec<_>) = rows
-                        .into_iter()
-                        .partition(|p| {
-                            existing.contains(&(p.event.client_id, p.event.request_id.clone()))
-                        });
+                    let (dups, rest): (Vec<_>, Vec<_>) = rows.into_iter().partition(|p| {
+                        existing.contains(&(p.event.client_id, p.event.request_id.clone()))
+                    });
                     for p in dups {
                         let id = p.event.request_id.clone();
                         let _ = p.done.send(Err(LedgerError::DuplicateRequestId(id)));

@@ -376,7 +376,6 @@ impl<C: LimitClock> Limiter<C> {
         self.tokens
             .with_bucket(client_id, tpm, now, |b| b.give_back(tokens, now));
     }
-
 }
 
 fn until_next_utc_day() -> Duration {

@@ -11,6 +11,9 @@ pub struct DailyQuota {
     db: PgPool,
 }
 
+/// How long a quota adjustment is retried while the database is down.
+pub const ADJUST_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(1800);
+
 /// The reservation did not fit; `used` tokens are already spent today.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaExceeded {
@@ -76,6 +79,38 @@ impl DailyQuota {
         .await
         .context("adjusting daily tokens")?;
         Ok(())
+    }
+
+    /// [`DailyQuota::adjust`], retried in the background (with backoff, for up to
+    /// [`ADJUST_RETRY_FOR`]) while the database is down: a refund or charge settled during an
+    /// outage lands once it is back instead of being lost.
+    pub async fn adjust_durably(&self, client: Uuid, day: NaiveDate, delta: i64) {
+        let err = match self.adjust(client, day, delta).await {
+            Ok(()) => return,
+            Err(err) => err,
+        };
+        if !crate::db::is_outage_chain(&err) {
+            tracing::error!(%client, delta, error = ?err, "could not settle daily tokens");
+            return;
+        }
+        tracing::warn!(%client, delta, "database down: settling daily tokens in the background");
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            let quota = DailyQuota { db };
+            let until = tokio::time::Instant::now() + ADJUST_RETRY_FOR;
+            let mut wait = std::time::Duration::from_millis(250);
+            loop {
+                tokio::time::sleep(wait).await;
+                match quota.adjust(client, day, delta).await {
+                    Ok(()) => return,
+                    Err(err) if tokio::time::Instant::now() > until => {
+                        tracing::error!(%client, delta, error = ?err, "gave up settling daily tokens");
+                        return;
+                    }
+                    Err(_) => wait = (wait * 2).min(std::time::Duration::from_secs(10)),
+                }
+            }
+        });
     }
 
     pub async fn used(&self, client: Uuid, day: NaiveDate) -> anyhow::Result<i64> {

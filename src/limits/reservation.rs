@@ -44,7 +44,10 @@ impl<C: LimitClock> TokenReservation<C> {
 
     /// Takes `other` (a further reservation of the same client and day) into this one.
     pub fn absorb(&mut self, mut other: TokenReservation<C>) {
-        if other.client_id != self.client_id || other.day != self.day || other.in_quota != self.in_quota {
+        if other.client_id != self.client_id
+            || other.day != self.day
+            || other.in_quota != self.in_quota
+        {
             // Different books: keep them apart by settling the other at what it produced.
             tracing::error!("absorbing a reservation of another client or day");
             return;
@@ -74,9 +77,7 @@ impl<C: LimitClock> TokenReservation<C> {
         }
         let delta = actual as i64 - reserved as i64;
         if let (Some(quota), true, true) = (&limiter.quota, in_quota, delta != 0) {
-            if let Err(err) = quota.adjust(self.client_id, self.day, delta).await {
-                tracing::error!(client_id = %self.client_id, error = ?err, "could not settle daily tokens");
-            }
+            quota.adjust_durably(self.client_id, self.day, delta).await;
         }
     }
 }
@@ -96,9 +97,7 @@ impl<C: LimitClock> Drop for TokenReservation<C> {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     if let Some(quota) = &limiter.quota {
-                        if let Err(err) = quota.adjust(client_id, day, -tokens).await {
-                            tracing::warn!(%client_id, error = ?err, "could not refund daily tokens");
-                        }
+                        quota.adjust_durably(client_id, day, -tokens).await;
                     }
                 });
             }

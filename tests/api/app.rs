@@ -242,10 +242,11 @@ impl TestApp {
     }
 
     pub async fn spawn_opts(options: Options, tweak: impl FnOnce(&mut Config)) -> TestApp {
-        let host = options
-            .via
-            .clone()
-            .unwrap_or_else(|| pg_server().trim_start_matches("postgres://postgres@").to_string());
+        let host = options.via.clone().unwrap_or_else(|| {
+            pg_server()
+                .trim_start_matches("postgres://postgres@")
+                .to_string()
+        });
         let (db_url, db_name) = create_database(&host).await;
         let mut config = test_config(&db_url, options.model);
         tweak(&mut config);
@@ -270,10 +271,8 @@ impl TestApp {
             let state = teachd::build_state_with_models(config, registry)
                 .await
                 .unwrap();
-            let mut router = teachd::http::router(state.clone());
-            if let Some(extra) = extra {
-                router = router.merge(extra(state.clone()).with_state(state.clone()));
-            }
+            let extra = extra.map(|e| e(state.clone())).unwrap_or_default();
+            let router = teachd::http::router_with(state.clone(), extra);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             ready_tx.send((addr, state.clone())).ok().unwrap();
@@ -597,7 +596,8 @@ impl ChaosProxy {
     pub async fn start() -> ChaosProxy {
         use std::sync::atomic::Ordering;
         // Bound and served on the server runtime, like the apps that connect through it.
-        let listener = on_server(async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() }).await;
+        let listener =
+            on_server(async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() }).await;
         let addr = listener.local_addr().unwrap();
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();

@@ -244,8 +244,16 @@ async fn bootstrap_survives_a_tenant_named_admin_and_a_suspended_admin_client() 
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let resp = app.admin(reqwest::Method::GET, "/admin/clients").send().await.unwrap();
-    assert_eq!(resp.status(), 403, "the suspended admin client's keys stop working");
+    let resp = app
+        .admin(reqwest::Method::GET, "/admin/clients")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        403,
+        "the suspended admin client's keys stop working"
+    );
 
     let (record, key) = teachd::auth::bootstrap_admin(&app.db).await.unwrap();
     assert_eq!(record.client_id, teachd::auth::BOOTSTRAP_ADMIN_ID);

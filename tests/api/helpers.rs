@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 
 use teachd::AppState;
 
-pub use crate::app::MODEL;
 use crate::app::TestApp;
+pub use crate::app::MODEL;
 
 pub struct SharedServer {
     pub addr: SocketAddr,
@@ -103,8 +103,10 @@ impl SharedServer {
         let r = http
             .post(self.url("/v1/tos/accept"))
             .bearer_auth(&key)
-            .json(&serde_json::json!({"version": tos["version"], "purpose": "tests",
-                "student_model": "none", "commercial": false}))
+            .json(
+                &serde_json::json!({"version": tos["version"], "purpose": "tests",
+                "student_model": "none", "commercial": false}),
+            )
             .send()
             .await
             .unwrap();

@@ -5,6 +5,7 @@ mod admin;
 mod app;
 mod auth;
 mod helpers;
+mod hostile;
 mod judgments;
 mod ledger;
 mod limits;

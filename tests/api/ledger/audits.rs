@@ -10,14 +10,22 @@ async fn workload(app: &TestApp) -> Vec<Uuid> {
     app.publish_tos("v1").await;
     let mut clients = Vec::new();
     for i in 0..3 {
-        let (c, key) = app.teacher(&format!("client-{i}"), serde_json::json!({})).await;
+        let (c, key) = app
+            .teacher(&format!("client-{i}"), serde_json::json!({}))
+            .await;
         if i != 2 {
             app.accept_tos(&key, "v1", i == 1).await;
         }
         for n in 0..(20 + 7 * i as u64) {
-            let model = [MODEL, MODEL_ATTRIBUTION, MODEL_NON_COMMERCIAL, MODEL_PROHIBITED]
-                [(n % 4) as usize];
-            let ids: Vec<u32> = (0..(n % 5 + 2) as u32).map(|k| 100 + k * 7 + n as u32).collect();
+            let model = [
+                MODEL,
+                MODEL_ATTRIBUTION,
+                MODEL_NON_COMMERCIAL,
+                MODEL_PROHIBITED,
+            ][(n % 4) as usize];
+            let ids: Vec<u32> = (0..(n % 5 + 2) as u32)
+                .map(|k| 100 + k * 7 + n as u32)
+                .collect();
             let r = app
                 .post(
                     "/v1/logprobs",

@@ -41,7 +41,11 @@ async fn postgres_outage_is_503_and_recovers_without_restart() {
     app.publish_tos("v1").await;
     let mut keys = Vec::new();
     for i in 0..4 {
-        keys.push(app.teacher(&format!("c{i}"), serde_json::json!({"rpm": 1000000})).await.1);
+        keys.push(
+            app.teacher(&format!("c{i}"), serde_json::json!({"rpm": 1000000}))
+                .await
+                .1,
+        );
     }
     let base = format!("http://{}", app.addr);
     let stop = Arc::new(AtomicBool::new(false));
@@ -49,7 +53,11 @@ async fn postgres_outage_is_503_and_recovers_without_restart() {
     for (i, key) in keys.iter().enumerate() {
         // Teacher and admin routes alike: auth, limits, ToS and admin queries need the database.
         let path = if i == 3 { "/admin/clients" } else { "/v1/tos" };
-        let key = if i == 3 { app.admin_key.clone() } else { key.clone() };
+        let key = if i == 3 {
+            app.admin_key.clone()
+        } else {
+            key.clone()
+        };
         tasks.push(tokio::spawn(load(base.clone(), path, key, 2, stop.clone())));
     }
     wait_for_rows(&app, 200).await;
@@ -122,7 +130,11 @@ async fn postgres_outage_is_503_and_recovers_without_restart() {
         .into_iter()
         .collect();
     for o in outcomes.iter().filter(|o| o.status == 200) {
-        assert!(committed.contains(&o.request_id), "2xx without a row: {}", o.request_id);
+        assert!(
+            committed.contains(&o.request_id),
+            "2xx without a row: {}",
+            o.request_id
+        );
     }
     let report = teachd::ledger::queries::verify(&app.db, Default::default())
         .await
@@ -174,7 +186,14 @@ async fn a_stream_whose_row_cannot_commit_ends_with_an_error_instead_of_done() {
     proxy.restore();
     let mut ok = false;
     for _ in 0..400 {
-        if app.get("/v1/tos", Some(&key)).send().await.unwrap().status() == 200 {
+        if app
+            .get("/v1/tos", Some(&key))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
             ok = true;
             break;
         }

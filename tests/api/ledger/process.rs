@@ -22,7 +22,9 @@ pub struct Server {
 /// Starts `teachd serve` on a fresh database (with `env` overrides), bootstraps an admin key
 /// with `teachd admin bootstrap`, creates a client with a teacher key and publishes a ToS.
 pub async fn start_server(env: &[(&str, String)]) -> Server {
-    let host = pg_server().trim_start_matches("postgres://postgres@").to_string();
+    let host = pg_server()
+        .trim_start_matches("postgres://postgres@")
+        .to_string();
     let (url, db_name) = create_database(&host).await;
     let bin = env!("CARGO_BIN_EXE_teachd");
     let mut child = Command::new(bin)
@@ -56,15 +58,21 @@ pub async fn start_server(env: &[(&str, String)]) -> Server {
         .env("RUST_LOG", "error")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let admin = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let base = format!("http://{addr}");
     let http = reqwest::Client::new();
     let client: serde_json::Value = http
         .post(format!("{base}/admin/clients"))
         .bearer_auth(&admin)
-        .json(&serde_json::json!({"name": "load", "limits": {"rpm": 10000000,
-            "max_concurrent": 1000, "tpm": 100000000, "daily_tokens": 1000000000000i64}}))
+        .json(
+            &serde_json::json!({"name": "load", "limits": {"rpm": 10000000,
+            "max_concurrent": 1000, "tpm": 100000000, "daily_tokens": 1000000000000i64}}),
+        )
         .send()
         .await
         .unwrap()
@@ -72,7 +80,10 @@ pub async fn start_server(env: &[(&str, String)]) -> Server {
         .await
         .unwrap();
     let key: serde_json::Value = http
-        .post(format!("{base}/admin/clients/{}/keys", client["id"].as_str().unwrap()))
+        .post(format!(
+            "{base}/admin/clients/{}/keys",
+            client["id"].as_str().unwrap()
+        ))
         .bearer_auth(&admin)
         .json(&serde_json::json!({"scopes": ["teacher"]}))
         .send()
@@ -135,7 +146,12 @@ pub async fn load(
             let mut out = Vec::new();
             let mut errors = 0;
             while !stop.load(Ordering::SeqCst) {
-                match http.get(format!("{base}{path}")).bearer_auth(&key).send().await {
+                match http
+                    .get(format!("{base}{path}"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                {
                     Ok(r) => {
                         errors = 0;
                         let request_id = r
@@ -210,7 +226,13 @@ fn assert_every_response_has_its_row(outcomes: &[Outcome], committed: &[String],
 async fn sigkill_under_load_loses_no_acknowledged_row() {
     let mut server = start_server(&[]).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let load_task = tokio::spawn(load(server.base.clone(), "/v1/tos", server.key.clone(), 16, stop));
+    let load_task = tokio::spawn(load(
+        server.base.clone(),
+        "/v1/tos",
+        server.key.clone(),
+        16,
+        stop,
+    ));
     wait_for_rows(&server.db_name, 2_000).await;
     server.child.kill().unwrap(); // SIGKILL
     server.child.wait().unwrap();
@@ -229,17 +251,30 @@ async fn sigkill_under_load_loses_no_acknowledged_row() {
 async fn sigterm_under_load_exits_cleanly_with_every_row_written() {
     let mut server = start_server(&[]).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let load_task = tokio::spawn(load(server.base.clone(), "/v1/tos", server.key.clone(), 16, stop));
+    let load_task = tokio::spawn(load(
+        server.base.clone(),
+        "/v1/tos",
+        server.key.clone(),
+        16,
+        stop,
+    ));
     wait_for_rows(&server.db_name, 2_000).await;
     let pid = server.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = server.child.wait().unwrap();
     assert!(status.success(), "clean exit: {status:?}");
     let mut said = Vec::new();
     while let Ok(line) = server.lines.recv_timeout(Duration::from_secs(10)) {
         said.push(line);
     }
-    assert!(said.iter().any(|l| l.contains("ledger drained")), "{said:?}");
+    assert!(
+        said.iter().any(|l| l.contains("ledger drained")),
+        "{said:?}"
+    );
     let outcomes = load_task.await.unwrap();
     let committed = committed_ids(&server.db_name).await;
     assert_every_response_has_its_row(&outcomes, &committed, &[200]);
@@ -253,7 +288,8 @@ async fn sigterm_under_load_exits_cleanly_with_every_row_written() {
 /// exits; none is lost to the exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_open_streams_writes_their_rows_before_exit() {
-    let dir = std::env::temp_dir().join(format!("teachd-sigterm-{}", uuid::Uuid::new_v4().simple()));
+    let dir =
+        std::env::temp_dir().join(format!("teachd-sigterm-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("teachd.toml");
     std::fs::write(
@@ -302,7 +338,11 @@ async fn sigterm_with_open_streams_writes_their_rows_before_exit() {
         streams.push((id, body));
     }
     let pid = server.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = server.child.wait().unwrap();
     assert!(status.success(), "clean exit: {status:?}");
     let mut su = superuser(&server.db_name).await;
@@ -322,6 +362,9 @@ async fn sigterm_with_open_streams_writes_their_rows_before_exit() {
         assert!(generated > 0, "the tokens it was served are recorded");
         assert_eq!(model.as_deref(), Some(crate::app::MODEL));
     }
-    assert!(cut > 0, "at least one stream outlived the 1 s grace period and was cut");
+    assert!(
+        cut > 0,
+        "at least one stream outlived the 1 s grace period and was cut"
+    );
     drop(streams);
 }

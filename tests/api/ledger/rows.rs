@@ -7,15 +7,18 @@ use crate::app::{TestApp, MODEL_ATTRIBUTION};
 async fn every_authenticated_request_leaves_one_row_with_its_facts() {
     let app = TestApp::with_model(|_| {}).await;
     let (client, key) = app.ready_teacher("acme", json!({})).await;
-    let key_id: uuid::Uuid =
-        sqlx::query_scalar("SELECT id FROM api_keys WHERE client_id = $1")
-            .bind(client)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
+    let key_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM api_keys WHERE client_id = $1")
+        .bind(client)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
 
     let body = json!({"model": MODEL_ATTRIBUTION, "token_ids": [1, 504, 3458, 28, 9], "top_k": 3});
-    let r = app.post("/v1/logprobs", &key, body.clone()).send().await.unwrap();
+    let r = app
+        .post("/v1/logprobs", &key, body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let response_bytes = r.bytes().await.unwrap();
@@ -36,7 +39,10 @@ async fn every_authenticated_request_leaves_one_row_with_its_facts() {
     let e = &row.event;
     assert_eq!(e.client_id, client);
     assert_eq!(e.key_id, key_id);
-    assert_eq!((e.method.as_str(), e.endpoint.as_str()), ("POST", "/v1/logprobs"));
+    assert_eq!(
+        (e.method.as_str(), e.endpoint.as_str()),
+        ("POST", "/v1/logprobs")
+    );
     assert_eq!(e.model.as_deref(), Some(MODEL_ATTRIBUTION));
     assert_eq!(
         (e.status, e.prompt_tokens, e.scored_tokens, e.top_k),
@@ -51,7 +57,13 @@ async fn every_authenticated_request_leaves_one_row_with_its_facts() {
         Sha256::digest(&response_bytes).to_vec()
     );
     assert_eq!(e.tos_version.as_deref(), Some("t1"));
-    let digest = &app.state.models.get(MODEL_ATTRIBUTION).unwrap().info.weights_sha256;
+    let digest = &app
+        .state
+        .models
+        .get(MODEL_ATTRIBUTION)
+        .unwrap()
+        .info
+        .weights_sha256;
     assert_eq!(e.weights_sha256.as_deref(), Some(digest.as_str()));
     assert!(e.latency_ms > 0.0);
 
@@ -122,8 +134,13 @@ async fn opt_in_body_storage_keeps_bodies_but_never_a_key() {
     let app = TestApp::spawn_with(None, |c| c.ledger.store_bodies = true).await;
     app.publish_tos("t1").await;
     let (client, key) = app.teacher("acme", json!({})).await;
-    let body = json!({"version": "t1", "purpose": "distil", "student_model": "s", "commercial": false});
-    let r = app.post("/v1/tos/accept", &key, body.clone()).send().await.unwrap();
+    let body =
+        json!({"version": "t1", "purpose": "distil", "student_model": "s", "commercial": false});
+    let r = app
+        .post("/v1/tos/accept", &key, body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let response = r.bytes().await.unwrap();
@@ -140,7 +157,10 @@ async fn opt_in_body_storage_keeps_bodies_but_never_a_key() {
 
     // The response that shows a new key in plaintext is hashed, never stored.
     let r = app
-        .admin(reqwest::Method::POST, &format!("/admin/clients/{client}/keys"))
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/clients/{client}/keys"),
+        )
         .json(&json!({"scopes": ["teacher"]}))
         .send()
         .await

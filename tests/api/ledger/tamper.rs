@@ -7,7 +7,11 @@ async fn app_with_rows(n: usize) -> TestApp {
     let (_, key) = app.teacher("acme", serde_json::json!({})).await;
     for _ in 2..n {
         assert_eq!(
-            app.get("/v1/tos", Some(&key)).send().await.unwrap().status(),
+            app.get("/v1/tos", Some(&key))
+                .send()
+                .await
+                .unwrap()
+                .status(),
             404
         );
     }

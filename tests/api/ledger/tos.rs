@@ -4,10 +4,14 @@ use crate::app::{TestApp, MODEL, MODEL_ATTRIBUTION, MODEL_NON_COMMERCIAL, MODEL_
 
 /// A cheap teacher call that goes through the ToS and licence checks.
 async fn teacher(app: &TestApp, key: &str, model: &str) -> reqwest::Response {
-    app.post("/v1/tokenize", key, json!({"model": model, "prompt": "hello"}))
-        .send()
-        .await
-        .unwrap()
+    app.post(
+        "/v1/tokenize",
+        key,
+        json!({"model": model, "prompt": "hello"}),
+    )
+    .send()
+    .await
+    .unwrap()
 }
 
 async fn error_code(r: reqwest::Response) -> String {
@@ -29,7 +33,11 @@ async fn teacher_endpoints_need_the_current_tos_accepted() {
     assert_eq!(r.status(), 403);
     assert_eq!(error_code(r).await, "tos_not_accepted");
     assert_eq!(
-        app.get("/v1/tos", Some(&key)).send().await.unwrap().status(),
+        app.get("/v1/tos", Some(&key))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         404
     );
 
@@ -165,7 +173,12 @@ async fn licence_policies_and_provenance_headers() {
         assert_eq!(r.status(), 403);
         assert_eq!(error_code(r).await, "licence_forbids");
     }
-    assert_eq!(teacher(&app, &hobbyist, MODEL_NON_COMMERCIAL).await.status(), 200);
+    assert_eq!(
+        teacher(&app, &hobbyist, MODEL_NON_COMMERCIAL)
+            .await
+            .status(),
+        200
+    );
     let r = teacher(&app, &company, MODEL_NON_COMMERCIAL).await;
     assert_eq!(r.status(), 403);
     assert!(
@@ -176,5 +189,8 @@ async fn licence_policies_and_provenance_headers() {
 
     // A company that re-accepts declaring non-commercial use may use it.
     app.accept_tos(&company, "v1", false).await;
-    assert_eq!(teacher(&app, &company, MODEL_NON_COMMERCIAL).await.status(), 200);
+    assert_eq!(
+        teacher(&app, &company, MODEL_NON_COMMERCIAL).await.status(),
+        200
+    );
 }
