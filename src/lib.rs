@@ -2,6 +2,30 @@
 //!
 //! Data flows one way: http -> auth/limits -> engine -> ledger -> response. The engine knows
 //! nothing of HTTP, clients or Postgres; the ledger knows nothing of models.
+//!
+//! # Module map (one line per module: what it owns)
+//!
+//! - `main.rs` (bin `teachd`): the CLI; parses arguments and calls into this library.
+//! - [`config`]: the typed configuration; its `default.toml` is the embedded base layer and the
+//!   one place every default lives.
+//! - [`state`]: `AppState`, the parts wired together.
+//! - [`error`]: `ApiError` and the one mapping of every error to the wire (JSON and SSE).
+//! - [`usage`]: the typed hand-off from handlers to the gate: `Meter` (what a request served and
+//!   reserved) and its `Closed` record.
+//! - [`auth`]: API keys (format, hashing) and authentication to a `ClientCtx`.
+//! - [`limits`]: per-client rpm, tpm, concurrency and the daily quota (client id + `Limits` in).
+//! - [`tos`]: ToS versions, acceptances, licence policy.
+//! - [`db`]: pool, migrations, outage classification and the database circuit breaker.
+//! - [`engine`]: the teacher: model registry, mistralrs backend, logprob math, judge prompts.
+//! - [`ledger`]: usage rows: the group-committing writer, the hash chain, bounded refusal
+//!   rows, audit queries and verification.
+//! - [`http`]: the HTTP surface: the router and its outer layers (`mod.rs`), the gate (order of
+//!   checks), the row of a request (`ledger_layer`), extractors (`extract`), request input and
+//!   validators (`input`), teacher lookup and provenance (`access`), SSE streams (`sse`),
+//!   generation driving (`generation`), one module per resource (`logprobs`, `completions`,
+//!   `chat`, `judgments`, `tokenize`, `models`, `tos`, `admin`), health and metrics.
+//! - `bin/teachd-bench.rs`, `bin/bench-ledger.rs`, `bin/bench-auth.rs`: benchmarks that print
+//!   tables.
 
 pub mod auth;
 pub mod config;

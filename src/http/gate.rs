@@ -65,7 +65,7 @@ async fn gate(state: AppState, scope: Scope, req: Request, next: Next) -> Respon
     };
     let (row, meter) = Row::open(&state, &ctx, &req).await;
     let admission = if scope == Scope::Teacher {
-        match state.limits.admit(&ctx) {
+        match state.limits.admit(ctx.client_id, &ctx.limits) {
             Ok(admission) => Some(admission),
             Err(err) => return row.refuse(err).await,
         }
@@ -163,7 +163,7 @@ async fn admitted(
     if let Some(admission) = &admission {
         state
             .limits
-            .write_headers(ctx, admission, response.headers_mut());
+            .write_headers(ctx.client_id, &ctx.limits, admission, response.headers_mut());
     }
     hold_until_body_ends(response, (admission, slot))
 }

@@ -280,21 +280,10 @@ fn ms(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1e3
 }
 
-/// What a failed commit becomes on the wire.
+/// What a failed commit becomes on the wire (the mapping lives with every other one, in
+/// `crate::error`).
 fn refusal(err: LedgerError) -> Response {
-    match err {
-        LedgerError::DuplicateRequestId(id) => ApiError::BadRequest {
-            message: format!("the request id `{id}` was already used; send a new x-request-id"),
-            param: None,
-            code: Some("duplicate_request_id"),
-        }
-        .into_response(),
-        LedgerError::Unavailable(why) => {
-            tracing::warn!(error = %why, "ledger commit failed; answering 503");
-            ApiError::LedgerUnavailable.into_response()
-        }
-        LedgerError::Closed => ApiError::LedgerUnavailable.into_response(),
-    }
+    ApiError::from(err).into_response()
 }
 
 fn apply(event: &mut UsageEvent, usage: &Usage) {

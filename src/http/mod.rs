@@ -6,13 +6,13 @@
 //! and /docs are open.
 
 pub mod admin;
-mod arrow;
 mod chat;
-pub mod common;
+pub mod access;
 mod completions;
-pub mod de;
+pub mod extract;
 pub mod gate;
 mod generation;
+pub mod input;
 pub mod health;
 mod judgments;
 pub mod ledger_layer;

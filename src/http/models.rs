@@ -7,7 +7,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::config::LicenceConfig;
 use crate::engine::Teacher;
-use crate::error::{ErrorEnvelope, Json};
+use crate::http::extract::Json;
 use crate::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -65,7 +65,7 @@ impl ModelEntry {
 
 /// The teachers this server hosts.
 #[utoipa::path(get, path = "/v1/models", tag = "teacher",
-    responses((status = 200, body = ModelList), (status = 401, body = ErrorEnvelope)),
+    responses((status = 200, body = ModelList)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {

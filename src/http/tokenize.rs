@@ -6,10 +6,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{self, Message};
+use super::access;
+use super::input::{self, Message};
 use super::logprobs::resolve_input;
 use crate::auth::ClientCtx;
-use crate::error::{ApiError, ErrorEnvelope, Json};
+use crate::error::{ApiError, ErrorEnvelope};
+use crate::http::extract::Json;
 use crate::usage::Meter;
 use crate::AppState;
 
@@ -28,7 +30,7 @@ pub struct TokenizeRequest {
     pub model: String,
     #[serde(default)]
     pub prompt: Option<String>,
-    #[serde(default, deserialize_with = "crate::http::de::opt_vec_object")]
+    #[serde(default, deserialize_with = "crate::http::extract::opt_vec_object")]
     pub messages: Option<Vec<Message>>,
     /// Applies to `prompt`; default true.
     #[serde(default)]
@@ -62,8 +64,7 @@ pub struct DetokenizeResponse {
 
 /// Tokenize a prompt or a chat with the model's tokenizer and template.
 #[utoipa::path(post, path = "/v1/tokenize", tag = "teacher", request_body = TokenizeRequest,
-    responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorEnvelope),
-              (status = 401, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
+    responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn tokenize(
@@ -72,7 +73,7 @@ pub async fn tokenize(
     meter: Meter,
     Json(req): Json<TokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
+    let teacher = access::teacher_for(&state, &ctx, &req.model).await?;
     meter.serve(&teacher);
     let ids = match (req.prompt, req.messages) {
         (Some(_), Some(_)) | (None, None) => {
@@ -86,7 +87,7 @@ pub async fn tokenize(
                 .await?
         }
         (None, Some(messages)) if req.add_generation_prompt.unwrap_or(false) => {
-            let messages = common::convert_messages(&messages)?;
+            let messages = input::convert_messages(&messages)?;
             teacher.tokenize_chat(&messages, true).await?
         }
         (None, Some(messages)) => resolve_input(&teacher, None, None, Some(messages), true).await?,
@@ -113,13 +114,12 @@ pub async fn tokenize(
         body,
     )
         .into_response();
-    Ok(common::provenance(response, &teacher))
+    Ok(access::provenance(response, &teacher))
 }
 
 /// Decode token ids to text.
 #[utoipa::path(post, path = "/v1/detokenize", tag = "teacher", request_body = DetokenizeRequest,
-    responses((status = 200, body = DetokenizeResponse), (status = 400, body = ErrorEnvelope),
-              (status = 401, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
+    responses((status = 200, body = DetokenizeResponse), (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn detokenize(
@@ -128,12 +128,12 @@ pub async fn detokenize(
     meter: Meter,
     Json(req): Json<DetokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
+    let teacher = access::teacher_for(&state, &ctx, &req.model).await?;
     meter.serve(&teacher);
     let t = teacher.clone();
     let text = tokio::task::spawn_blocking(move || t.detokenize(&req.token_ids))
         .await
         .map_err(|e| ApiError::Internal(e.into()))??;
     let response = Json(DetokenizeResponse { text }).into_response();
-    Ok(common::provenance(response, &teacher))
+    Ok(access::provenance(response, &teacher))
 }

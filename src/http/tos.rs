@@ -8,10 +8,11 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::common;
+use super::input;
 use crate::auth::ClientCtx;
 use crate::engine::ModelInfo;
-use crate::error::{ApiError, ErrorEnvelope, Json, Result};
+use crate::error::{ApiError, ErrorEnvelope, Result};
+use crate::http::extract::Json;
 use crate::tos::{self, Acceptance, TosStore, TosVersion};
 use crate::AppState;
 
@@ -122,9 +123,9 @@ async fn accept_tos(
     ctx: ClientCtx,
     Json(req): Json<AcceptRequest>,
 ) -> Result<Json<Acceptance>> {
-    common::stored_text("purpose", &req.purpose, 2000)?;
-    common::stored_text("student_model", &req.student_model, 200)?;
-    common::stored_text("version", &req.version, 100)?;
+    input::stored_text("purpose", &req.purpose, 2000)?;
+    input::stored_text("student_model", &req.student_model, 200)?;
+    input::stored_text("version", &req.version, 100)?;
     let acceptance = state
         .tos
         .accept(
@@ -161,8 +162,8 @@ async fn publish_tos(
     _ctx: ClientCtx,
     Json(req): Json<PublishRequest>,
 ) -> Result<(StatusCode, Json<TosVersion>)> {
-    common::stored_text("version", &req.version, 100)?;
-    common::stored_text("text", &req.text, 1_000_000)?;
+    input::stored_text("version", &req.version, 100)?;
+    input::stored_text("text", &req.text, 1_000_000)?;
     let v = state.tos.publish(&req.version, &req.text).await?;
     Ok((StatusCode::CREATED, Json(v)))
 }

@@ -42,7 +42,6 @@ use governor::nanos::Nanos;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::auth::ClientCtx;
 use crate::config::DefaultLimits;
 use crate::error::ApiError;
 use concurrency::{ConcurrencyLimiter, ConcurrencyPermit};
@@ -160,13 +159,14 @@ impl<C: LimitClock> Limiter<C> {
 
     /// Counts the request against `rpm`, then takes a concurrency slot. A request refused for
     /// concurrency still counts as a request.
-    pub fn admit(&self, ctx: &ClientCtx) -> Result<Admission, ApiError> {
-        let l = &ctx.limits;
-        let requests = match self.rpm.check(ctx.client_id, l.rpm) {
+    pub fn admit(&self, client: Uuid, limits: &Limits) -> Result<Admission, ApiError> {
+        let l = limits;
+        let requests = match self.rpm.check(client, l.rpm) {
             Ok(requests) => requests,
             Err(wait) => {
                 let state = self.rate_state(
-                    ctx,
+                    client,
+                    limits,
                     &RequestsState {
                         limit: l.rpm,
                         remaining: 0,
@@ -186,7 +186,7 @@ impl<C: LimitClock> Limiter<C> {
         };
         match self
             .concurrency
-            .try_acquire(ctx.client_id, l.max_concurrent)
+            .try_acquire(client, l.max_concurrent)
         {
             Some(permit) => Ok(Admission { requests, permit }),
             None => Err(too_many(
@@ -194,7 +194,7 @@ impl<C: LimitClock> Limiter<C> {
                     "Too many requests in flight (limit {}); retry when one finishes",
                     l.max_concurrent
                 ),
-                &self.rate_state(ctx, &requests),
+                &self.rate_state(client, limits, &requests),
                 // A slot frees when some request ends: unknown, so suggest a short pause.
                 Some(Duration::from_secs(1)),
             )),
@@ -202,12 +202,12 @@ impl<C: LimitClock> Limiter<C> {
     }
 
     /// The client's standing, for the response headers.
-    pub fn rate_state(&self, ctx: &ClientCtx, requests: &RequestsState) -> RateState {
+    pub fn rate_state(&self, client: Uuid, limits: &Limits, requests: &RequestsState) -> RateState {
         let (tokens_remaining, tokens_reset) =
             self.tokens
-                .peek(ctx.client_id, ctx.limits.tpm, self.now_ns());
+                .peek(client, limits.tpm, self.now_ns());
         RateState {
-            limits: ctx.limits.clone(),
+            limits: limits.clone(),
             requests_remaining: requests.remaining,
             requests_reset: requests.reset,
             tokens_remaining,
@@ -217,21 +217,21 @@ impl<C: LimitClock> Limiter<C> {
     }
 
     /// Writes the rate-limit headers of an admitted request onto its response.
-    pub fn write_headers(&self, ctx: &ClientCtx, admission: &Admission, out: &mut HeaderMap) {
-        headers::write(out, &self.rate_state(ctx, &admission.requests), None);
+    pub fn write_headers(&self, client: Uuid, limits: &Limits, admission: &Admission, out: &mut HeaderMap) {
+        headers::write(out, &self.rate_state(client, limits, &admission.requests), None);
     }
 
     /// Reserves `n` tokens against tpm and today's quota. See the module docs.
     pub async fn reserve_tokens(
         self: &Arc<Self>,
-        ctx: &ClientCtx,
+        client: Uuid, limits: &Limits,
         n: u64,
     ) -> Result<TokenReservation<C>, ApiError> {
         let day = quota::today();
         let mut reservation = TokenReservation {
             limiter: Arc::downgrade(self),
-            client_id: ctx.client_id,
-            tpm: ctx.limits.tpm,
+            client_id: client,
+            tpm: limits.tpm,
             day,
             reserved: 0,
             in_quota: false,
@@ -243,15 +243,15 @@ impl<C: LimitClock> Limiter<C> {
         let now = self.now_ns();
         let taken = self
             .tokens
-            .with_bucket(ctx.client_id, ctx.limits.tpm, now, |b| b.try_take(n, now));
+            .with_bucket(client, limits.tpm, now, |b| b.try_take(n, now));
         if let Err(denial) = taken {
             let none = RequestsState {
-                limit: ctx.limits.rpm,
+                limit: limits.rpm,
                 remaining: 0,
                 reset: Duration::ZERO,
             };
-            let mut state = self.rate_state(ctx, &none);
-            state.requests_remaining = ctx.limits.rpm; // unknown here; the gate overwrites it
+            let mut state = self.rate_state(client, limits, &none);
+            state.requests_remaining = limits.rpm; // unknown here; the gate overwrites it
             return Err(match denial {
                 TokenDenial::TooLarge { cost, burst } => too_many(
                     format!(
@@ -263,7 +263,7 @@ impl<C: LimitClock> Limiter<C> {
                 TokenDenial::Wait(wait) => too_many(
                     format!(
                         "Rate limit reached for tokens per minute (limit {}, requested {n}); retry in {}s",
-                        ctx.limits.tpm,
+                        limits.tpm,
                         headers::ceil_secs(wait).max(1)
                     ),
                     &state,
@@ -273,9 +273,9 @@ impl<C: LimitClock> Limiter<C> {
         }
         reservation.reserved = n;
         if let Some(quota) = &self.quota {
-            let limit = ctx.limits.daily_tokens;
+            let limit = limits.daily_tokens;
             let spent = quota
-                .try_spend(ctx.client_id, day, n as i64, limit)
+                .try_spend(client, day, n as i64, limit)
                 .await
                 .map_err(|e| {
                     // `reservation` drops: tpm refunded. A database outage is a 503.
@@ -292,10 +292,11 @@ impl<C: LimitClock> Limiter<C> {
                 Err(exceeded) => {
                     let until_midnight = until_next_utc_day();
                     let mut state = self.rate_state(
-                        ctx,
+                        client,
+                        limits,
                         &RequestsState {
-                            limit: ctx.limits.rpm,
-                            remaining: ctx.limits.rpm,
+                            limit: limits.rpm,
+                            remaining: limits.rpm,
                             reset: Duration::ZERO,
                         },
                     );
@@ -353,9 +354,9 @@ impl<C: LimitClock> Limiter<C> {
     }
 
     /// Tokens the client could take now.
-    pub fn tokens_remaining(&self, ctx: &ClientCtx) -> u64 {
+    pub fn tokens_remaining(&self, client: Uuid, limits: &Limits) -> u64 {
         self.tokens
-            .peek(ctx.client_id, ctx.limits.tpm, self.now_ns())
+            .peek(client, limits.tpm, self.now_ns())
             .0
     }
 
@@ -390,17 +391,10 @@ fn until_next_utc_day() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Scope;
     use governor::clock::FakeRelativeClock;
 
-    fn ctx(limits: Limits) -> ClientCtx {
-        ClientCtx {
-            client_id: Uuid::new_v4(),
-            key_id: Uuid::new_v4(),
-            client_name: "t".into(),
-            scopes: vec![Scope::Teacher],
-            limits,
-        }
+    fn ctx(limits: Limits) -> (Uuid, Limits) {
+        (Uuid::new_v4(), limits)
     }
 
     fn limits() -> Limits {
@@ -424,17 +418,17 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let l = Limiter::with_clock(None, clock.clone());
         let c = ctx(limits());
-        let first = l.admit(&c).unwrap();
+        let first = l.admit(c.0, &c.1).unwrap();
         assert_eq!(first.requests.remaining, 1);
-        let (kind, h) = status_and_headers(l.admit(&c).unwrap_err());
+        let (kind, h) = status_and_headers(l.admit(c.0, &c.1).unwrap_err());
         assert_eq!(kind, "rate_limit_exceeded");
         assert_eq!(h["retry-after"], "1");
         drop(first);
-        let (_, h) = status_and_headers(l.admit(&c).unwrap_err());
+        let (_, h) = status_and_headers(l.admit(c.0, &c.1).unwrap_err());
         assert_eq!(h["x-ratelimit-remaining-requests"], "0");
         assert_eq!(h["retry-after"], "30", "2 rpm: one request per 30 s");
         clock.advance(Duration::from_secs(30));
-        assert!(l.admit(&c).is_ok());
+        assert!(l.admit(c.0, &c.1).is_ok());
     }
 
     #[tokio::test]
@@ -442,38 +436,38 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let l = Arc::new(Limiter::with_clock(None, clock));
         let c = ctx(limits());
-        let r = l.reserve_tokens(&c, 80).await.unwrap();
-        assert_eq!(l.tokens_remaining(&c), 20);
-        let err = l.reserve_tokens(&c, 30).await.unwrap_err();
+        let r = l.reserve_tokens(c.0, &c.1, 80).await.unwrap();
+        assert_eq!(l.tokens_remaining(c.0, &c.1), 20);
+        let err = l.reserve_tokens(c.0, &c.1, 30).await.unwrap_err();
         let (_, h) = status_and_headers(err);
         assert!(h.contains_key("retry-after"));
         r.settle(10).await;
-        assert_eq!(l.tokens_remaining(&c), 90);
-        let r = l.reserve_tokens(&c, 50).await.unwrap();
+        assert_eq!(l.tokens_remaining(c.0, &c.1), 90);
+        let r = l.reserve_tokens(c.0, &c.1, 50).await.unwrap();
         drop(r);
-        assert_eq!(l.tokens_remaining(&c), 90);
+        assert_eq!(l.tokens_remaining(c.0, &c.1), 90);
         // Dropped unsettled, a reservation charges what was produced and refunds the rest.
-        let mut r = l.reserve_tokens(&c, 50).await.unwrap();
-        assert_eq!(l.tokens_remaining(&c), 40);
+        let mut r = l.reserve_tokens(c.0, &c.1, 50).await.unwrap();
+        assert_eq!(l.tokens_remaining(c.0, &c.1), 40);
         r.set_produced(20);
         drop(r);
-        assert_eq!(l.tokens_remaining(&c), 70);
+        assert_eq!(l.tokens_remaining(c.0, &c.1), 70);
         // Settling past the reservation charges the reservation only.
-        let r = l.reserve_tokens(&c, 10).await.unwrap();
+        let r = l.reserve_tokens(c.0, &c.1, 10).await.unwrap();
         r.settle(1000).await;
-        assert_eq!(l.tokens_remaining(&c), 60);
+        assert_eq!(l.tokens_remaining(c.0, &c.1), 60);
     }
 
     #[tokio::test]
     async fn cost_over_the_burst_is_refused_without_retry_after() {
         let l = Arc::new(Limiter::with_clock(None, FakeRelativeClock::default()));
         let c = ctx(limits());
-        let err = l.reserve_tokens(&c, 101).await.unwrap_err();
+        let err = l.reserve_tokens(c.0, &c.1, 101).await.unwrap_err();
         assert!(err.to_string().contains("can never be admitted"), "{err}");
         let (kind, h) = status_and_headers(err);
         assert_eq!(kind, "rate_limit_exceeded");
         assert!(!h.contains_key("retry-after"));
-        assert_eq!(l.tokens_remaining(&c), 100);
+        assert_eq!(l.tokens_remaining(c.0, &c.1), 100);
     }
 
     #[tokio::test]
@@ -482,10 +476,10 @@ mod tests {
         let l = Arc::new(Limiter::with_clock(None, clock.clone()));
         let idle = ctx(limits());
         let busy = ctx(limits());
-        drop(l.admit(&idle).unwrap());
-        l.reserve_tokens(&idle, 10).await.unwrap().settle(10).await;
-        let _held = l.admit(&busy).unwrap();
-        let _reserved = l.reserve_tokens(&busy, 100).await.unwrap();
+        drop(l.admit(idle.0, &idle.1).unwrap());
+        l.reserve_tokens(idle.0, &idle.1, 10).await.unwrap().settle(10).await;
+        let _held = l.admit(busy.0, &busy.1).unwrap();
+        let _reserved = l.reserve_tokens(busy.0, &busy.1, 100).await.unwrap();
         clock.advance(Duration::from_secs(10));
         l.sweep();
         let t = l.tracked_clients();

@@ -180,6 +180,9 @@ pub fn test_config(db_url: &str, with_model: bool) -> Config {
     );
     if with_model {
         toml.push_str(&models_toml());
+    } else {
+        // Replaces the embedded default's model list.
+        toml.insert_str(0, "models = []\n");
     }
     config_from(&toml, &[])
 }
@@ -519,6 +522,7 @@ pub async fn wait_tokens_used(db: &PgPool, client: Uuid, want: i64) {
 
 /// The facts of one ledger row that tests check.
 #[derive(Debug, Clone, sqlx::FromRow)]
+#[allow(dead_code)] // read through Debug in failure messages
 pub struct Row {
     pub status: i16,
     pub error_code: Option<String>,

@@ -243,20 +243,20 @@ async fn reservation_api_refunds_tpm_and_daily_quota() {
     let prompt = 100;
     let max_tokens = 400;
     let r = limiter
-        .reserve_tokens(&ctx, prompt + max_tokens)
+        .reserve_tokens(ctx.client_id, &ctx.limits, prompt + max_tokens)
         .await
         .unwrap();
-    assert_eq!(limiter.tokens_remaining(&ctx), 500);
+    assert_eq!(limiter.tokens_remaining(ctx.client_id, &ctx.limits), 500);
     assert_eq!(limiter.daily_tokens_used(client).await.unwrap(), 500);
     r.settle(prompt + 30).await; // stopped after 30 tokens
-    assert_eq!(limiter.tokens_remaining(&ctx), 870);
+    assert_eq!(limiter.tokens_remaining(ctx.client_id, &ctx.limits), 870);
     assert_eq!(limiter.daily_tokens_used(client).await.unwrap(), 130);
 
     // A request that fails before it settles costs nothing (the refund runs in a task).
-    let r = limiter.reserve_tokens(&ctx, 800).await.unwrap();
+    let r = limiter.reserve_tokens(ctx.client_id, &ctx.limits, 800).await.unwrap();
     assert_eq!(limiter.daily_tokens_used(client).await.unwrap(), 930);
     drop(r);
-    assert_eq!(limiter.tokens_remaining(&ctx), 870);
+    assert_eq!(limiter.tokens_remaining(ctx.client_id, &ctx.limits), 870);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while limiter.daily_tokens_used(client).await.unwrap() != 130 {
         assert!(
@@ -268,5 +268,5 @@ async fn reservation_api_refunds_tpm_and_daily_quota() {
 
     // tpm refills with time: 1000/min.
     clock.advance(Duration::from_secs(6));
-    assert_eq!(limiter.tokens_remaining(&ctx), 970);
+    assert_eq!(limiter.tokens_remaining(ctx.client_id, &ctx.limits), 970);
 }

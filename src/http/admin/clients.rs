@@ -9,8 +9,9 @@ use uuid::Uuid;
 
 use super::keys::KeyView;
 use super::{double_option, parse_id, List};
-use crate::error::{ApiError, ErrorEnvelope, Json, Result};
-use crate::http::common::no_nul;
+use crate::error::{ApiError, ErrorEnvelope, Result};
+use crate::http::extract::Json;
+use crate::http::input::no_nul;
 use crate::limits::Limits;
 use crate::AppState;
 
@@ -38,7 +39,7 @@ pub struct CreateClient {
     #[serde(default)]
     #[schema(max_length = 320)]
     pub contact: Option<String>,
-    #[serde(default, deserialize_with = "crate::http::de::object")]
+    #[serde(default, deserialize_with = "crate::http::extract::object")]
     pub limits: LimitOverrides,
 }
 
@@ -53,7 +54,7 @@ pub struct PatchClient {
     pub contact: Option<Option<String>>,
     /// A suspended client gets 403 on its very next request.
     pub suspended: Option<bool>,
-    #[serde(default, deserialize_with = "crate::http::de::opt_object")]
+    #[serde(default, deserialize_with = "crate::http::extract::opt_object")]
     pub limits: Option<PatchLimits>,
 }
 
@@ -219,7 +220,6 @@ pub(crate) async fn fetch_client(state: &AppState, id: Uuid) -> Result<ClientRow
     responses(
         (status = 201, description = "Created", body = ClientView),
         (status = 400, description = "Invalid field (`param` names it)", body = ErrorEnvelope),
-        (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope),
     ),
     security(("bearer" = ["admin"]))
 )]
@@ -258,7 +258,6 @@ pub async fn create_client(
     get, path = "/admin/clients", tag = "admin",
     responses(
         (status = 200, body = List<ClientView>),
-        (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope),
     ),
     security(("bearer" = ["admin"]))
 )]
@@ -282,7 +281,6 @@ pub async fn list_clients(State(state): State<AppState>) -> Result<Json<List<Cli
     responses(
         (status = 200, body = ClientView),
         (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
-        (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope),
     ),
     security(("bearer" = ["admin"]))
 )]
@@ -306,7 +304,6 @@ pub async fn get_client(
     responses(
         (status = 200, body = ClientView),
         (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
-        (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope),
     ),
     security(("bearer" = ["admin"]))
 )]

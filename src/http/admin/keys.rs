@@ -10,7 +10,8 @@ use uuid::Uuid;
 use super::clients::fetch_client;
 use super::parse_id;
 use crate::auth::{self, KeyRecord, Scope};
-use crate::error::{ApiError, ErrorEnvelope, Json, Result};
+use crate::error::{ApiError, ErrorEnvelope, Result};
+use crate::http::extract::Json;
 use crate::usage::Meter;
 use crate::AppState;
 
@@ -108,7 +109,6 @@ fn valid_scopes(raw: &[String]) -> Result<Vec<Scope>> {
     responses(
         (status = 201, description = "Created; `key` is shown only now", body = CreatedKey),
         (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
-        (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope),
     ),
     security(("bearer" = ["admin"]))
 )]
@@ -153,7 +153,6 @@ pub async fn issue_key(
     responses(
         (status = 200, description = "Revoked", body = KeyView),
         (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
-        (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope),
     ),
     security(("bearer" = ["admin"]))
 )]

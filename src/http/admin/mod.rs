@@ -6,14 +6,11 @@ pub mod clients;
 pub mod keys;
 pub mod usage;
 
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
-use serde::de::DeserializeOwned;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use crate::error::ApiError;
+pub(crate) use crate::http::extract::{double_option, parse_id, Query};
 use crate::ledger::queries::TimeRange;
 use crate::AppState;
 
@@ -29,12 +26,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(audit::routes())
 }
 
-/// A path id, or 400 naming the parameter. (axum's `Path<Uuid>` would reject in plain text.)
-pub(crate) fn parse_id(param: &str, raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw)
-        .map_err(|_| ApiError::bad_param(param, format!("`{param}` must be a UUID")))
-}
-
 /// `{"object": "list", "data": [...]}`.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct List<T> {
@@ -48,34 +39,6 @@ impl<T> List<T> {
             object: "list",
             data,
         }
-    }
-}
-
-/// Deserializes a present field as `Some(value)`, `null` included, so that PATCH can tell
-/// "set to null" (`Some(None)`) from "absent" (`None`).
-pub(crate) fn double_option<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
-where
-    T: serde::Deserialize<'de>,
-    D: serde::Deserializer<'de>,
-{
-    <Option<T> as serde::Deserialize>::deserialize(de).map(Some)
-}
-
-/// Query-string extractor whose rejections use the error envelope (400), like `error::Json`.
-pub struct Query<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| Query(q.0))
-            .map_err(|rej| ApiError::BadRequest {
-                message: rej.body_text(),
-                param: None,
-                code: Some("invalid_query"),
-            })
     }
 }
 

@@ -11,8 +11,9 @@ use uuid::Uuid;
 
 use super::{parse_range, Query};
 use crate::auth::ClientCtx;
-use crate::error::{ApiError, ErrorEnvelope, Json, Result};
-use crate::http::common;
+use crate::error::{ApiError, ErrorEnvelope, Result};
+use crate::http::extract::Json;
+use crate::http::input;
 use crate::ledger::queries::{self, EventFilter, GroupKey};
 use crate::ledger::ChainedEvent;
 use crate::AppState;
@@ -106,7 +107,7 @@ async fn usage(
     let keys = parse_group_by(p.group_by.as_deref())?;
     for (param, value) in [("model", &p.model), ("endpoint", &p.endpoint)] {
         if let Some(v) = value {
-            common::no_nul(param, v)?;
+            input::no_nul(param, v)?;
         }
     }
     let filter = EventFilter {

@@ -15,7 +15,6 @@ pub struct Server {
     pub base: String,
     pub db_name: String,
     pub lines: std::sync::mpsc::Receiver<String>,
-    pub admin: String,
     pub key: String,
 }
 
@@ -27,8 +26,12 @@ pub async fn start_server(env: &[(&str, String)]) -> Server {
         .to_string();
     let (url, db_name) = create_database(&host).await;
     let bin = env!("CARGO_BIN_EXE_teachd");
+    // Without a model unless the caller's config names one (the embedded default has one).
+    let no_models = std::env::temp_dir().join(format!("teachd-nomodel-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&no_models, "models = []\n").unwrap();
     let mut child = Command::new(bin)
         .arg("serve")
+        .env("TEACHD_CONFIG", &no_models)
         .env("TEACHD__DATABASE__URL", &url)
         .env("TEACHD__SERVER__BIND", "127.0.0.1:0")
         .env("RUST_LOG", "info,mistralrs_core=warn")
@@ -105,7 +108,6 @@ pub async fn start_server(env: &[(&str, String)]) -> Server {
         base,
         db_name,
         lines,
-        admin,
         key: key["key"].as_str().unwrap().to_string(),
     }
 }

@@ -9,7 +9,7 @@ use arrow_array::builder::{Float32Builder, ListBuilder, UInt32Builder};
 use arrow_array::{ArrayRef, Float32Array, RecordBatch, UInt32Array};
 use arrow_schema::{DataType, Field, Schema};
 
-use super::logprobs::LogprobsResponse;
+use super::LogprobsResponse;
 use crate::error::ApiError;
 
 pub fn schema(meta: HashMap<String, String>) -> Schema {

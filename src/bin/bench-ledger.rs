@@ -1,6 +1,6 @@
 //! Ledger benchmark: prints a table.
 //!
-//! `cargo run --example bench_ledger` (Postgres at 127.0.0.1:5432, user postgres; override with
+//! `cargo run --bin bench-ledger` (Postgres at 127.0.0.1:5432, user postgres; override with
 //! BENCH_PG_ADMIN_URL). Creates throwaway databases `teachd_bench_*`.
 //!
 //! 1. `Ledger::record` alone: durably committed rows/s and record latency with N callers.
@@ -76,6 +76,7 @@ async fn state_for(url: &str) -> AppState {
     // TEACHD__LEDGER__MAX_WAIT_MS=0 etc. apply.
     let mut config = teachd::config::Config::load(None).unwrap();
     config.database.url = url.to_string();
+    config.models.clear(); // the ledger alone
     teachd::build_state(config).await.unwrap()
 }
 
