@@ -228,6 +228,21 @@ pub fn criteria_sha256(criteria: &str) -> String {
 }
 
 impl Teacher {
+    /// Which tokens start with a digit (after optional whitespace): the tokens that continue a
+    /// number. Computed once per teacher, not per judgment (a scan of the whole vocabulary).
+    fn digit_start(&self) -> &[bool] {
+        self.digit_start.get_or_init(|| {
+            (0..self.info.vocab_size as u32)
+                .map(|id| {
+                    self.token_bytes(id)
+                        .iter()
+                        .find(|b| !b.is_ascii_whitespace())
+                        .is_some_and(|b| b.is_ascii_digit())
+                })
+                .collect()
+        })
+    }
+
     async fn judge_prompt(&self, user: String, prefix: &str) -> Result<Vec<u32>, EngineError> {
         let messages = [
             ChatMessage {
@@ -293,14 +308,7 @@ impl Teacher {
                 }
             }
         }
-        let digit_start: Vec<bool> = (0..self.info.vocab_size as u32)
-            .map(|id| {
-                self.token_bytes(id)
-                    .iter()
-                    .find(|b| !b.is_ascii_whitespace())
-                    .is_some_and(|b| b.is_ascii_digit())
-            })
-            .collect();
+        let digit_start = self.digit_start();
         let mut out = Vec::with_capacity(candidates.len());
         for (i, c) in candidates.iter().enumerate() {
             let mut lp = 0.0;
@@ -318,7 +326,7 @@ impl Teacher {
                 })?;
                 let continue_mass: f64 = after
                     .iter()
-                    .zip(&digit_start)
+                    .zip(digit_start)
                     .filter(|(_, &d)| d)
                     .map(|(x, _)| x.exp())
                     .sum();

@@ -232,6 +232,7 @@ pub(super) async fn load_teacher(
         backend,
         plain_tokenizer: std::sync::Arc::new(plain),
         special_ids,
+        digit_start: Default::default(),
         tokenizer,
         token_bytes,
         eos,

@@ -71,6 +71,8 @@ pub struct Teacher {
     plain_tokenizer: Arc<tokenizers::Tokenizer>,
     /// Ids of the special (added) tokens, e.g. `<|im_start|>`.
     special_ids: std::collections::HashSet<u32>,
+    /// See `judge::digit_start`.
+    digit_start: std::sync::OnceLock<Vec<bool>>,
     /// Raw bytes of every token (byte-level BPE undone), for `bytes` in chat logprobs.
     token_bytes: Vec<Vec<u8>>,
     eos: Vec<u32>,
