@@ -115,6 +115,9 @@ bind = "127.0.0.1:$port"
 [database]
 url = "postgres://$PGUSER@$PGHOST:$PGPORT/$db"
 
+[tlog]
+key_file = "$tmp/ledger-signing.key"
+
 [engine]
 # Random generations stay short on the CPU model.
 max_new_tokens = 32

@@ -25,6 +25,41 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("running migrations")
 }
 
+/// Runs the migrations as configured: over `database.migrate_url` (the owner role) when set,
+/// else over `pool`.
+pub async fn migrate_as_owner(cfg: &DatabaseConfig, pool: &PgPool) -> anyhow::Result<()> {
+    if cfg.migrate_url.is_empty() {
+        return migrate(pool).await;
+    }
+    let owner = DatabaseConfig {
+        url: cfg.migrate_url.clone(),
+        max_connections: 1,
+        ..cfg.clone()
+    };
+    let owner_pool = connect(&owner).await?;
+    let result = migrate(&owner_pool).await;
+    owner_pool.close().await;
+    result
+}
+
+/// Who `pool` logs in as, when that role could rewrite the ledger: a superuser, or the owner
+/// of the ledger's table (who can disable its append-only triggers).
+pub async fn ledger_rewriter(pool: &PgPool) -> anyhow::Result<Option<String>> {
+    let (user, superuser, owner): (String, bool, bool) = sqlx::query_as(
+        "SELECT current_user::text, r.rolsuper, \
+                coalesce((SELECT pg_has_role(current_user, c.relowner, 'USAGE') \
+                          FROM pg_class c WHERE c.oid = to_regclass('usage_events')), false) \
+         FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(match (superuser, owner) {
+        (true, _) => Some(format!("{user} (a superuser)")),
+        (false, true) => Some(format!("{user} (owner of the ledger's tables)")),
+        _ => None,
+    })
+}
+
 /// Whether `err` means the database is unreachable, down or overloaded (an outage: 503), as
 /// opposed to a query that is wrong (a bug: 500).
 pub fn is_outage(err: &sqlx::Error) -> bool {

@@ -309,6 +309,17 @@ pub fn code_of(response: &Response) -> Option<&'static str> {
 
 /// A database that is down or slow is an outage (503 `service_unavailable`), not a bug; other
 /// database errors are bugs (500).
+impl From<crate::ledger::tree::TreeError> for ApiError {
+    fn from(e: crate::ledger::tree::TreeError) -> Self {
+        use crate::ledger::tree::TreeError;
+        match e {
+            TreeError::Input(m) => ApiError::bad_request(m),
+            TreeError::Db(e) => e.into(),
+            TreeError::Missing(m) => ApiError::Internal(anyhow::anyhow!(m)),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         if crate::db::is_outage(&err) {

@@ -55,7 +55,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     let models = engine::ModelRegistry::load(&config.models, &config.engine)
         .await
         .context("loading teacher models")?;
-    Ok(AppState::new(config, models, db))
+    AppState::new(config, models, db)
 }
 
 /// As [`build_state`], with models loaded elsewhere (tests and benchmarks pass
@@ -65,13 +65,24 @@ pub async fn build_state_with_models(
     models: engine::ModelRegistry,
 ) -> anyhow::Result<AppState> {
     let db = prepare_db(&config).await?;
-    Ok(AppState::new(config, models, db))
+    AppState::new(config, models, db)
 }
 
 async fn prepare_db(config: &Config) -> anyhow::Result<sqlx::PgPool> {
     let db = db::connect(&config.database).await?;
     if config.database.migrate_on_start {
-        db::migrate(&db).await?;
+        db::migrate_as_owner(&config.database, &db).await?;
+    }
+    if let Some(role) = db::ledger_rewriter(&db).await? {
+        let why = format!(
+            "database.url logs in as {role}: that role can rewrite or truncate the usage ledger. \
+             Serve as the runtime role teachd_app and run migrations through database.migrate_url \
+             (README, \"Least privilege\")"
+        );
+        match config.database.privilege_check {
+            config::PrivilegeCheck::Refuse => anyhow::bail!("refusing to serve: {why}"),
+            config::PrivilegeCheck::Warn => tracing::warn!("{why}"),
+        }
     }
     if config.server.disable_auth {
         tracing::warn!(

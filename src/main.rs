@@ -32,6 +32,27 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The ledger's signing key.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create the ledger's Ed25519 signing key (mode 0600; never replaces an existing file) and
+    /// print its verifier key.
+    Init {
+        /// Where to write it. Default: `tlog.key_file`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The key's name. Default: `tlog.origin`.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print the verifier key of the configured signing key.
+    Show,
 }
 
 #[derive(Subcommand)]
@@ -50,6 +71,13 @@ enum AuditCommand {
         /// Exclusive end. Default: the last row.
         #[arg(long)]
         to: Option<String>,
+        /// A signed checkpoint saved earlier (repeatable): the Merkle tree recomputed from the
+        /// rows must match it (tail truncation, rewritten rows and a replaced history fail).
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
+        /// The log's verifier key (`name+id+key`). Default: that of the configured signing key.
+        #[arg(long)]
+        key: Option<String>,
     },
 }
 
@@ -79,14 +107,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let db = teachd::db::connect(&config.database).await?;
-            teachd::db::migrate(&db).await?;
+            teachd::db::migrate_as_owner(&config.database, &db).await?;
             println!("migrations applied");
             Ok(())
         }
         Command::Openapi => unreachable!("handled above"),
         Command::Admin(AdminCommand::Bootstrap) => {
             let db = teachd::db::connect(&config.database).await?;
-            teachd::db::migrate(&db).await?;
+            if config.database.migrate_on_start {
+                teachd::db::migrate_as_owner(&config.database, &db).await?;
+            }
             let (record, key) = teachd::auth::bootstrap_admin(&db).await?;
             eprintln!(
                 "Admin key {} (id {}) created. It is printed below once and stored only as a hash:",
@@ -95,8 +125,76 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", key.expose_secret());
             Ok(())
         }
+        Command::Keys {
+            command: KeysCommand::Init { out, name },
+        } => {
+            let path = out.unwrap_or_else(|| config.tlog.key_file.clone());
+            let name = name.unwrap_or_else(|| config.tlog.origin.clone());
+            let vkey = teachd::ledger::signing::init_key_file(&path, &name)?;
+            eprintln!("Signing key written to {} (mode 0600). Verifier key:", path.display());
+            println!("{vkey}");
+            Ok(())
+        }
+        Command::Keys {
+            command: KeysCommand::Show,
+        } => {
+            let mut cfg = config.tlog.clone();
+            cfg.generate_key = false;
+            println!("{}", teachd::ledger::signing::LogKey::load(&cfg)?.verifier_key());
+            Ok(())
+        }
         Command::Audit {
-            command: AuditCommand::Verify { from, to },
+            command:
+                AuditCommand::Verify {
+                    from,
+                    to,
+                    checkpoints,
+                    key,
+                },
+        } if !checkpoints.is_empty() => {
+            let texts = checkpoints
+                .iter()
+                .map(|p| {
+                    std::fs::read_to_string(p)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let vkey = match key {
+                Some(k) => k,
+                None => {
+                    let mut cfg = config.tlog.clone();
+                    cfg.generate_key = false;
+                    teachd::ledger::signing::LogKey::load(&cfg)?
+                        .verifier_key()
+                        .to_string()
+                }
+            };
+            let db = teachd::db::connect(&config.database).await?;
+            let mut report =
+                teachd::ledger::transparency::audit(&db, &vkey, &config.tlog.origin, &texts)
+                    .await?;
+            if from.is_some() || to.is_some() {
+                let ranged =
+                    teachd::ledger::audit_verify(&db, from.as_deref(), to.as_deref()).await?;
+                if !ranged.ok {
+                    report.ok = false;
+                    report.failures.push(teachd::ledger::transparency::Failure {
+                        kind: "chain_broken".into(),
+                        detail: format!(
+                            "row {:?} of the range does not follow from its predecessor",
+                            ranged.first_bad_event_id
+                        ),
+                    });
+                }
+            }
+            println!("{}", serde_json::to_string(&report)?);
+            if !report.ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { from, to, .. },
         } => {
             let db = teachd::db::connect(&config.database).await?;
             let report = teachd::ledger::audit_verify(&db, from.as_deref(), to.as_deref()).await?;

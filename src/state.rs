@@ -34,7 +34,7 @@ const LIMITER_SWEEP_EVERY: Duration = Duration::from_secs(60);
 impl AppState {
     /// Wires the parts together. Call inside a Tokio runtime (it starts the limiter sweeper
     /// and the ledger's writer task).
-    pub fn new(config: Config, models: ModelRegistry, db: PgPool) -> Self {
+    pub fn new(config: Config, models: ModelRegistry, db: PgPool) -> anyhow::Result<Self> {
         let defaults = Limits::from(&config.limits);
         let auth = Arc::new(Authenticator::new(
             db.clone(),
@@ -45,13 +45,22 @@ impl AppState {
         if tokio::runtime::Handle::try_current().is_ok() {
             limits.spawn_sweeper(LIMITER_SWEEP_EVERY);
         }
-        let ledger = Ledger::start(&db, &config.ledger);
+        let key = crate::ledger::signing::LogKey::load(&config.tlog)?;
+        let tlog = Arc::new(crate::ledger::transparency::Tlog::new(
+            Arc::new(key),
+            db.clone(),
+            &config.tlog,
+        ));
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tlog.spawn_checkpointer();
+        }
+        let ledger = Ledger::start(&db, &config.ledger, tlog);
         let tos = Arc::new(TosStore::new(db.clone()));
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config.server.max_in_flight));
         let db_health = Arc::new(crate::db::DbHealth::new(Duration::from_millis(
             config.database.outage_backoff_ms,
         )));
-        AppState {
+        Ok(AppState {
             config: Arc::new(config),
             models: Arc::new(models),
             db,
@@ -62,6 +71,6 @@ impl AppState {
             metrics: Default::default(),
             in_flight,
             db_health,
-        }
+        })
     }
 }

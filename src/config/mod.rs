@@ -18,6 +18,7 @@ pub struct Config {
     pub limits: DefaultLimits,
     pub ledger: LedgerConfig,
     pub engine: EngineConfig,
+    pub tlog: TlogConfig,
     /// The teacher models served. Several may be served at once.
     pub models: Vec<ModelConfig>,
 }
@@ -88,6 +89,21 @@ pub struct DatabaseConfig {
     /// After a query failed because the database is down, requests that need it answer 503
     /// `service_unavailable` at once for this long, then one request probes it again.
     pub outage_backoff_ms: u64,
+    /// URL of the role that owns the schema, used only to run migrations (`migrate_on_start`,
+    /// `teachd migrate`, `admin bootstrap`). Empty: `url` runs them. Least privilege: `url`
+    /// logs in as the runtime role `teachd_app`, which may append to the ledger but not
+    /// change, delete or truncate it, nor disable its triggers; only this role owns the tables.
+    pub migrate_url: String,
+    /// What `serve` does when `url` logs in as a superuser or as the ledger's owner (either
+    /// could rewrite the ledger): `warn` (log loudly) or `refuse` (do not start).
+    pub privilege_check: PrivilegeCheck,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivilegeCheck {
+    Warn,
+    Refuse,
 }
 
 
@@ -99,6 +115,8 @@ impl fmt::Debug for DatabaseConfig {
             .field("migrate_on_start", &self.migrate_on_start)
             .field("acquire_timeout_ms", &self.acquire_timeout_ms)
             .field("outage_backoff_ms", &self.outage_backoff_ms)
+            .field("migrate_url", &redact_url(&self.migrate_url))
+            .field("privilege_check", &self.privilege_check)
             .finish()
     }
 }
@@ -163,6 +181,31 @@ pub struct LedgerConfig {
     pub max_refusal_rows_per_minute: u32,
 }
 
+
+/// The transparency log over the ledger: its signing key and signed checkpoints.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlogConfig {
+    /// The checkpoints' origin line: a name unique to this log (C2SP tlog-checkpoint), such as
+    /// `teacher.example.com/ledger`. Verifiers pin it; changing it starts a different log.
+    pub origin: String,
+    /// Environment variable that may hold the signing key (a C2SP signed-note private key,
+    /// `PRIVATE+KEY+<name>+<id>+<key>`); used before `key_file` when set.
+    pub key_env: String,
+    /// File holding the signing key (`teachd keys init` writes one, mode 0600). `~` is the
+    /// home directory.
+    pub key_file: PathBuf,
+    /// Create `key_file` on first start when it is missing (the embedded default, so that the
+    /// README's first command works). Off in production: a missing key should stop the server
+    /// instead of silently starting a new log under a new key.
+    pub generate_key: bool,
+    /// Longest time between two signed checkpoints while the tree grows. A checkpoint is also
+    /// made on demand by `GET /v1/ledger/checkpoint` when the latest is older than this.
+    pub checkpoint_interval_secs: u64,
+    /// Directory each new checkpoint is also written to, one file per tree size, never
+    /// overwritten (for shipping to WORM storage or a witness). Empty: none.
+    pub checkpoint_dir: PathBuf,
+}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -317,6 +360,8 @@ impl Config {
                 other => other,
             };
         }
+        config.tlog.key_file = expand_home(&config.tlog.key_file);
+        config.tlog.checkpoint_dir = expand_home(&config.tlog.checkpoint_dir);
         config.validate()?;
         Ok(config)
     }
@@ -328,6 +373,9 @@ impl Config {
                  refusing to serve every client without a key on a reachable interface",
                 self.server.bind
             );
+        }
+        if self.tlog.origin.trim().is_empty() || self.tlog.origin.contains('\n') {
+            bail!("tlog.origin must be one non-empty line");
         }
         let mut seen = std::collections::HashSet::new();
         for m in &self.models {

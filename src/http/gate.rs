@@ -43,13 +43,37 @@ pub async fn admin_gate(State(state): State<AppState>, req: Request, next: Next)
     gate(state, Scope::Admin, req, next).await
 }
 
+/// Middleware for the transparency log's reads (/v1/ledger): scope `teacher` (with its
+/// per-client limits) or `admin`.
+pub async fn ledger_gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    gate_either(state, Scope::Teacher, true, req, next).await
+}
+
 async fn gate(state: AppState, scope: Scope, req: Request, next: Next) -> Response {
+    gate_either(state, scope, false, req, next).await
+}
+
+/// The gate for `scope`; with `or_admin`, a key without `scope` that holds `admin` passes too
+/// (as an admin: no per-client limits).
+async fn gate_either(
+    state: AppState,
+    scope: Scope,
+    or_admin: bool,
+    req: Request,
+    next: Next,
+) -> Response {
     let probing = match state.db_health.admit() {
         DbAdmit::Go => false,
         DbAdmit::Probe => true,
         DbAdmit::Down => return database_down().into_response(),
     };
-    let ctx = match authenticate(&state, req.headers(), scope).await {
+    let mut authenticated = authenticate(&state, req.headers(), scope).await;
+    if or_admin
+        && matches!(&authenticated, Err(e) if e.code() == Some("insufficient_scope"))
+    {
+        authenticated = authenticate(&state, req.headers(), Scope::Admin).await;
+    }
+    let ctx = match authenticated {
         Ok(ctx) => {
             state.db_health.up();
             ctx
@@ -64,7 +88,7 @@ async fn gate(state: AppState, scope: Scope, req: Request, next: Next) -> Respon
         }
     };
     let (row, meter) = Row::open(&state, &ctx, &req).await;
-    let admission = if scope == Scope::Teacher {
+    let admission = if scope == Scope::Teacher && ctx.has_scope(Scope::Teacher) {
         match state.limits.admit(ctx.client_id, &ctx.limits) {
             Ok(admission) => Some(admission),
             Err(err) => return row.refuse(err).await,

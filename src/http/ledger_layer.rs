@@ -39,7 +39,8 @@ use sha2::{Digest, Sha256};
 use crate::auth::ClientCtx;
 use crate::error::{current_request_id, ApiError};
 use crate::ledger::chain::to_db_precision;
-use crate::ledger::{Bodies, Ledger, LedgerError, PendingRow, UsageEvent};
+use crate::ledger::signing::ReceiptFields;
+use crate::ledger::{Bodies, Committed, Ledger, LedgerError, PendingRow, UsageEvent};
 use crate::usage::{Closed, Meter, MeterWatch, Outcome, Usage};
 use crate::AppState;
 
@@ -47,6 +48,33 @@ use crate::AppState;
 /// the end) instead of buffered. `text/event-stream` responses are detected without it.
 #[derive(Clone, Copy, Debug)]
 pub struct StreamedBody;
+
+/// The header carrying a response's signed receipt (see [`receipt`]).
+pub const RECEIPT_HEADER: &str = "x-teachd-receipt";
+
+/// The signed receipt of a committed row: base64 of a JSON object with the row's leaf index,
+/// row hash, the SHA-256 of the request and response bytes and the row's timestamp, signed with
+/// the ledger's key (encoding: [`ReceiptFields::signed_bytes`], README "Proof of what you were
+/// served").
+fn receipt(ledger: &Ledger, event: &UsageEvent, committed: Committed) -> String {
+    ReceiptFields {
+        leaf_index: committed.id as u64 - 1,
+        row_hash: committed.row_hash,
+        request_sha256: event.request_sha256,
+        response_sha256: event.response_sha256,
+        ts: event
+            .ts
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    }
+    .seal(&ledger.tlog().key)
+}
+
+fn with_receipt(mut response: Response, value: String) -> Response {
+    if let Ok(v) = header::HeaderValue::from_str(&value) {
+        response.headers_mut().insert(RECEIPT_HEADER, v);
+    }
+    response
+}
 
 /// Status recorded for a request whose client went away before the response was complete.
 pub const STATUS_CLIENT_CLOSED: i16 = 499;
@@ -163,8 +191,13 @@ impl Row {
             .await
             .unwrap_or_default();
         event.response_sha256 = Sha256::digest(&bytes).into();
+        let signed = event.clone();
         match self.ledger.record_refusal(event).await {
-            Ok(()) => Response::from_parts(parts, Body::from(bytes)),
+            Ok(None) => Response::from_parts(parts, Body::from(bytes)),
+            Ok(Some(committed)) => with_receipt(
+                Response::from_parts(parts, Body::from(bytes)),
+                receipt(&self.ledger, &signed, committed),
+            ),
             Err(err) => refusal(err),
         }
     }
@@ -214,10 +247,14 @@ impl Row {
             request: std::mem::take(&mut self.request_body),
             response: response_bytes.clone(),
         });
+        let signed = event.clone();
         match self.ledger.record(event, bodies).await {
-            Ok(_) => {
+            Ok(committed) => {
                 closed.settle().await;
-                Response::from_parts(parts, Body::from(response_bytes))
+                with_receipt(
+                    Response::from_parts(parts, Body::from(response_bytes)),
+                    receipt(&self.ledger, &signed, committed),
+                )
             }
             Err(err) => {
                 closed.refund().await;
@@ -335,7 +372,16 @@ impl StreamRow {
                         }
                         None => {
                             let last = match st.commit(None).await {
-                                Ok(()) => held.take().map(Ok),
+                                // An event stream carries its receipt as an SSE comment
+                                // (clients ignore comments) right before its last event: the
+                                // response hash covers every byte but that comment.
+                                Ok(receipt) if st.sse => {
+                                    let mut out =
+                                        format!(": {RECEIPT_HEADER}: {receipt}\n\n").into_bytes();
+                                    out.extend_from_slice(&held.take().unwrap_or_default());
+                                    Some(Ok(Bytes::from(out)))
+                                }
+                                Ok(_) => held.take().map(Ok),
                                 Err(()) if st.sse => {
                                     let envelope = ApiError::LedgerUnavailable
                                         .envelope(Some(st.request_id.clone()));
@@ -354,8 +400,9 @@ impl StreamRow {
         Body::from_stream(stream)
     }
 
-    /// Commits the row of a stream that ended (or failed with `failed` status).
-    async fn commit(&mut self, failed: Option<u16>) -> Result<(), ()> {
+    /// Commits the row of a stream that ended (or failed with `failed` status); returns its
+    /// receipt.
+    async fn commit(&mut self, failed: Option<u16>) -> Result<String, ()> {
         let (mut event, watch) = self.row.take();
         let mut closed: Closed = watch.closed().await;
         apply(&mut event, &closed.usage);
@@ -377,10 +424,11 @@ impl StreamRow {
         }
         event.response_sha256 = std::mem::take(&mut self.hasher).finalize().into();
         event.latency_ms = ms(self.row.started);
+        let signed = event.clone();
         match self.row.ledger.record(event, None).await {
-            Ok(_) => {
+            Ok(committed) => {
                 closed.settle().await;
-                Ok(())
+                Ok(receipt(&self.row.ledger, &signed, committed))
             }
             Err(err) => {
                 tracing::warn!(error = %err, "ledger commit failed at the end of a stream");

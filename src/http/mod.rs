@@ -22,6 +22,7 @@ pub mod models;
 pub mod sse;
 mod tokenize;
 pub mod tos;
+pub mod transparency;
 
 use std::sync::Arc;
 
@@ -97,9 +98,20 @@ fn admin_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     }
 }
 
+/// The transparency log's reads (teacher or admin scope), behind their gate when `state` is
+/// given.
+fn ledger_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
+    match state {
+        Some(state) => transparency::routes()
+            .route_layer(from_fn_with_state(state.clone(), gate::ledger_gate)),
+        None => transparency::routes(),
+    }
+}
+
 fn api_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(teacher_routes(state))
+        .merge(ledger_routes(state))
         .merge(admin_routes(state))
 }
 

@@ -9,6 +9,9 @@
 pub mod chain;
 pub mod queries;
 pub mod refusals;
+pub mod signing;
+pub mod transparency;
+pub mod tree;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -37,6 +40,13 @@ pub enum LedgerError {
     Closed,
 }
 
+/// A committed row: its id (leaf `id - 1` of the tree) and hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub id: i64,
+    pub row_hash: [u8; 32],
+}
+
 /// Full bodies, kept only when `ledger.store_bodies` is on.
 #[derive(Clone, Debug)]
 pub struct Bodies {
@@ -50,7 +60,7 @@ pub(crate) enum Msg {
     Record {
         event: UsageEvent,
         bodies: Option<Bodies>,
-        done: oneshot::Sender<Result<i64, LedgerError>>,
+        done: oneshot::Sender<Result<Committed, LedgerError>>,
     },
     /// Answered once every row queued before it has been committed or refused.
     Flush(oneshot::Sender<()>),
@@ -65,6 +75,7 @@ pub struct Ledger {
     pool: PgPool,
     refusals: Arc<refusals::RefusalBook>,
     pending: Arc<Pending>,
+    tlog: Arc<transparency::Tlog>,
 }
 
 /// Rows that exist (a request is being served, or its row waits for its work to end) but have
@@ -92,7 +103,7 @@ const REFUSAL_FLUSH_EVERY: Duration = Duration::from_secs(5);
 impl Ledger {
     /// Start the writer task. It opens its own connection (with the pool's options), so admin
     /// queries that exhaust the pool can never starve the ledger.
-    pub fn start(pool: &PgPool, cfg: &LedgerConfig) -> Ledger {
+    pub fn start(pool: &PgPool, cfg: &LedgerConfig, tlog: Arc<transparency::Tlog>) -> Ledger {
         let (tx, rx) = mpsc::channel(cfg.max_batch.max(1) * 64);
         let healthy = Arc::new(AtomicBool::new(true));
         let opts = (*pool.connect_options()).clone();
@@ -104,6 +115,7 @@ impl Ledger {
             pool: pool.clone(),
             refusals: Arc::new(refusals::RefusalBook::new(cfg.max_refusal_rows_per_minute)),
             pending: Arc::default(),
+            tlog,
         };
         // Writes the aggregates of past minutes; ends once every handle is gone.
         let weak = Arc::downgrade(&ledger.refusals);
@@ -133,12 +145,20 @@ impl Ledger {
     }
 
     /// Records a refusal, within the per-client bound on refusal rows (see [`refusals`]).
-    /// Resolves at once for a refusal that is only counted.
-    pub async fn record_refusal(&self, event: UsageEvent) -> Result<(), LedgerError> {
+    /// Resolves at once (with `None`) for a refusal that is only counted.
+    pub async fn record_refusal(
+        &self,
+        event: UsageEvent,
+    ) -> Result<Option<Committed>, LedgerError> {
         match self.refusals.admit(event) {
-            refusals::Decision::Record(event) => self.record(event, None).await.map(|_| ()),
-            refusals::Decision::Counted => Ok(()),
+            refusals::Decision::Record(event) => self.record(event, None).await.map(Some),
+            refusals::Decision::Counted => Ok(None),
         }
+    }
+
+    /// The transparency log over this ledger (key, checkpoints).
+    pub fn tlog(&self) -> &Arc<transparency::Tlog> {
+        &self.tlog
     }
 
     /// Whether `client` already has a row under `request_id` (a caller-chosen id reused).
@@ -170,12 +190,12 @@ impl Ledger {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Append one row; resolves with its id once it is committed.
+    /// Append one row; resolves with its id and hash once it is committed.
     pub async fn record(
         &self,
         event: UsageEvent,
         bodies: Option<Bodies>,
-    ) -> Result<i64, LedgerError> {
+    ) -> Result<Committed, LedgerError> {
         let bodies = if self.store_bodies { bodies } else { None };
         send(&self.tx, event, bodies).await
     }
@@ -218,7 +238,7 @@ async fn send(
     tx: &mpsc::Sender<Msg>,
     event: UsageEvent,
     bodies: Option<Bodies>,
-) -> Result<i64, LedgerError> {
+) -> Result<Committed, LedgerError> {
     let (done, rx) = oneshot::channel();
     tx.send(Msg::Record {
         event,

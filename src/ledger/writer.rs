@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::chain::{row_hash, UsageEvent, GENESIS};
-use super::{Bodies, LedgerError, Msg};
+use super::tree::{self, Frontier};
+use super::{Bodies, Committed, LedgerError, Msg};
 use crate::config::LedgerConfig;
 
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
@@ -33,15 +34,16 @@ const MAX_CONFLICT_RETRIES: usize = 8;
 struct Pending {
     event: UsageEvent,
     bodies: Option<Bodies>,
-    done: oneshot::Sender<Result<i64, LedgerError>>,
+    done: oneshot::Sender<Result<Committed, LedgerError>>,
 }
 
 struct Writer {
     opts: PgConnectOptions,
     cfg: LedgerConfig,
     conn: Option<PgConnection>,
-    /// `(id, row_hash)` of the last committed row, when known for sure.
-    head: Option<(i64, [u8; 32])>,
+    /// `(id, row_hash)` of the last committed row and the Merkle tree's right edge over the
+    /// rows up to it, when known for sure.
+    head: Option<(i64, [u8; 32], Frontier)>,
     next_connect: Instant,
     healthy: Arc<AtomicBool>,
 }
@@ -123,7 +125,7 @@ impl Writer {
                 return self.fail(rows, e);
             }
             let timeout = self.timeout();
-            let head = match self.head {
+            let head = match self.head.take() {
                 Some(h) => h,
                 None => match tokio::time::timeout(
                     timeout,
@@ -132,28 +134,41 @@ impl Writer {
                 .await
                 {
                     Ok(Ok(h)) => h,
+                    Ok(Err(HeadError::Db(sqlx::Error::Database(db))))
+                        if db.constraint() == Some("ledger_tree_pkey") =>
+                    {
+                        // Another writer caught the tree up first.
+                        conflicts += 1;
+                        if conflicts > MAX_CONFLICT_RETRIES {
+                            return self.fail(rows, "too many conflicts with other writers".into());
+                        }
+                        continue;
+                    }
                     Ok(Err(e)) => return self.fail(rows, e.to_string()),
                     Err(_) => return self.fail(rows, "timed out loading the chain head".into()),
                 },
             };
-            let links = link(head, &rows);
+            let (links, nodes, frontier) = link(&head, &rows);
             let result = tokio::time::timeout(
                 timeout,
-                insert(self.conn.as_mut().expect("connected"), &rows, &links),
+                insert(self.conn.as_mut().expect("connected"), &rows, &links, &nodes),
             )
             .await;
             match result {
                 Ok(Ok(())) => {
                     let &(last_id, _, last_hash) = links.last().expect("non-empty batch");
-                    self.head = Some((last_id, last_hash));
+                    self.head = Some((last_id, last_hash, frontier));
                     self.healthy.store(true, Ordering::Relaxed);
-                    for (p, (id, _, _)) in rows.into_iter().zip(links) {
-                        let _ = p.done.send(Ok(id));
+                    for (p, (id, _, row_hash)) in rows.into_iter().zip(links) {
+                        let _ = p.done.send(Ok(Committed { id, row_hash }));
                     }
                     return;
                 }
                 Ok(Err(sqlx::Error::Database(db)))
-                    if db.constraint() == Some("usage_events_pkey") =>
+                    if matches!(
+                        db.constraint(),
+                        Some("usage_events_pkey" | "ledger_tree_pkey")
+                    ) =>
                 {
                     // Another writer appended first: reload the head and chain again.
                     self.head = None;
@@ -172,6 +187,7 @@ impl Writer {
                     ) =>
                 {
                     // A request id already in the ledger: refuse those rows, commit the others.
+                    self.head = Some(head);
                     let conn = self.conn.as_mut().expect("connected");
                     let existing = match existing_request_ids(conn, &rows).await {
                         Ok(e) => e,
@@ -232,29 +248,101 @@ impl Writer {
     }
 }
 
-/// `(id, prev_hash, row_hash)` for each row, continuing from `head`.
-fn link(head: (i64, [u8; 32]), rows: &[Pending]) -> Vec<(i64, [u8; 32], [u8; 32])> {
-    let (mut id, mut prev) = head;
-    rows.iter()
+type Links = Vec<(i64, [u8; 32], [u8; 32])>;
+
+/// `(id, prev_hash, row_hash)` for each row, continuing from `head`; the tree hashes the rows
+/// add; the tree's right edge after them.
+fn link(
+    head: &(i64, [u8; 32], Frontier),
+    rows: &[Pending],
+) -> (Links, Vec<(u64, [u8; 32])>, Frontier) {
+    let (mut id, mut prev, mut frontier) = (head.0, head.1, head.2.clone());
+    let mut nodes = Vec::with_capacity(rows.len() * 2);
+    let links = rows
+        .iter()
         .map(|p| {
             id += 1;
             let h = row_hash(&prev, id, &p.event);
+            nodes.extend(frontier.append(&h));
             let out = (id, prev, h);
             prev = h;
             out
         })
-        .collect()
+        .collect();
+    (links, nodes, frontier)
 }
 
-async fn load_head(conn: &mut PgConnection) -> Result<(i64, [u8; 32]), sqlx::Error> {
-    let row: Option<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT id, row_hash FROM usage_events ORDER BY id DESC LIMIT 1")
-            .fetch_optional(conn)
-            .await?;
-    Ok(match row {
-        None => (0, GENESIS),
-        Some((id, hash)) => (id, hash.try_into().unwrap_or([0xff; 32])),
-    })
+#[derive(Debug, thiserror::Error)]
+enum HeadError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error("{0}")]
+    Tree(String),
+}
+
+/// Rows read per round trip while the tree catches up with rows it does not cover yet.
+const CATCH_UP_CHUNK: i64 = 10_000;
+
+/// The chain head and the tree's right edge. Rows the tree does not cover yet (a ledger from
+/// before the transparency log) are added to it first, in id order. A tree with more leaves
+/// than the ledger has rows means rows were removed: the writer refuses to write on top of
+/// that (every request answers 503 until an operator looks; `teachd audit verify` names it).
+async fn load_head(conn: &mut PgConnection) -> Result<(i64, [u8; 32], Frontier), HeadError> {
+    // One statement, so the head and the tree's size come from one snapshot (another writer
+    // may commit in between two).
+    let (head_id, head_hash, stored): (Option<i64>, Option<Vec<u8>>, i64) = sqlx::query_as(
+        "SELECT h.id, h.row_hash, (SELECT coalesce(max(idx) + 1, 0) FROM ledger_tree) \
+         FROM (SELECT 1) one LEFT JOIN \
+              (SELECT id, row_hash FROM usage_events ORDER BY id DESC LIMIT 1) h ON true",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let (id, hash) = match (head_id, head_hash) {
+        (Some(id), Some(hash)) => (id, hash.try_into().unwrap_or([0xff; 32])),
+        _ => (0, GENESIS),
+    };
+    let size = tree::size_from_stored(stored as u64).ok_or_else(|| {
+        HeadError::Tree(format!("the ledger tree is incomplete ({stored} stored hashes)"))
+    })?;
+    if size > id as u64 {
+        return Err(HeadError::Tree(format!(
+            "the ledger tree has {size} leaves but the ledger only {id} rows: rows were removed"
+        )));
+    }
+    let known = tree::fetch(&mut *conn, &tree::frontier_indexes(size)).await?;
+    let mut frontier = Frontier::new(size, known).map_err(HeadError::Tree)?;
+    while frontier.size < id as u64 {
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, row_hash FROM usage_events WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(frontier.size as i64)
+        .bind(CATCH_UP_CHUNK)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut nodes = Vec::new();
+        for (row_id, h) in rows {
+            if row_id as u64 != frontier.size + 1 {
+                return Err(HeadError::Tree(format!(
+                    "ledger row {} is missing: the tree cannot cover it",
+                    frontier.size + 1
+                )));
+            }
+            let h: [u8; 32] = h.try_into().unwrap_or([0xff; 32]);
+            nodes.extend(frontier.append(&h));
+        }
+        insert_nodes(&mut *conn, &nodes).await?;
+        tracing::info!(leaves = frontier.size, "ledger tree caught up");
+    }
+    Ok((id, hash, frontier))
+}
+
+async fn insert_nodes(conn: &mut PgConnection, nodes: &[(u64, [u8; 32])]) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO ledger_tree (idx, hash) SELECT * FROM UNNEST($1::int8[], $2::bytea[])")
+        .bind(nodes.iter().map(|n| n.0 as i64).collect::<Vec<_>>())
+        .bind(nodes.iter().map(|n| &n.1[..]).collect::<Vec<_>>())
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// The `(client, request id)` pairs of `rows` that the ledger already holds.
@@ -285,24 +373,28 @@ const INSERT_EVENTS: &str = "INSERT INTO usage_events (id, request_id, ts, clien
      $15::int4[], $16::float8[], $17::bytea[], $18::bytea[], $19::text[], $20::text[], $21::bytea[], $22::bytea[], \
      $23::int8[])";
 
+/// The batch's tree hashes, inserted by the same statement as its rows.
+const INSERT_TREE: &str = "tree AS (INSERT INTO ledger_tree (idx, hash) \
+     SELECT * FROM UNNEST($24::int8[], $25::bytea[]))";
+
 async fn insert(
     conn: &mut PgConnection,
     rows: &[Pending],
     links: &[(i64, [u8; 32], [u8; 32])],
+    nodes: &[(u64, [u8; 32])],
 ) -> Result<(), sqlx::Error> {
     let ev = || rows.iter().map(|p| &p.event);
     let with_bodies: Vec<&Pending> = rows.iter().filter(|p| p.bodies.is_some()).collect();
-    let sql;
-    let sql_ref: &str = if with_bodies.is_empty() {
-        INSERT_EVENTS
+    let sql = if with_bodies.is_empty() {
+        format!("WITH {INSERT_TREE} {INSERT_EVENTS}")
     } else {
-        sql = format!(
-            "WITH bodies AS (INSERT INTO usage_bodies (client_id, request_id, request_body, response_body) \
-             SELECT * FROM UNNEST($24::uuid[], $25::text[], $26::bytea[], $27::bytea[])) {INSERT_EVENTS}"
-        );
-        &sql
+        format!(
+            "WITH {INSERT_TREE}, bodies AS (INSERT INTO usage_bodies (client_id, request_id, \
+             request_body, response_body) \
+             SELECT * FROM UNNEST($26::uuid[], $27::text[], $28::bytea[], $29::bytea[])) {INSERT_EVENTS}"
+        )
     };
-    let mut q = sqlx::query(sql_ref)
+    let mut q = sqlx::query(&sql)
         .bind(links.iter().map(|l| l.0).collect::<Vec<i64>>())
         .bind(ev().map(|e| e.request_id.as_str()).collect::<Vec<_>>())
         .bind(ev().map(|e| e.ts).collect::<Vec<_>>())
@@ -328,7 +420,9 @@ async fn insert(
         )
         .bind(links.iter().map(|l| &l.1[..]).collect::<Vec<_>>())
         .bind(links.iter().map(|l| &l.2[..]).collect::<Vec<_>>())
-        .bind(ev().map(|e| e.refusals).collect::<Vec<_>>());
+        .bind(ev().map(|e| e.refusals).collect::<Vec<_>>())
+        .bind(nodes.iter().map(|n| n.0 as i64).collect::<Vec<_>>())
+        .bind(nodes.iter().map(|n| &n.1[..]).collect::<Vec<_>>());
     if !with_bodies.is_empty() {
         let b = |p: &&Pending| p.bodies.clone().expect("filtered");
         q = q

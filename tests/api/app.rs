@@ -174,9 +174,16 @@ pub fn config_from(toml: &str, env: &[(String, String)]) -> Config {
     config
 }
 
+/// The ledger signing key every test server shares (created by the first one).
+pub fn test_key_file() -> std::path::PathBuf {
+    std::env::temp_dir().join("teachd-test-ledger-signing.key")
+}
+
 pub fn test_config(db_url: &str, with_model: bool) -> Config {
     let mut toml = format!(
-        "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"{db_url}\"\nmax_connections = 8\n"
+        "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"{db_url}\"\nmax_connections = 8\n\
+         [tlog]\nkey_file = \"{}\"\ncheckpoint_interval_secs = 0\n",
+        test_key_file().display()
     );
     if with_model {
         toml.push_str(&models_toml());
@@ -318,6 +325,18 @@ impl TestApp {
         if let Some(served) = self.served.take() {
             let _ = served.await;
         }
+    }
+
+    /// A second server (another "process") on the same database, with this one's config.
+    pub async fn second(&self) -> TestApp {
+        let mut next = Self::start(
+            (*self.state.config).clone(),
+            self.options.clone(),
+            self.db_name.clone(),
+        )
+        .await;
+        next.admin_key = self.admin_key.clone();
+        next
     }
 
     /// Stops this server and starts a new one on the same database: in-memory state is gone.

@@ -9,6 +9,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::get;
 use axum::Router;
 use futures::StreamExt;
+use sha2::Digest;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
@@ -105,6 +106,98 @@ async fn a_streamed_chat_row_is_true_and_billed() {
         usage["completion_tokens"].as_i64().unwrap()
     );
     wait_tokens_used(&db, client_id, usage["total_tokens"].as_i64().unwrap()).await;
+    // The stream's signed receipt comes right before `[DONE]`, over every other byte.
+    let receipt = text
+        .lines()
+        .find_map(|l| l.strip_prefix(": x-teachd-receipt: "))
+        .expect("the stream's receipt");
+    let rest = text.replace(&format!(": x-teachd-receipt: {receipt}\n\n"), "");
+    let log = s.state.ledger.tlog();
+    let fields =
+        teachd::ledger::signing::open_receipt(&log.key.public_key(), log.key.origin(), receipt)
+            .unwrap();
+    let digest: [u8; 32] = sha2::Sha256::digest(rest.as_bytes()).into();
+    assert_eq!(fields.response_sha256, digest);
+    assert_eq!(row.response_sha256, digest.to_vec());
+}
+
+/// Twelve clients ask for long generations and hang up (half streamed, half not): each
+/// generation stops at its next token and the queued ones never run, so the engine is free for
+/// the next caller instead of serving nobody for minutes. Each pays for what it was served.
+#[tokio::test]
+async fn abandoned_generations_stop_and_free_the_engine() {
+    let s = shared();
+    let db = s.db().await;
+    let (client_id, key) = s
+        .new_teacher(json!({"max_concurrent": 64, "tpm": 100_000_000}))
+        .await;
+    let body = |stream: bool| {
+        json!({"model": MODEL, "stream": stream, "max_tokens": 200, "temperature": 0,
+               "messages": [{"role": "user", "content":
+                   "Count from 1 to 1000, separated by commas, and never stop."}]})
+    };
+    // What one of them costs when its client stays.
+    let full: Value = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body(false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let full_tokens = full["usage"]["completion_tokens"].as_i64().unwrap();
+    assert!(full_tokens >= 100, "the control runs long: {full}");
+
+    let run = Uuid::new_v4().simple().to_string();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let (url, key, body) = (s.url("/v1/chat/completions"), key.clone(), body(i % 2 == 0));
+        let id = format!("hangup-{run}-{i}");
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_millis(400))
+                .build()
+                .unwrap();
+            if let Ok(resp) = http
+                .post(url)
+                .bearer_auth(key)
+                .header("x-request-id", &id)
+                .json(&body)
+                .send()
+                .await
+            {
+                // A stream: read its first bytes, then hang up.
+                let mut chunks = resp.bytes_stream();
+                let _ = chunks.next().await;
+            }
+            id
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    // The next caller is served.
+    let (status, _) = crate::helpers::post_json(
+        "/v1/logprobs",
+        json!({"model": MODEL, "token_ids": [1, 2, 3, 4, 5, 6, 7, 8], "top_k": 2}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut served = 0;
+    for id in &ids {
+        let row = row_of(&db, client_id, id).await;
+        assert_eq!(row.status, 499, "{id}: {row:?}");
+        assert!(
+            row.generated_tokens < full_tokens / 2,
+            "{id} kept generating for nobody: {row:?} (a full run is {full_tokens})"
+        );
+        served += row.generated_tokens + row.prompt_tokens;
+    }
+    let control = full["usage"]["total_tokens"].as_i64().unwrap();
+    wait_tokens_used(&db, client_id, control + served).await;
 }
 
 /// Multi-token numeric scales take several passes; the reservation is their exact cost, so a

@@ -6,3 +6,4 @@ mod process;
 mod rows;
 mod tamper;
 mod tos;
+mod transparency;

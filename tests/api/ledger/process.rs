@@ -25,6 +25,12 @@ pub async fn start_server(env: &[(&str, String)]) -> Server {
         .trim_start_matches("postgres://postgres@")
         .to_string();
     let (url, db_name) = create_database(&host).await;
+    start_server_on(url, db_name, env).await
+}
+
+/// [`start_server`] on the database at `url` (a superuser's URL; `env` may make the server log
+/// in as another role).
+pub async fn start_server_on(url: String, db_name: String, env: &[(&str, String)]) -> Server {
     let bin = env!("CARGO_BIN_EXE_teachd");
     // Without a model unless the caller's config names one (the embedded default has one).
     let no_models = std::env::temp_dir().join(format!("teachd-nomodel-{}.toml", uuid::Uuid::new_v4().simple()));
@@ -34,6 +40,7 @@ pub async fn start_server(env: &[(&str, String)]) -> Server {
         .env("TEACHD_CONFIG", &no_models)
         .env("TEACHD__DATABASE__URL", &url)
         .env("TEACHD__SERVER__BIND", "127.0.0.1:0")
+        .env("TEACHD__TLOG__KEY_FILE", crate::app::test_key_file())
         .env("RUST_LOG", "info,mistralrs_core=warn")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stderr(Stdio::piped())
@@ -369,4 +376,55 @@ async fn sigterm_with_open_streams_writes_their_rows_before_exit() {
         "at least one stream outlived the 1 s grace period and was cut"
     );
     drop(streams);
+}
+
+#[tokio::test]
+async fn serves_as_the_least_privileged_runtime_role() {
+    let host = pg_server()
+        .trim_start_matches("postgres://postgres@")
+        .to_string();
+    let (url, db_name) = create_database(&host).await;
+    let bin = env!("CARGO_BIN_EXE_teachd");
+    let no_models = std::env::temp_dir().join(format!("teachd-nomodel-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&no_models, "models = []\n").unwrap();
+    // As a superuser, with privilege_check = refuse, it does not start.
+    let out = Command::new(bin)
+        .arg("serve")
+        .env("TEACHD_CONFIG", &no_models)
+        .env("TEACHD__DATABASE__URL", &url)
+        .env("TEACHD__DATABASE__PRIVILEGE_CHECK", "refuse")
+        .env("TEACHD__SERVER__BIND", "127.0.0.1:0")
+        .env("TEACHD__TLOG__KEY_FILE", crate::app::test_key_file())
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refusing to serve") && stderr.contains("superuser"), "{stderr}");
+    // The runtime role may log in (roles are cluster-wide; migration 0002 creates it).
+    let mut su = superuser(&db_name).await;
+    sqlx::query("ALTER ROLE teachd_app LOGIN").execute(&mut su).await.unwrap();
+    let app_url = url.replacen("postgres://postgres@", "postgres://teachd_app@", 1);
+    let server = start_server_on(
+        url.clone(),
+        db_name,
+        &[
+            ("TEACHD__DATABASE__URL", app_url),
+            ("TEACHD__DATABASE__MIGRATE_URL", url),
+            ("TEACHD__DATABASE__PRIVILEGE_CHECK", "refuse".into()),
+        ],
+    )
+    .await;
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/models", server.base))
+        .bearer_auth(&server.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-teachd-receipt"));
+    let user: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut su).await.unwrap();
+    assert_eq!(user, "postgres");
+    let committed = committed_ids(&server.db_name).await;
+    assert_eq!(committed.len(), 4, "client, key, ToS, models: {committed:?}");
 }

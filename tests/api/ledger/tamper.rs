@@ -144,6 +144,10 @@ async fn the_app_role_cannot_change_the_ledger_and_the_owner_is_stopped_by_the_t
         "UPDATE tos_acceptances SET commercial = false",
         "DELETE FROM tos_versions",
         "DELETE FROM usage_bodies",
+        "UPDATE ledger_tree SET hash = hash",
+        "DELETE FROM ledger_tree",
+        "TRUNCATE ledger_tree",
+        "DELETE FROM ledger_checkpoints",
     ] {
         let err = sqlx::query(sql).execute(&mut conn).await.unwrap_err();
         let code = err
@@ -155,6 +159,14 @@ async fn the_app_role_cannot_change_the_ledger_and_the_owner_is_stopped_by_the_t
             err.to_string().contains("permission denied"),
             "{sql}: {err}"
         );
+    }
+    // Nor disable the append-only triggers: only the owner may alter the tables.
+    for table in ["usage_events", "usage_bodies", "ledger_tree", "ledger_checkpoints"] {
+        let sql = format!("ALTER TABLE {table} DISABLE TRIGGER USER");
+        let err = sqlx::query(&sql).execute(&mut conn).await.unwrap_err();
+        let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
+        assert_eq!(code.as_deref(), Some("42501"), "{sql}: {err}");
+        assert!(err.to_string().contains("must be owner"), "{sql}: {err}");
     }
     sqlx::query("RESET ROLE").execute(&mut conn).await.unwrap();
     // Even a superuser is refused while the triggers are on.
