@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Admin(AdminCommand::Bootstrap) => {
             let db = teachd::db::connect(&config.database).await?;
             teachd::db::migrate(&db).await?;
-            let (record, key) = teachd::auth::bootstrap_admin(&db).await?;
+            let (record, key) = teachd::store::bootstrap_admin(&db).await?;
             eprintln!(
                 "Admin key {} (id {}) created. It is printed below once and stored only as a hash:",
                 record.prefix, record.id
