@@ -396,3 +396,16 @@ impl From<crate::tos::TosError> for ApiError {
     }
 }
 
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::Invalid { param, message } => ApiError::bad_param(&param, message),
+            StoreError::NameTaken(_) => ApiError::bad_param("name", e.to_string()),
+            StoreError::NoSuchClient(_) | StoreError::NoSuchKey(_) => {
+                ApiError::not_found(e.to_string())
+            }
+            StoreError::Db(err) => err.into(),
+        }
+    }
+}

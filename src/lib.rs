@@ -12,7 +12,12 @@
 //! - [`error`]: `ApiError` and the one mapping of every error to the wire (JSON and SSE).
 //! - [`usage`]: the typed hand-off from handlers to the gate: `Meter` (what a request served and
 //!   reserved) and its `Closed` record.
-//! - [`auth`]: API keys (format, hashing) and authentication to a `ClientCtx`.
+//! - [`store`]: clients and their API keys: the key format (generation, checksum, hash), the
+//!   rules for what is stored, the reserved clients (bootstrap admin, anonymous), and every
+//!   query on the `clients` and `api_keys` tables, as typed functions returning domain types
+//!   (`Client`, `Key`, `Credential`).
+//! - [`auth`]: authentication of a request: Bearer key -> checks (revoked, expired, suspended,
+//!   scope) -> `ClientCtx`; reads keys through `store`, holds no SQL.
 //! - [`limits`]: per-client rpm, tpm, concurrency and the daily quota (client id + `Limits` in).
 //! - [`tos`]: ToS versions, acceptances, licence policy.
 //! - [`db`]: pool, migrations, outage classification and the database circuit breaker.
@@ -23,7 +28,8 @@
 //!   checks), the row of a request (`ledger_layer`), extractors (`extract`), request input and
 //!   validators (`input`), teacher lookup and provenance (`access`), SSE streams (`sse`),
 //!   generation driving (`generation`), one module per resource (`logprobs`, `completions`,
-//!   `chat`, `judgments`, `tokenize`, `models`, `tos`, `admin`), health and metrics.
+//!   `chat`, `judgments`, `tokenize`, `models`, `tos`, `admin`), health and metrics. The admin
+//!   handlers for clients and keys are wire types around `store` calls.
 //! - `bin/teachd-bench.rs`, `bin/bench-ledger.rs`, `bin/bench-auth.rs`: benchmarks that print
 //!   tables.
 
@@ -36,6 +42,7 @@ pub mod http;
 pub mod ledger;
 pub mod limits;
 pub mod state;
+pub mod store;
 pub mod tos;
 pub mod usage;
 
@@ -89,7 +96,7 @@ async fn prepare_db(config: &Config) -> anyhow::Result<sqlx::PgPool> {
             "!!! server.disable_auth is set: teacher endpoints need NO API key and every request \
              runs as the `anonymous` client. For benchmarks and development only !!!"
         );
-        auth::ensure_anonymous_client(&db).await?;
+        store::ensure_anonymous_client(&db).await?;
     }
     Ok(db)
 }

@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
             if config.database.migrate_on_start {
                 teachd::db::migrate_as_owner(&config.database, &db).await?;
             }
-            let (record, key) = teachd::auth::bootstrap_admin(&db).await?;
+            let (record, key) = teachd::store::bootstrap_admin(&db).await?;
             eprintln!(
                 "Admin key {} (id {}) created. It is printed below once and stored only as a hash:",
                 record.prefix, record.id

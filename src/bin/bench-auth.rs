@@ -167,7 +167,7 @@ async fn main() {
     let anon_url = serve(teachd::http::router(anon)).await;
 
     let full_url = serve(teachd::http::router(plain.clone())).await;
-    let (_, admin) = teachd::auth::bootstrap_admin(&plain.db).await.unwrap();
+    let (_, admin) = teachd::store::bootstrap_admin(&plain.db).await.unwrap();
     let http = reqwest::Client::new();
     let base = full_url.trim_end_matches("/v1/models");
     let client: serde_json::Value = http

@@ -120,7 +120,7 @@ async fn serve(state: AppState) -> (String, String, String) {
         std::future::pending(),
     ));
     let base = format!("http://{addr}");
-    let (_, admin) = teachd::auth::bootstrap_admin(&state.db).await.unwrap();
+    let (_, admin) = teachd::store::bootstrap_admin(&state.db).await.unwrap();
     let admin = admin.expose_secret().to_string();
     let http = reqwest::Client::new();
     let client: serde_json::Value = http

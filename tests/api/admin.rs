@@ -174,3 +174,102 @@ async fn invalid_admin_input_is_400_naming_the_field() {
         .unwrap();
     error_of(resp, 400, "invalid_request_error").await;
 }
+
+/// The store functions the admin console calls: pages of clients, limits, suspension and keys,
+/// each seen by the very next request.
+#[tokio::test]
+async fn store_pages_clients_and_manages_their_keys() {
+    use teachd::store::{self, LimitsPatch, NewClient, NewKey, NewLimits, Page, Scope, StoreError};
+    let app = TestApp::spawn().await;
+    let mut made = Vec::new();
+    for name in ["page-one", "page-two", "page-three"] {
+        let new = NewClient {
+            name: name.into(),
+            contact: None,
+            limits: NewLimits::default(),
+        };
+        made.push(store::create_client(&app.db, &new).await.unwrap().id);
+    }
+    let all = store::list_clients(&app.db, Page::ALL).await.unwrap();
+    assert_eq!(all.next, None);
+    let ids: Vec<_> = all.clients.iter().map(|c| c.id).collect();
+    assert!(ids.ends_with(&made), "oldest first: {ids:?}");
+    for size in [1, 2, 3, 4, 5] {
+        let (mut walked, mut after) = (Vec::new(), None);
+        loop {
+            let page = store::list_clients(
+                &app.db,
+                Page {
+                    after,
+                    limit: Some(size),
+                },
+            )
+            .await
+            .unwrap();
+            assert!(page.clients.len() <= size as usize);
+            walked.extend(page.clients.iter().map(|c| c.id));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(walked, ids, "pages of {size} walk the whole list once");
+    }
+
+    let client = made[0];
+    let set_rpm = |rpm| LimitsPatch {
+        rpm: Some(rpm),
+        ..LimitsPatch::default()
+    };
+    let changed = store::update_limits(&app.db, client, &set_rpm(Some(9)))
+        .await
+        .unwrap();
+    assert_eq!(changed.overrides.rpm, Some(9));
+    assert_eq!(changed.limits(app.state.auth.defaults()).rpm, 9);
+    let refused = store::update_limits(&app.db, client, &set_rpm(Some(0))).await;
+    assert!(
+        matches!(refused, Err(StoreError::Invalid { ref param, .. }) if param == "limits.rpm"),
+        "{refused:?}"
+    );
+
+    let new_key = NewKey {
+        scopes: vec![Scope::Teacher, Scope::Teacher],
+        expires_at: None,
+    };
+    let (key, secret) = store::issue_key(&app.db, client, &new_key).await.unwrap();
+    assert_eq!(key.scopes, vec![Scope::Teacher]);
+    let status = |app: &TestApp| {
+        let req = app.get("/v1/models", Some(secret.expose_secret()));
+        async move { req.send().await.unwrap().status() }
+    };
+    assert_eq!(status(&app).await, 200);
+    assert!(
+        store::set_suspended(&app.db, client, true)
+            .await
+            .unwrap()
+            .suspended
+    );
+    assert_eq!(status(&app).await, 403, "suspended at the next request");
+    store::set_suspended(&app.db, client, false).await.unwrap();
+    assert_eq!(status(&app).await, 200, "resumed at the next request");
+
+    let detail = store::client_detail(&app.db, client).await.unwrap();
+    assert_eq!(detail.client.id, client);
+    assert_eq!(
+        detail.keys.iter().map(|k| k.id).collect::<Vec<_>>(),
+        vec![key.id]
+    );
+    let revoked = store::revoke_key(&app.db, key.id).await.unwrap();
+    assert!(revoked.revoked_at.is_some());
+    assert_eq!(status(&app).await, 401, "revoked at the next request");
+
+    let nobody = uuid::Uuid::now_v7();
+    assert!(matches!(
+        store::issue_key(&app.db, nobody, &new_key).await,
+        Err(StoreError::NoSuchClient(id)) if id == nobody
+    ));
+    assert!(matches!(
+        store::revoke_key(&app.db, nobody).await,
+        Err(StoreError::NoSuchKey(_))
+    ));
+}

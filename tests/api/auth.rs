@@ -210,7 +210,7 @@ async fn no_plaintext_key_in_the_database() {
 async fn bootstrap_keys_are_admin_keys() {
     let app = TestApp::spawn().await;
     let (record, key) = teachd::auth::bootstrap_admin(&app.db).await.unwrap();
-    assert_eq!(record.scopes, vec!["admin".to_string()]);
+    assert_eq!(record.scopes, vec![teachd::auth::Scope::Admin]);
     let resp = app
         .get("/admin/clients", Some(key.expose_secret()))
         .send()

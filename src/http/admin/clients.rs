@@ -7,12 +7,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::keys::KeyView;
-use super::{double_option, parse_id, List};
-use crate::error::{ApiError, ErrorEnvelope, Result};
+use super::{double_option, parse_id, KeyView, List};
+use crate::error::{ErrorEnvelope, Result};
 use crate::http::extract::Json;
-use crate::http::input::no_nul;
 use crate::limits::Limits;
+use crate::store::{self, Client, ClientPatch, LimitsPatch, NewClient, NewLimits, Page};
 use crate::AppState;
 
 /// Per-client limits; an absent or null field uses the configured default.
@@ -104,111 +103,48 @@ pub struct ClientView {
     pub tokens_today: Option<i64>,
 }
 
-#[derive(sqlx::FromRow)]
-pub(crate) struct ClientRow {
-    id: Uuid,
-    name: String,
-    contact: Option<String>,
-    suspended: bool,
-    rpm: Option<i32>,
-    tpm: Option<i32>,
-    max_concurrent: Option<i32>,
-    daily_tokens: Option<i64>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-}
-
-const CLIENT_COLUMNS: &str =
-    "id, name, contact, suspended, rpm, tpm, max_concurrent, daily_tokens, created_at, updated_at";
-
-impl ClientRow {
-    fn view(self, defaults: &Limits) -> ClientView {
+impl ClientView {
+    fn of(client: Client, defaults: &Limits) -> ClientView {
         ClientView {
-            limits: Limits {
-                rpm: self.rpm.map_or(defaults.rpm, |v| v as u32),
-                tpm: self.tpm.map_or(defaults.tpm, |v| v as u32),
-                max_concurrent: self
-                    .max_concurrent
-                    .map_or(defaults.max_concurrent, |v| v as u32),
-                daily_tokens: self.daily_tokens.unwrap_or(defaults.daily_tokens),
-            },
+            limits: client.limits(defaults),
             overrides: StoredOverrides {
-                rpm: self.rpm,
-                tpm: self.tpm,
-                max_concurrent: self.max_concurrent,
-                daily_tokens: self.daily_tokens,
+                rpm: client.overrides.rpm,
+                tpm: client.overrides.tpm,
+                max_concurrent: client.overrides.max_concurrent,
+                daily_tokens: client.overrides.daily_tokens,
             },
-            id: self.id,
-            name: self.name,
-            contact: self.contact,
-            suspended: self.suspended,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
+            id: client.id,
+            name: client.name,
+            contact: client.contact,
+            suspended: client.suspended,
+            created_at: client.created_at,
+            updated_at: client.updated_at,
             keys: None,
             tokens_today: None,
         }
     }
 }
 
-// --- validation ------------------------------------------------------------------------------
-
-fn valid_name(name: &str) -> Result<String> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::bad_param(
-            "name",
-            "`name` must be 1 to 200 characters",
-        ));
-    }
-    no_nul("name", name)?;
-    Ok(name.to_string())
-}
-
-fn valid_contact(contact: Option<&str>) -> Result<Option<String>> {
-    if let Some(c) = contact {
-        no_nul("contact", c)?;
-    }
-    match contact.map(str::trim) {
-        Some(c) if c.chars().count() > 320 => Err(ApiError::bad_param(
-            "contact",
-            "`contact` must be at most 320 characters",
-        )),
-        Some("") | None => Ok(None),
-        Some(c) => Ok(Some(c.to_string())),
+impl From<&LimitOverrides> for NewLimits {
+    fn from(l: &LimitOverrides) -> Self {
+        NewLimits {
+            rpm: l.rpm,
+            tpm: l.tpm,
+            max_concurrent: l.max_concurrent,
+            daily_tokens: l.daily_tokens,
+        }
     }
 }
 
-/// A limit in 1..=`max` (the i32 columns cap rpm, tpm and max_concurrent).
-fn valid_limit(field: &str, value: Option<i64>, max: i64) -> Result<Option<i64>> {
-    match value {
-        Some(v) if !(1..=max).contains(&v) => Err(ApiError::bad_param(
-            &format!("limits.{field}"),
-            format!("`limits.{field}` must be between 1 and {max}"),
-        )),
-        other => Ok(other),
+impl From<&PatchLimits> for LimitsPatch {
+    fn from(l: &PatchLimits) -> Self {
+        LimitsPatch {
+            rpm: l.rpm,
+            tpm: l.tpm,
+            max_concurrent: l.max_concurrent,
+            daily_tokens: l.daily_tokens,
+        }
     }
-}
-
-const MAX_I32: i64 = i32::MAX as i64;
-const MAX_DAILY: i64 = 1 << 52;
-
-fn name_taken(err: &sqlx::Error, name: &str) -> Option<ApiError> {
-    match err {
-        sqlx::Error::Database(db) if db.constraint() == Some("clients_name_key") => Some(
-            ApiError::bad_param("name", format!("a client named `{name}` already exists")),
-        ),
-        _ => None,
-    }
-}
-
-pub(crate) async fn fetch_client(state: &AppState, id: Uuid) -> Result<ClientRow> {
-    sqlx::query_as::<_, ClientRow>(&format!(
-        "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(&state.db)
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("no client with id `{id}`")))
 }
 
 // --- handlers --------------------------------------------------------------------------------
@@ -228,29 +164,16 @@ pub async fn create_client(
     State(state): State<AppState>,
     Json(req): Json<CreateClient>,
 ) -> Result<(StatusCode, Json<ClientView>)> {
-    let name = valid_name(&req.name)?;
-    let contact = valid_contact(req.contact.as_deref())?;
-    let l = &req.limits;
-    let rpm = valid_limit("rpm", l.rpm, MAX_I32)?;
-    let tpm = valid_limit("tpm", l.tpm, MAX_I32)?;
-    let max_concurrent = valid_limit("max_concurrent", l.max_concurrent, MAX_I32)?;
-    let daily_tokens = valid_limit("daily_tokens", l.daily_tokens, MAX_DAILY)?;
-    let row = sqlx::query_as::<_, ClientRow>(&format!(
-        "INSERT INTO clients (id, name, contact, rpm, tpm, max_concurrent, daily_tokens)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {CLIENT_COLUMNS}"
+    let new = NewClient {
+        name: req.name,
+        contact: req.contact,
+        limits: (&req.limits).into(),
+    };
+    let client = store::create_client(&state.db, &new).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ClientView::of(client, state.auth.defaults())),
     ))
-    .bind(Uuid::now_v7())
-    .bind(&name)
-    .bind(contact)
-    .bind(rpm.map(|v| v as i32))
-    .bind(tpm.map(|v| v as i32))
-    .bind(max_concurrent.map(|v| v as i32))
-    .bind(daily_tokens)
-    .fetch_one(&state.db)
-    .await
-    .map_err(|e| name_taken(&e, &name).unwrap_or_else(|| e.into()))?;
-    tracing::info!(client_id = %row.id, "client created");
-    Ok((StatusCode::CREATED, Json(row.view(state.auth.defaults()))))
 }
 
 /// List clients, oldest first.
@@ -263,14 +186,13 @@ pub async fn create_client(
 )]
 #[tracing::instrument(skip_all)]
 pub async fn list_clients(State(state): State<AppState>) -> Result<Json<List<ClientView>>> {
-    let rows = sqlx::query_as::<_, ClientRow>(&format!(
-        "SELECT {CLIENT_COLUMNS} FROM clients ORDER BY created_at, id"
-    ))
-    .fetch_all(&state.db)
-    .await?;
+    let page = store::list_clients(&state.db, Page::ALL).await?;
     let defaults = state.auth.defaults();
     Ok(Json(List::new(
-        rows.into_iter().map(|r| r.view(defaults)).collect(),
+        page.clients
+            .into_iter()
+            .map(|c| ClientView::of(c, defaults))
+            .collect(),
     )))
 }
 
@@ -290,8 +212,9 @@ pub async fn get_client(
     Path(id): Path<String>,
 ) -> Result<Json<ClientView>> {
     let id = parse_id("id", &id)?;
-    let mut view = fetch_client(&state, id).await?.view(state.auth.defaults());
-    view.keys = Some(super::keys::list_for_client(&state, id).await?);
+    let detail = store::client_detail(&state.db, id).await?;
+    let mut view = ClientView::of(detail.client, state.auth.defaults());
+    view.keys = Some(detail.keys.into_iter().map(KeyView::from).collect());
     view.tokens_today = Some(state.limits.daily_tokens_used(id).await?);
     Ok(Json(view))
 }
@@ -314,61 +237,18 @@ pub async fn patch_client(
     Json(req): Json<PatchClient>,
 ) -> Result<Json<ClientView>> {
     let id = parse_id("id", &id)?;
-    let name = req.name.as_deref().map(valid_name).transpose()?;
-    let contact = req
-        .contact
-        .as_ref()
-        .map(|c| valid_contact(c.as_deref()))
-        .transpose()?;
-    let none = PatchLimits {
-        rpm: None,
-        tpm: None,
-        max_concurrent: None,
-        daily_tokens: None,
+    let patch = ClientPatch {
+        name: req.name,
+        contact: req.contact,
+        suspended: req.suspended,
+        limits: req
+            .limits
+            .as_ref()
+            .map(LimitsPatch::from)
+            .unwrap_or_default(),
     };
-    let l = req.limits.as_ref().unwrap_or(&none);
-    // (set?, value) per limit: `set` false keeps the column as it is.
-    let lim = |field: &str, v: Option<Option<i64>>, max: i64| -> Result<(bool, Option<i64>)> {
-        match v {
-            None => Ok((false, None)),
-            Some(v) => Ok((true, valid_limit(field, v, max)?)),
-        }
-    };
-    let rpm = lim("rpm", l.rpm, MAX_I32)?;
-    let tpm = lim("tpm", l.tpm, MAX_I32)?;
-    let max_concurrent = lim("max_concurrent", l.max_concurrent, MAX_I32)?;
-    let daily_tokens = lim("daily_tokens", l.daily_tokens, MAX_DAILY)?;
-    let row = sqlx::query_as::<_, ClientRow>(&format!(
-        "UPDATE clients SET
-            name = COALESCE($2, name),
-            contact = CASE WHEN $3 THEN $4 ELSE contact END,
-            suspended = COALESCE($5, suspended),
-            rpm = CASE WHEN $6 THEN $7 ELSE rpm END,
-            tpm = CASE WHEN $8 THEN $9 ELSE tpm END,
-            max_concurrent = CASE WHEN $10 THEN $11 ELSE max_concurrent END,
-            daily_tokens = CASE WHEN $12 THEN $13 ELSE daily_tokens END,
-            updated_at = now()
-         WHERE id = $1 RETURNING {CLIENT_COLUMNS}"
-    ))
-    .bind(id)
-    .bind(name.as_deref())
-    .bind(contact.is_some())
-    .bind(contact.flatten())
-    .bind(req.suspended)
-    .bind(rpm.0)
-    .bind(rpm.1.map(|v| v as i32))
-    .bind(tpm.0)
-    .bind(tpm.1.map(|v| v as i32))
-    .bind(max_concurrent.0)
-    .bind(max_concurrent.1.map(|v| v as i32))
-    .bind(daily_tokens.0)
-    .bind(daily_tokens.1)
-    .fetch_optional(&state.db)
-    .await
-    .map_err(|e| name_taken(&e, name.as_deref().unwrap_or_default()).unwrap_or_else(|| e.into()))?
-    .ok_or_else(|| ApiError::not_found(format!("no client with id `{id}`")))?;
-    tracing::info!(client_id = %id, suspended = row.suspended, "client updated");
-    Ok(Json(row.view(state.auth.defaults())))
+    let client = store::update_client(&state.db, id, &patch).await?;
+    Ok(Json(ClientView::of(client, state.auth.defaults())))
 }
 
 #[cfg(test)]
@@ -386,19 +266,5 @@ mod tests {
         assert_eq!(l.tpm, Some(Some(5)));
         assert_eq!(l.max_concurrent, None);
         assert!(serde_json::from_str::<PatchClient>(r#"{"bogus": 1}"#).is_err());
-    }
-
-    #[test]
-    fn limits_are_range_checked_with_their_name() {
-        let err = valid_limit("rpm", Some(0), MAX_I32).unwrap_err();
-        assert!(
-            matches!(err, ApiError::BadRequest { param: Some(ref p), .. } if p == "limits.rpm")
-        );
-        assert!(valid_limit("tpm", Some(MAX_I32 + 1), MAX_I32).is_err());
-        assert_eq!(valid_limit("tpm", None, MAX_I32).unwrap(), None);
-        assert!(valid_name("   ").is_err());
-        assert!(valid_name("a\0b").is_err());
-        assert!(valid_contact(Some("x\0")).is_err());
-        assert_eq!(valid_contact(Some("  ")).unwrap(), None);
     }
 }

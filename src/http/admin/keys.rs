@@ -7,11 +7,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::clients::fetch_client;
-use super::parse_id;
-use crate::auth::{self, KeyRecord, Scope};
+use super::{parse_id, KeyView};
 use crate::error::{ApiError, ErrorEnvelope, Result};
 use crate::http::extract::Json;
+use crate::store::{self, NewKey, Scope};
 use crate::usage::Meter;
 use crate::AppState;
 
@@ -38,67 +37,18 @@ pub struct CreatedKey {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// A key without its secret.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct KeyView {
-    pub id: Uuid,
-    pub client_id: Uuid,
-    pub prefix: String,
-    pub scopes: Vec<Scope>,
-    pub created_at: DateTime<Utc>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub revoked_at: Option<DateTime<Utc>>,
-    pub last_used_at: Option<DateTime<Utc>>,
-}
-
-impl From<KeyRecord> for KeyView {
-    fn from(k: KeyRecord) -> Self {
-        KeyView {
-            id: k.id,
-            client_id: k.client_id,
-            prefix: k.prefix,
-            scopes: k.scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
-            created_at: k.created_at,
-            expires_at: k.expires_at,
-            revoked_at: k.revoked_at,
-            last_used_at: k.last_used_at,
-        }
-    }
-}
-
-const KEY_COLUMNS: &str =
-    "id, client_id, prefix, scopes, created_at, expires_at, revoked_at, last_used_at";
-
-pub(crate) async fn list_for_client(state: &AppState, client_id: Uuid) -> Result<Vec<KeyView>> {
-    let rows = sqlx::query_as::<_, KeyRecord>(&format!(
-        "SELECT {KEY_COLUMNS} FROM api_keys WHERE client_id = $1 ORDER BY created_at, id"
-    ))
-    .bind(client_id)
-    .fetch_all(&state.db)
-    .await?;
-    Ok(rows.into_iter().map(KeyView::from).collect())
-}
-
-fn valid_scopes(raw: &[String]) -> Result<Vec<Scope>> {
-    if raw.is_empty() {
-        return Err(ApiError::bad_param(
-            "scopes",
-            "`scopes` must name at least one scope",
-        ));
-    }
-    let mut scopes = Vec::new();
-    for s in raw {
-        let scope = Scope::parse(s).ok_or_else(|| {
-            ApiError::bad_param(
-                "scopes",
-                format!("unknown scope `{s}`; expected `teacher` or `admin`"),
-            )
-        })?;
-        if !scopes.contains(&scope) {
-            scopes.push(scope);
-        }
-    }
-    Ok(scopes)
+/// The scopes named in a request; an empty list is the store's to refuse.
+fn parse_scopes(raw: &[String]) -> Result<Vec<Scope>> {
+    raw.iter()
+        .map(|s| {
+            Scope::parse(s).ok_or_else(|| {
+                ApiError::bad_param(
+                    "scopes",
+                    format!("unknown scope `{s}`; expected `teacher` or `admin`"),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Issue a key for a client. The response is the only place the key ever appears.
@@ -122,23 +72,18 @@ pub async fn issue_key(
     // The response holds the plaintext key: the ledger stores its hash, never its body.
     meter.sensitive();
     let client_id = parse_id("id", &id)?;
-    let scopes = valid_scopes(&req.scopes)?;
-    if req.expires_at.is_some_and(|at| at <= Utc::now()) {
-        return Err(ApiError::bad_param(
-            "expires_at",
-            "`expires_at` must be in the future",
-        ));
-    }
-    fetch_client(&state, client_id).await?;
-    let (record, key) = auth::issue_key(&state.db, client_id, &scopes, req.expires_at).await?;
-    tracing::info!(%client_id, key_id = %record.id, prefix = %record.prefix, "API key issued");
+    let new = NewKey {
+        scopes: parse_scopes(&req.scopes)?,
+        expires_at: req.expires_at,
+    };
+    let (record, key) = store::issue_key(&state.db, client_id, &new).await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedKey {
             id: record.id,
             key: key.expose_secret().to_string(),
             prefix: record.prefix,
-            scopes,
+            scopes: record.scopes,
             client_id,
             created_at: record.created_at,
             expires_at: record.expires_at,
@@ -162,15 +107,8 @@ pub async fn revoke_key(
     Path(id): Path<String>,
 ) -> Result<Json<KeyView>> {
     let id = parse_id("id", &id)?;
-    let record = sqlx::query_as::<_, KeyRecord>(&format!(
-        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING {KEY_COLUMNS}"
-    ))
-    .bind(id)
-    .fetch_optional(&state.db)
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("no API key with id `{id}`")))?;
-    tracing::info!(key_id = %id, "API key revoked");
-    Ok(Json(record.into()))
+    let key = store::revoke_key(&state.db, id).await?;
+    Ok(Json(key.into()))
 }
 
 #[cfg(test)]
@@ -178,12 +116,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scopes_are_validated() {
-        assert!(valid_scopes(&[]).is_err());
-        assert!(valid_scopes(&["root".into()]).is_err());
+    fn scopes_are_parsed() {
+        assert!(parse_scopes(&["root".into()]).is_err());
+        assert!(parse_scopes(&["teacher".into(), "Admin".into()]).is_err());
         assert_eq!(
-            valid_scopes(&["teacher".into(), "admin".into(), "teacher".into()]).unwrap(),
-            vec![Scope::Teacher, Scope::Admin]
+            parse_scopes(&["teacher".into(), "admin".into(), "teacher".into()]).unwrap(),
+            vec![Scope::Teacher, Scope::Admin, Scope::Teacher]
         );
     }
 }

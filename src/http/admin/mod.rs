@@ -6,12 +6,17 @@ pub mod clients;
 pub mod keys;
 pub mod usage;
 
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use uuid::Uuid;
 
 use crate::error::ApiError;
 pub(crate) use crate::http::extract::{double_option, parse_id, Query};
 use crate::ledger::queries::TimeRange;
+use crate::store::{Key, Scope};
 use crate::AppState;
 
 /// Routes under /admin; the caller adds the admin gate.
@@ -38,6 +43,34 @@ impl<T> List<T> {
         List {
             object: "list",
             data,
+        }
+    }
+}
+
+/// A key without its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyView {
+    pub id: Uuid,
+    pub client_id: Uuid,
+    pub prefix: String,
+    pub scopes: Vec<Scope>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+impl From<Key> for KeyView {
+    fn from(k: Key) -> Self {
+        KeyView {
+            id: k.id,
+            client_id: k.client_id,
+            prefix: k.prefix,
+            scopes: k.scopes,
+            created_at: k.created_at,
+            expires_at: k.expires_at,
+            revoked_at: k.revoked_at,
+            last_used_at: k.last_used_at,
         }
     }
 }
