@@ -65,42 +65,6 @@ pub fn opt_vec_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
         .map(|v| v.map(|v| v.into_iter().map(|o| o.0).collect()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, Deserialize, PartialEq)]
-    #[serde(deny_unknown_fields)]
-    struct Inner {
-        #[serde(default)]
-        a: Option<u32>,
-    }
-
-    #[derive(Debug, Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Outer {
-        #[serde(default, deserialize_with = "opt_object")]
-        one: Option<Inner>,
-        #[serde(default, deserialize_with = "opt_vec_object")]
-        many: Option<Vec<Inner>>,
-    }
-
-    #[test]
-    fn objects_only() {
-        let ok: Object<Outer> =
-            serde_json::from_str(r#"{"one": {"a": 1}, "many": [{}, {"a": 2}]}"#).unwrap();
-        assert_eq!(ok.0.one, Some(Inner { a: Some(1) }));
-        assert_eq!(ok.0.many.unwrap().len(), 2);
-        let absent: Object<Outer> = serde_json::from_str(r#"{"one": null}"#).unwrap();
-        assert!(absent.0.one.is_none() && absent.0.many.is_none());
-        // serde alone would take these arrays as the fields in order.
-        assert!(serde_json::from_str::<Inner>("[1]").is_ok());
-        assert!(serde_json::from_str::<Object<Inner>>("[1]").is_err());
-        assert!(serde_json::from_str::<Object<Outer>>(r#"{"one": [1]}"#).is_err());
-        assert!(serde_json::from_str::<Object<Outer>>(r#"{"many": [[null]]}"#).is_err());
-        assert!(serde_json::from_str::<Object<Outer>>(r#"{"bogus": 1}"#).is_err());
-    }
-}
 
 /// JSON body extractor whose rejections are rendered in the error envelope (400/413/415),
 /// instead of axum's plain-text rejections.
@@ -180,3 +144,39 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        #[serde(default)]
+        a: Option<u32>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        #[serde(default, deserialize_with = "opt_object")]
+        one: Option<Inner>,
+        #[serde(default, deserialize_with = "opt_vec_object")]
+        many: Option<Vec<Inner>>,
+    }
+
+    #[test]
+    fn objects_only() {
+        let ok: Object<Outer> =
+            serde_json::from_str(r#"{"one": {"a": 1}, "many": [{}, {"a": 2}]}"#).unwrap();
+        assert_eq!(ok.0.one, Some(Inner { a: Some(1) }));
+        assert_eq!(ok.0.many.unwrap().len(), 2);
+        let absent: Object<Outer> = serde_json::from_str(r#"{"one": null}"#).unwrap();
+        assert!(absent.0.one.is_none() && absent.0.many.is_none());
+        // serde alone would take these arrays as the fields in order.
+        assert!(serde_json::from_str::<Inner>("[1]").is_ok());
+        assert!(serde_json::from_str::<Object<Inner>>("[1]").is_err());
+        assert!(serde_json::from_str::<Object<Outer>>(r#"{"one": [1]}"#).is_err());
+        assert!(serde_json::from_str::<Object<Outer>>(r#"{"many": [[null]]}"#).is_err());
+        assert!(serde_json::from_str::<Object<Outer>>(r#"{"bogus": 1}"#).is_err());
+    }
+}

@@ -151,7 +151,7 @@ impl Ledger {
         event: UsageEvent,
     ) -> Result<Option<Committed>, LedgerError> {
         match self.refusals.admit(event) {
-            refusals::Decision::Record(event) => self.record(event, None).await.map(Some),
+            refusals::Decision::Record(event) => self.record(*event, None).await.map(Some),
             refusals::Decision::Counted => Ok(None),
         }
     }

@@ -31,7 +31,7 @@ pub struct RefusalBook {
 /// What to do with one refusal.
 pub enum Decision {
     /// Write it as its own row.
-    Record(UsageEvent),
+    Record(Box<UsageEvent>),
     /// Counted into the client's aggregate for this minute.
     Counted,
 }
@@ -74,7 +74,7 @@ impl RefusalBook {
         }
         if w.written < self.per_minute {
             w.written += 1;
-            return Decision::Record(event);
+            return Decision::Record(Box::new(event));
         }
         let key = (event.client_id, event.status, event.error_code.clone());
         let slot = w.suppressed.entry(key).or_insert((0, event.clone()));
