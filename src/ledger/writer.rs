@@ -127,14 +127,11 @@ impl Writer {
             let timeout = self.timeout();
             let head = match self.head.take() {
                 Some(h) => h,
-                None => match tokio::time::timeout(
-                    timeout,
-                    load_head(self.conn.as_mut().expect("connected")),
-                )
-                .await
-                {
-                    Ok(Ok(h)) => h,
-                    Ok(Err(HeadError::Db(sqlx::Error::Database(db))))
+                // Each statement of the load (and of a tree catch-up over older rows, which
+                // may take many) is bounded by the commit timeout, not the whole load.
+                None => match load_head(self.conn.as_mut().expect("connected"), timeout).await {
+                    Ok(h) => h,
+                    Err(HeadError::Db(sqlx::Error::Database(db)))
                         if db.constraint() == Some("ledger_tree_pkey") =>
                     {
                         // Another writer caught the tree up first.
@@ -144,8 +141,10 @@ impl Writer {
                         }
                         continue;
                     }
-                    Ok(Err(e)) => return self.fail(rows, e.to_string()),
-                    Err(_) => return self.fail(rows, "timed out loading the chain head".into()),
+                    Err(HeadError::Timeout) => {
+                        return self.fail(rows, "timed out loading the chain head".into())
+                    }
+                    Err(e) => return self.fail(rows, e.to_string()),
                 },
             };
             let (links, nodes, frontier) = link(&head, &rows);
@@ -278,6 +277,19 @@ enum HeadError {
     Db(#[from] sqlx::Error),
     #[error("{0}")]
     Tree(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// `fut` within `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, HeadError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(HeadError::Timeout),
+    }
 }
 
 /// Rows read per round trip while the tree catches up with rows it does not cover yet.
@@ -287,16 +299,18 @@ const CATCH_UP_CHUNK: i64 = 10_000;
 /// before the transparency log) are added to it first, in id order. A tree with more leaves
 /// than the ledger has rows means rows were removed: the writer refuses to write on top of
 /// that (every request answers 503 until an operator looks; `teachd audit verify` names it).
-async fn load_head(conn: &mut PgConnection) -> Result<(i64, [u8; 32], Frontier), HeadError> {
+async fn load_head(
+    conn: &mut PgConnection,
+    limit: Duration,
+) -> Result<(i64, [u8; 32], Frontier), HeadError> {
     // One statement, so the head and the tree's size come from one snapshot (another writer
     // may commit in between two).
-    let (head_id, head_hash, stored): (Option<i64>, Option<Vec<u8>>, i64) = sqlx::query_as(
+    let q = sqlx::query_as::<_, (Option<i64>, Option<Vec<u8>>, i64)>(
         "SELECT h.id, h.row_hash, (SELECT coalesce(max(idx) + 1, 0) FROM ledger_tree) \
          FROM (SELECT 1) one LEFT JOIN \
               (SELECT id, row_hash FROM usage_events ORDER BY id DESC LIMIT 1) h ON true",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+    );
+    let (head_id, head_hash, stored) = bounded(limit, q.fetch_one(&mut *conn)).await?;
     let (id, hash) = match (head_id, head_hash) {
         (Some(id), Some(hash)) => (id, hash.try_into().unwrap_or([0xff; 32])),
         _ => (0, GENESIS),
@@ -309,15 +323,16 @@ async fn load_head(conn: &mut PgConnection) -> Result<(i64, [u8; 32], Frontier),
             "the ledger tree has {size} leaves but the ledger only {id} rows: rows were removed"
         )));
     }
-    let known = tree::fetch(&mut *conn, &tree::frontier_indexes(size)).await?;
+    let known = bounded(limit, tree::fetch(&mut *conn, &tree::frontier_indexes(size))).await?;
     let mut frontier = Frontier::new(size, known).map_err(HeadError::Tree)?;
     while frontier.size < id as u64 {
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, row_hash FROM usage_events WHERE id > $1 ORDER BY id LIMIT $2",
+        let rows: Vec<(i64, Vec<u8>)> = bounded(
+            limit,
+            sqlx::query_as("SELECT id, row_hash FROM usage_events WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(frontier.size as i64)
+                .bind(CATCH_UP_CHUNK)
+                .fetch_all(&mut *conn),
         )
-        .bind(frontier.size as i64)
-        .bind(CATCH_UP_CHUNK)
-        .fetch_all(&mut *conn)
         .await?;
         let mut nodes = Vec::new();
         for (row_id, h) in rows {
@@ -330,8 +345,8 @@ async fn load_head(conn: &mut PgConnection) -> Result<(i64, [u8; 32], Frontier),
             let h: [u8; 32] = h.try_into().unwrap_or([0xff; 32]);
             nodes.extend(frontier.append(&h));
         }
-        insert_nodes(&mut *conn, &nodes).await?;
-        tracing::info!(leaves = frontier.size, "ledger tree caught up");
+        bounded(limit, insert_nodes(&mut *conn, &nodes)).await?;
+        tracing::info!(leaves = frontier.size, rows = id, "ledger tree catching up");
     }
     Ok((id, hash, frontier))
 }
