@@ -9,6 +9,7 @@
 pub mod chain;
 pub mod queries;
 pub mod refusals;
+pub mod rollups;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -237,5 +238,7 @@ pub async fn audit_verify(
     to: Option<&str>,
 ) -> anyhow::Result<queries::VerifyReport> {
     let range = queries::TimeRange::parse(from, to).map_err(|(_, msg)| anyhow::anyhow!(msg))?;
-    Ok(queries::verify(pool, range).await?)
+    let report = queries::verify(pool, range).await?;
+    queries::record_verification(pool, range, &report).await?;
+    Ok(report)
 }

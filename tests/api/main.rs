@@ -10,5 +10,6 @@ mod judgments;
 mod ledger;
 mod limits;
 mod openapi;
+mod rollups;
 mod teacher;
 mod teacher_errors;
