@@ -4,6 +4,8 @@
 mod admin;
 mod app;
 mod auth;
+mod console;
+mod console_pages;
 mod helpers;
 mod hostile;
 mod judgments;
