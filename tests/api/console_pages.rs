@@ -37,7 +37,7 @@ fn synthetic(client: Uuid, ts: DateTime<Utc>, n: i64) -> UsageEvent {
 
 /// Two clients that accepted the ToS (published from the console), real API traffic with
 /// refusals, and a month of synthetic rows.
-async fn seed(app: &TestApp, console: &Console<'_>) -> (Uuid, String) {
+pub async fn seed(app: &TestApp, console: &Console<'_>) -> (Uuid, String) {
     let r = console
         .post(
             "/console/tos",
