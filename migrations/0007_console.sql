@@ -32,6 +32,28 @@ CREATE TABLE usage_rollups_hourly (
 
 CREATE INDEX usage_rollups_hourly_client_idx ON usage_rollups_hourly (client_id, hour);
 
+-- The same per UTC day (`day` is its midnight): a 30-day aggregate reads 30 days of these
+-- instead of 720 hours of the hourly ones.
+CREATE TABLE usage_rollups_daily (
+    day              timestamptz      NOT NULL,
+    client_id        uuid             NOT NULL,
+    endpoint         text             NOT NULL,
+    model            text,
+    status_class     smallint         NOT NULL,
+    error_code       text,
+    events           bigint           NOT NULL,
+    requests         bigint           NOT NULL,
+    prompt_tokens    bigint           NOT NULL,
+    scored_tokens    bigint           NOT NULL,
+    generated_tokens bigint           NOT NULL,
+    judgments        bigint           NOT NULL,
+    latency_ms_sum   double precision NOT NULL,
+    CONSTRAINT usage_rollups_daily_key
+        UNIQUE NULLS NOT DISTINCT (day, client_id, endpoint, model, status_class, error_code)
+);
+
+CREATE INDEX usage_rollups_daily_client_idx ON usage_rollups_daily (client_id, day);
+
 -- SECURITY DEFINER: the app role may read rollups but not write them; only this trigger does.
 CREATE FUNCTION usage_rollups_add() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
@@ -47,6 +69,24 @@ BEGIN
     GROUP BY 1, 2, 3, 4, 5, 6
     ORDER BY 1, 2, 3, 4, 5, 6
     ON CONFLICT (hour, client_id, endpoint, model, status_class, error_code) DO UPDATE SET
+        events = r.events + EXCLUDED.events,
+        requests = r.requests + EXCLUDED.requests,
+        prompt_tokens = r.prompt_tokens + EXCLUDED.prompt_tokens,
+        scored_tokens = r.scored_tokens + EXCLUDED.scored_tokens,
+        generated_tokens = r.generated_tokens + EXCLUDED.generated_tokens,
+        judgments = r.judgments + EXCLUDED.judgments,
+        latency_ms_sum = r.latency_ms_sum + EXCLUDED.latency_ms_sum;
+    INSERT INTO usage_rollups_daily AS r (day, client_id, endpoint, model, status_class,
+        error_code, events, requests, prompt_tokens, scored_tokens, generated_tokens, judgments,
+        latency_ms_sum)
+    SELECT date_trunc('day', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', client_id, endpoint,
+           model, (status / 100)::smallint, error_code, count(*), sum(greatest(refusals, 1)),
+           sum(prompt_tokens), sum(scored_tokens), sum(generated_tokens), sum(judgments),
+           sum(latency_ms)
+    FROM new_rows
+    GROUP BY 1, 2, 3, 4, 5, 6
+    ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (day, client_id, endpoint, model, status_class, error_code) DO UPDATE SET
         events = r.events + EXCLUDED.events,
         requests = r.requests + EXCLUDED.requests,
         prompt_tokens = r.prompt_tokens + EXCLUDED.prompt_tokens,
@@ -70,13 +110,21 @@ SELECT date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', client_id, 
 FROM usage_events
 GROUP BY 1, 2, 3, 4, 5, 6;
 
+INSERT INTO usage_rollups_daily (day, client_id, endpoint, model, status_class, error_code,
+    events, requests, prompt_tokens, scored_tokens, generated_tokens, judgments, latency_ms_sum)
+SELECT date_trunc('day', hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', client_id, endpoint, model,
+       status_class, error_code, sum(events), sum(requests), sum(prompt_tokens),
+       sum(scored_tokens), sum(generated_tokens), sum(judgments), sum(latency_ms_sum)
+FROM usage_rollups_hourly
+GROUP BY 1, 2, 3, 4, 5, 6;
+
 CREATE TRIGGER usage_events_rollup
     AFTER INSERT ON usage_events
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION usage_rollups_add();
 
-REVOKE ALL ON usage_rollups_hourly FROM PUBLIC;
-GRANT SELECT ON usage_rollups_hourly TO teachd_app;
+REVOKE ALL ON usage_rollups_hourly, usage_rollups_daily FROM PUBLIC;
+GRANT SELECT ON usage_rollups_hourly, usage_rollups_daily TO teachd_app;
 
 -- Console sign-ins. The cookie holds a random token; only its SHA-256 is stored. A session
 -- lives until it expires or its admin signs out, and dies with its key (revoked keys and

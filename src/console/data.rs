@@ -139,7 +139,7 @@ pub async fn series(
              status_class, error_code, sum(requests)::int8, sum(scored_tokens)::int8, \
              sum(generated_tokens)::int8, sum(judgments)::int8 FROM "
         ));
-        push_source(&mut q, &w.filter(client_id));
+        push_source(&mut q, &w.filter(client_id), unit == "day");
         q.push(" GROUP BY 1, 2, 3");
         q.build_query_as().fetch_all(db).await?
     };
@@ -197,7 +197,7 @@ pub async fn top_clients(db: &PgPool, w: &Window, limit: i64) -> Result<Vec<Shar
     let mut q = QueryBuilder::new(format!(
         "SELECT src.client_id::text AS key, max(c.name) AS name, {SHARE_SUMS} FROM "
     ));
-    push_source(&mut q, &w.filter(None));
+    push_source(&mut q, &w.filter(None), true);
     q.push(" LEFT JOIN clients c ON c.id = src.client_id GROUP BY src.client_id ORDER BY 3 DESC LIMIT ")
         .push_bind(limit);
     q.build_query_as().fetch_all(db).await
@@ -208,7 +208,7 @@ pub async fn model_mix(db: &PgPool, w: &Window) -> Result<Vec<Share>, sqlx::Erro
     let mut q = QueryBuilder::new(format!(
         "SELECT model AS key, NULL::text AS name, {SHARE_SUMS} FROM "
     ));
-    push_source(&mut q, &w.filter(None));
+    push_source(&mut q, &w.filter(None), true);
     q.push(" WHERE model IS NOT NULL GROUP BY model ORDER BY 3 DESC");
     q.build_query_as().fetch_all(db).await
 }

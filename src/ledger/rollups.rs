@@ -2,9 +2,11 @@
 //! on the ledger's INSERT: see migrations/0007_console.sql) instead of a scan of every row.
 //!
 //! A range is split at whole hours: the whole hours inside it come from the rollups, the partial
-//! hours at its ends (at most two hours of rows, through the `ts` index) from the raw rows. The
-//! answer is therefore exactly the raw aggregate ([`super::queries::usage`]) for any range and
-//! grouping, at a cost that grows with the number of hours, not of rows.
+//! hours at its ends (at most two hours of rows, through the `ts` index) from the raw rows; for
+//! aggregates by day or coarser, the whole UTC days come from the daily rollups
+//! (`usage_rollups_daily`, kept by the same trigger). The answer is therefore exactly the raw
+//! aggregate ([`super::queries::usage`]) for any range and grouping, at a cost that grows with
+//! the number of days and hours, not of rows.
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sqlx::{PgPool, Postgres, QueryBuilder};
@@ -41,12 +43,27 @@ pub struct Split {
     pub tail: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
 
+/// [`split_by`] at whole hours.
 pub fn split(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Split {
-    let lo = from.map(ceil_hour);
-    let hi = to.map(floor_hour);
+    split_by(from, to, TimeDelta::hours(1))
+}
+
+/// How `[from, to)` splits at whole `unit`s (an hour or a day): `hours` holds the whole units.
+pub fn split_by(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>, unit: TimeDelta) -> Split {
+    let floor = |t: DateTime<Utc>| t.duration_trunc(unit).unwrap_or(t);
+    let ceil = |t: DateTime<Utc>| {
+        let f = floor(t);
+        if f == t {
+            t
+        } else {
+            f + unit
+        }
+    };
+    let lo = from.map(ceil);
+    let hi = to.map(floor);
     if let (Some(lo), Some(hi), Some(from), Some(to)) = (lo, hi, from, to) {
         if lo >= hi {
-            // No whole hour inside: the raw rows of the range only.
+            // No whole unit inside: the finer source for the whole range.
             return Split {
                 hours: None,
                 head: (from < to).then_some((from, to)),
@@ -73,31 +90,58 @@ fn push_dims(q: &mut QueryBuilder<'_, Postgres>, client: Option<Uuid>, f: &Event
     }
 }
 
-/// Pushes `SELECT hour, client_id, model, endpoint, status_class, error_code, requests,
-/// prompt_tokens, scored_tokens, generated_tokens, judgments, latency_ms_sum` over the rollups
-/// and raw edges of `filter` (the source every aggregate here reads).
-pub fn push_source(q: &mut QueryBuilder<'_, Postgres>, filter: &EventFilter) {
-    let s = split(filter.range.from, filter.range.to);
-    q.push(
-        "(SELECT hour, client_id, model, endpoint, status_class, error_code, requests, \
-            prompt_tokens, scored_tokens, generated_tokens, judgments, latency_ms_sum \
-            FROM usage_rollups_hourly WHERE ",
-    );
-    match s.hours {
-        None => {
-            q.push("false");
-        }
-        Some((lo, hi)) => {
-            q.push("true");
-            if let Some(lo) = lo {
-                q.push(" AND hour >= ").push_bind(lo);
-            }
-            if let Some(hi) = hi {
-                q.push(" AND hour < ").push_bind(hi);
-            }
-        }
+const ROLLUP_COLUMNS: &str = "client_id, model, endpoint, status_class, error_code, requests, \
+    prompt_tokens, scored_tokens, generated_tokens, judgments, latency_ms_sum";
+
+/// One rollup table's rows in `[lo, hi)` (open ends unbounded), as a `UNION ALL` branch.
+fn push_rollup(
+    q: &mut QueryBuilder<'_, Postgres>,
+    table: &str,
+    time: &str,
+    (lo, hi): Hours,
+    filter: &EventFilter,
+) {
+    q.push(format!(
+        " UNION ALL SELECT {time}, {ROLLUP_COLUMNS} FROM {table} WHERE true"
+    ));
+    if let Some(lo) = lo {
+        q.push(format!(" AND {time} >= ")).push_bind(lo);
+    }
+    if let Some(hi) = hi {
+        q.push(format!(" AND {time} < ")).push_bind(hi);
     }
     push_dims(q, filter.client_id, filter);
+}
+
+/// Pushes `SELECT hour, client_id, model, endpoint, status_class, error_code, requests,
+/// prompt_tokens, scored_tokens, generated_tokens, judgments, latency_ms_sum` over the rollups
+/// and raw edges of `filter` (the source every aggregate here reads). With `days`, the whole
+/// UTC days of the range come from the daily rollups (their `hour` is the day's midnight: only
+/// for aggregates by day or coarser), the rest of its whole hours from the hourly ones.
+pub fn push_source(q: &mut QueryBuilder<'_, Postgres>, filter: &EventFilter, days: bool) {
+    let s = split(filter.range.from, filter.range.to);
+    q.push(format!(
+        "(SELECT hour, {ROLLUP_COLUMNS} FROM usage_rollups_hourly WHERE false"
+    ));
+    if let Some(hours) = s.hours {
+        if days {
+            let d = split_by(hours.0, hours.1, TimeDelta::days(1));
+            if let Some(whole_days) = d.hours {
+                push_rollup(q, "usage_rollups_daily", "day", whole_days, filter);
+            }
+            for (a, b) in [d.head, d.tail].into_iter().flatten() {
+                push_rollup(
+                    q,
+                    "usage_rollups_hourly",
+                    "hour",
+                    (Some(a), Some(b)),
+                    filter,
+                );
+            }
+        } else {
+            push_rollup(q, "usage_rollups_hourly", "hour", hours, filter);
+        }
+    }
     for (a, b) in [s.head, s.tail].into_iter().flatten() {
         q.push(
             " UNION ALL SELECT date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', \
@@ -149,7 +193,8 @@ pub async fn usage(
          coalesce(sum(judgments), 0)::int8 AS judgments FROM ",
         select.join(", ")
     ));
-    push_source(&mut q, filter);
+    // By hour needs hourly rows; anything coarser may read whole days from the daily rollups.
+    push_source(&mut q, filter, !keys.contains(&GroupKey::Hour));
     if !group.is_empty() {
         let list = group.join(", ");
         q.push(format!(" GROUP BY {list} ORDER BY {list}"));

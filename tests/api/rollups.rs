@@ -122,6 +122,25 @@ async fn rollups_equal_a_recount_of_the_raw_rows() {
     .unwrap();
     assert!(rollups.len() > 50, "{} rollup rows", rollups.len());
     assert_eq!(rollups, recount);
+    let daily: Recount = sqlx::query_as(&format!(
+        "SELECT {} FROM usage_rollups_daily ORDER BY 1, 2, 3, 4, 5, 6",
+        ROLLUP_COLS.replacen("hour", "day", 1)
+    ))
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    let by_day: Recount = sqlx::query_as(
+        "SELECT date_trunc('day', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', client_id, endpoint,
+                model, (status / 100)::int2, error_code, count(*)::int8,
+                sum(greatest(refusals, 1))::int8, sum(prompt_tokens)::int8,
+                sum(scored_tokens)::int8, sum(generated_tokens)::int8, sum(judgments)::int8
+         FROM usage_events GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert!(daily.len() < rollups.len());
+    assert_eq!(daily, by_day);
 
     // The app's role may read rollups but never write them.
     let mut su = crate::app::superuser(&app.db_name).await;
@@ -151,6 +170,11 @@ async fn usage_from_rollups_equals_the_raw_aggregate_for_every_grouping_and_rang
         TimeRange {
             from: Some(base + Duration::hours(5)),
             to: Some(base + Duration::hours(29)),
+        },
+        // Several whole UTC days (from the daily rollups) with hours and minutes on each side.
+        TimeRange {
+            from: Some(base - Duration::days(1) + Duration::minutes(7)),
+            to: Some(base + Duration::days(3) + Duration::minutes(5)),
         },
         TimeRange {
             from: Some(base + Duration::minutes(70)),
