@@ -8,7 +8,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use serde::Deserialize;
 
-use super::pages::{audit_page, client_page};
+use super::clients::client_page;
+use super::pages::audit_page;
 use super::session::{self, Session};
 use super::ConsoleError;
 use crate::auth::ClientCtx;

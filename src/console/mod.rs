@@ -9,12 +9,14 @@
 //! request, bounded body, timeout, panics caught. Actions call the admin API's own handlers
 //! ([`actions`]), so validation, effects and logging are the API's.
 //!
-//! Files: `session` (cookie, session table, CSRF), `pages` (what each page shows), `actions`
+//! Files: `session` (cookie, session table, CSRF), `pages` (overview, audit) and `clients`
+//! (the clients list, a client), `actions`
 //! (the forms), `data` and `lists` (the queries behind the pages: rollups for ranges, raw rows
 //! for recent events), `charts` (plotters SVG).
 
 mod actions;
 mod charts;
+mod clients;
 mod data;
 mod lists;
 mod pages;
@@ -48,9 +50,9 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/console", get(pages::overview))
         .route(
             "/console/clients",
-            get(pages::clients).post(actions::create_client),
+            get(clients::clients).post(actions::create_client),
         )
-        .route("/console/clients/{id}", get(pages::client))
+        .route("/console/clients/{id}", get(clients::client))
         .route("/console/clients/{id}/keys", post(actions::issue_key))
         .route("/console/clients/{id}/limits", post(actions::limits))
         .route(
