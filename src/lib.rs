@@ -23,18 +23,25 @@
 //! - [`db`]: pool, migrations, outage classification and the database circuit breaker.
 //! - [`engine`]: the teacher: model registry, mistralrs backend, logprob math, judge prompts.
 //! - [`ledger`]: usage rows: the group-committing writer, the hash chain, bounded refusal
-//!   rows, audit queries and verification.
+//!   rows, audit queries and verification, hourly rollups (`rollups`: kept by a trigger in the
+//!   writer's INSERT; `/admin/usage` and the console read them), and the transparency log:
+//!   the Merkle tree (`tree`), the signing key, checkpoints and receipts (`signing`), the
+//!   checkpointer and the audit against saved checkpoints (`transparency`).
 //! - [`http`]: the HTTP surface: the router and its outer layers (`mod.rs`), the gate (order of
 //!   checks), the row of a request (`ledger_layer`), extractors (`extract`), request input and
 //!   validators (`input`), teacher lookup and provenance (`access`), SSE streams (`sse`),
 //!   generation driving (`generation`), one module per resource (`logprobs`, `completions`,
 //!   `chat`, `judgments`, `tokenize`, `models`, `tos`, `admin`), health and metrics. The admin
 //!   handlers for clients and keys are wire types around `store` calls.
+//! - [`console`]: the admin console at `/console`: sessions (sign-in with an admin key, CSRF),
+//!   server-rendered pages (askama templates and an embedded stylesheet under `console/`),
+//!   plotters SVG charts; its actions call the admin handlers and are ledgered like them.
 //! - `bin/teachd-bench.rs`, `bin/bench-ledger.rs`, `bin/bench-auth.rs`: benchmarks that print
 //!   tables.
 
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod engine;
 pub mod error;

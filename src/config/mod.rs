@@ -19,6 +19,7 @@ pub struct Config {
     pub ledger: LedgerConfig,
     pub engine: EngineConfig,
     pub tlog: TlogConfig,
+    pub console: ConsoleConfig,
     /// The teacher models served. Several may be served at once.
     pub models: Vec<ModelConfig>,
 }
@@ -63,6 +64,30 @@ pub struct ServerConfig {
     pub disable_auth: bool,
 }
 
+
+/// The admin console at `/console` (src/console/).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve `/console`. Off removes the routes entirely (404), e.g. where admins must use the
+    /// API only.
+    pub enabled: bool,
+    /// How long a sign-in lasts. Longer is convenient; shorter limits what a stolen cookie or
+    /// an unattended browser can do. Sign-out ends a session at once.
+    pub session_ttl_secs: u64,
+    /// The cookie's `Secure` flag: `auto` sets it when the request came over TLS through a
+    /// proxy (`X-Forwarded-Proto: https`), `always` always (use when every access is HTTPS),
+    /// `never` never (plain-HTTP setups only).
+    pub secure_cookie: SecureCookie,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SecureCookie {
+    Auto,
+    Always,
+    Never,
+}
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

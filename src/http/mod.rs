@@ -3,7 +3,7 @@
 //!
 //! Teacher routes (/v1) sit behind [`gate::teacher_gate`] (scope `teacher`, per-client limits),
 //! admin routes behind [`gate::admin_gate`] (scope `admin`); /healthz, /readyz, /openapi.json
-//! and /docs are open.
+//! and /docs are open; /console (when enabled) is [`crate::console`]'s.
 
 pub mod admin;
 mod chat;
@@ -185,6 +185,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     let spec_json = serde_json::to_string_pretty(&*spec).unwrap_or_default();
     Router::new()
         .merge(api)
+        .merge(crate::console::routes(&state))
         .merge(extra)
         .merge(health::routes(&state))
         .route(
@@ -193,8 +194,12 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
                 ([("content-type", "application/json")], spec_json)
             }),
         )
+        // Swagger UI's files are embedded (vendored); its online validator badge, which would
+        // send the spec's URL to validator.swagger.io, is off: /docs works air-gapped.
         .merge(
-            utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", (*spec).clone()),
+            utoipa_swagger_ui::SwaggerUi::new("/docs")
+                .url("/docs/openapi.json", (*spec).clone())
+                .config(utoipa_swagger_ui::Config::default().validator_url("none")),
         )
         // Every matched route labels its metrics with its template (never the raw path).
         .route_layer(middleware::from_fn(label_route))

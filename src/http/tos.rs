@@ -157,7 +157,7 @@ pub struct PublishRequest {
     ),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
-async fn publish_tos(
+pub(crate) async fn publish_tos(
     State(state): State<AppState>,
     _ctx: ClientCtx,
     Json(req): Json<PublishRequest>,

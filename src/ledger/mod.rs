@@ -9,6 +9,7 @@
 pub mod chain;
 pub mod queries;
 pub mod refusals;
+pub mod rollups;
 pub mod signing;
 pub mod transparency;
 pub mod tree;
@@ -257,5 +258,7 @@ pub async fn audit_verify(
     to: Option<&str>,
 ) -> anyhow::Result<queries::VerifyReport> {
     let range = queries::TimeRange::parse(from, to).map_err(|(_, msg)| anyhow::anyhow!(msg))?;
-    Ok(queries::verify(pool, range).await?)
+    let report = queries::verify(pool, range).await?;
+    queries::record_verification(pool, range, &report).await?;
+    Ok(report)
 }

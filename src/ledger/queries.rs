@@ -343,6 +343,26 @@ pub async fn verify(pool: &PgPool, range: TimeRange) -> Result<VerifyReport, sql
     })
 }
 
+/// Keeps the result of a verification (the console shows the last one).
+pub async fn record_verification(
+    pool: &PgPool,
+    range: TimeRange,
+    report: &VerifyReport,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO ledger_verifications (range_from, range_to, ok, rows_checked, first_bad_event_id)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(range.from)
+    .bind(range.to)
+    .bind(report.ok)
+    .bind(report.rows_checked as i64)
+    .bind(report.first_bad_event_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

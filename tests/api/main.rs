@@ -4,11 +4,16 @@
 mod admin;
 mod app;
 mod auth;
+mod console;
+mod console_browser;
+mod console_pages;
 mod helpers;
 mod hostile;
 mod judgments;
 mod ledger;
 mod limits;
 mod openapi;
+mod rollups;
 mod teacher;
 mod teacher_errors;
+mod webdriver;

@@ -123,7 +123,7 @@ fn csv_line(out: &mut String, e: &EventView) {
     ),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
-async fn export(
+pub(crate) async fn export(
     State(state): State<AppState>,
     _ctx: ClientCtx,
     Query(p): Query<ExportParams>,
@@ -200,13 +200,16 @@ pub struct VerifyParams {
     ),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
-async fn verify(
+pub(crate) async fn verify(
     State(state): State<AppState>,
     _ctx: ClientCtx,
     Query(p): Query<VerifyParams>,
 ) -> Result<Json<VerifyReport>> {
     let range = parse_range(p.from.as_deref(), p.to.as_deref())?;
     let report = queries::verify(&state.db, range)
+        .await
+        .map_err(ApiError::from)?;
+    queries::record_verification(&state.db, range, &report)
         .await
         .map_err(ApiError::from)?;
     Ok(Json(report))
