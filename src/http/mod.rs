@@ -80,7 +80,8 @@ fn teacher_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(completions::routes())
         .merge(chat::routes())
         .merge(judgments::routes())
-        .merge(tos::routes());
+        .merge(tos::routes())
+        .merge(crate::batch::routes());
     match state {
         Some(state) => routes.route_layer(from_fn_with_state(state.clone(), gate::teacher_gate)),
         None => routes,

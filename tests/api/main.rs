@@ -4,6 +4,7 @@
 mod admin;
 mod app;
 mod auth;
+mod batch;
 mod helpers;
 mod hostile;
 mod judgments;
