@@ -315,6 +315,8 @@ async fn download(client: &Client, batch: &Value, out: &Path) -> anyhow::Result<
         while let Some(chunk) = body.next().await {
             tokio::io::AsyncWriteExt::write_all(&mut file, &chunk?).await?;
         }
+        // A tokio file finishes its last write in the background: wait for it before exiting.
+        tokio::io::AsyncWriteExt::flush(&mut file).await?;
         println!("{}", path.display());
     }
     Ok(())

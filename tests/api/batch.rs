@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::app::{error_of, TestApp, MODEL};
+use crate::app::{error_of, TestApp, MODEL, MODEL_PROHIBITED};
 
 fn roomy() -> Value {
     json!({"rpm": 100000, "tpm": 100000000, "max_concurrent": 64, "daily_tokens": 1000000000i64})
@@ -237,14 +237,15 @@ async fn uploads_over_the_line_cap_are_refused() {
     );
 }
 
-/// The lines of the logprobs batch tests: two good ones, and a bad one on line 3 (top_k over
-/// the model's cap), then a prompt line.
+/// The lines of the logprobs batch tests: two good ones, a bad one on line 3 (top_k over the
+/// model's cap), a prompt line, and one for a model whose licence forbids distillation.
 fn logprobs_lines() -> (Vec<Value>, String) {
     let bodies = vec![
         json!({"model": MODEL, "token_ids": seq(1, 12), "top_k": 4}),
         json!({"model": MODEL, "token_ids": seq(2, 9), "top_k": 4, "score_from": 3}),
         json!({"model": MODEL, "token_ids": seq(3, 9), "top_k": 4_000_000}),
         json!({"model": MODEL, "prompt": "The capital of France is Paris.", "top_k": 4}),
+        json!({"model": MODEL_PROHIBITED, "token_ids": seq(5, 9), "top_k": 4}),
     ];
     let text = bodies
         .iter()
@@ -262,12 +263,12 @@ async fn a_logprobs_batch_equals_the_interactive_endpoint_in_jsonl_and_parquet()
     let file = upload_ok(&app, &key, &text).await;
     let created = create_ok(&app, &key, &file, "jsonl").await;
     assert_eq!(created["status"], "in_progress", "{created}");
-    assert_eq!(created["request_counts"]["total"], 4);
+    assert_eq!(created["request_counts"]["total"], 5);
     let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         done["request_counts"],
-        json!({"total": 4, "completed": 3, "failed": 1})
+        json!({"total": 5, "completed": 3, "failed": 2})
     );
     assert_eq!(
         done["progress"]["scored_tokens"],
@@ -275,7 +276,11 @@ async fn a_logprobs_batch_equals_the_interactive_endpoint_in_jsonl_and_parquet()
     );
 
     let mut interactive = Vec::new();
-    for (i, body) in bodies.iter().enumerate().filter(|(i, _)| *i != 2) {
+    for (i, body) in bodies
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2 && *i != 4)
+    {
         let r = app
             .post("/v1/logprobs", &key, body.clone())
             .send()
@@ -303,15 +308,28 @@ async fn a_logprobs_batch_equals_the_interactive_endpoint_in_jsonl_and_parquet()
         );
     }
     let errors = jsonl(&content(&app, &key, done["error_file_id"].as_str().unwrap()).await);
-    assert_eq!(errors.len(), 1);
+    let found: Vec<_> = errors
+        .iter()
+        .map(|e| {
+            (
+                e["custom_id"].clone(),
+                e["error"]["line"].clone(),
+                e["response"]["status_code"].clone(),
+            )
+        })
+        .collect();
     assert_eq!(
-        (
-            errors[0]["custom_id"].clone(),
-            errors[0]["error"]["line"].clone()
-        ),
-        (json!("req-3"), json!(3))
+        found,
+        vec![
+            (json!("req-3"), json!(3), json!(400)),
+            (json!("req-5"), json!(5), json!(403))
+        ]
     );
-    assert_eq!(errors[0]["response"]["status_code"], 400);
+    assert_eq!(errors[1]["error"]["code"], "licence_forbids");
+    assert_eq!(
+        errors[1]["response"]["body"]["error"]["type"],
+        "permission_error"
+    );
 
     // The same file as a Parquet dataset: one row per sequence, the same numbers.
     let created = create_ok(&app, &key, &file, "parquet").await;
@@ -634,4 +652,134 @@ async fn the_cli_submits_follows_and_downloads() {
     );
     let rows: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
     assert_eq!(rows, 3);
+}
+
+#[tokio::test]
+async fn a_parquet_input_runs_with_the_batch_metadata_and_streams_its_progress() {
+    use arrow_array::builder::{ListBuilder, UInt32Builder};
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let app = TestApp::with_model(|_| {}).await;
+    let (_, key) = app.ready_teacher("columnar", roomy()).await;
+    let seqs: Vec<Vec<u32>> = (0..3).map(|i| seq(10 + i, 8 + i)).collect();
+    let mut ids = ListBuilder::new(UInt32Builder::new());
+    for s in &seqs {
+        ids.values().append_slice(s);
+        ids.append(true);
+    }
+    let batch = RecordBatch::try_from_iter([
+        (
+            "custom_id",
+            Arc::new(StringArray::from(vec!["p0", "p1", "p2"])) as ArrayRef,
+        ),
+        ("input_ids", Arc::new(ids.finish()) as ArrayRef),
+    ])
+    .unwrap();
+    let mut bytes = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let r = upload(&app, &key, bytes, "in.parquet").await;
+    assert_eq!(r.status(), 200);
+    let f: Value = r.json().await.unwrap();
+    assert_eq!(f["format"], "parquet");
+    let r = app
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": f["id"], "endpoint": "/v1/logprobs", "completion_window": "24h",
+                   "metadata": {"model": MODEL, "top_k": "3", "score_from": "2"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let created: Value = r.json().await.unwrap();
+    let id = created["id"].as_str().unwrap();
+
+    // Live progress: batch objects as they change, ending with the completed one.
+    let events = app
+        .get(&format!("/v1/batches/{id}/events"), Some(&key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert!(events.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = events.text().await.unwrap();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let objects: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let scored: Vec<i64> = objects
+        .iter()
+        .map(|o| o["progress"]["scored_tokens"].as_i64().unwrap())
+        .collect();
+    assert!(scored.windows(2).all(|w| w[0] <= w[1]), "{scored:?}");
+    let last = objects.last().unwrap();
+    assert_eq!(last["status"], "completed", "{last}");
+    assert_eq!(
+        last["progress"]["scored_tokens"],
+        last["progress"]["total_tokens"]
+    );
+
+    let out = jsonl(&content(&app, &key, last["output_file_id"].as_str().unwrap()).await);
+    assert_eq!(out.len(), 3);
+    for (i, (o, s)) in out.iter().zip(&seqs).enumerate() {
+        assert_eq!(o["custom_id"], format!("p{i}"));
+        let want: Value = app
+            .post(
+                "/v1/logprobs",
+                &key,
+                json!({"model": MODEL, "token_ids": s, "top_k": 3, "score_from": 2}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(o["response"]["body"], want);
+    }
+}
+
+#[tokio::test]
+async fn lines_not_run_within_the_completion_window_expire() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("late", roomy()).await;
+    let file = upload_ok(&app, &key, &many_lines(400, 32)).await;
+    let r = app
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": file, "endpoint": "/v1/logprobs", "completion_window": "1s"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["status"], "expired", "{done}");
+    let counts = &done["request_counts"];
+    let completed = counts["completed"].as_i64().unwrap();
+    assert_eq!(
+        completed + counts["failed"].as_i64().unwrap(),
+        400,
+        "{done}"
+    );
+    let errors = jsonl(&content(&app, &key, done["error_file_id"].as_str().unwrap()).await);
+    assert_eq!(errors.len() as i64, 400 - completed);
+    assert!(errors.iter().all(|e| e["error"]["code"] == "batch_expired"));
+    app.wait_tokens_used(client, completed * 32).await;
 }
