@@ -34,7 +34,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::AppState;
 
 /// The endpoints a batch may target.
-pub const ENDPOINTS: &[&str] = &["/v1/logprobs"];
+pub const ENDPOINTS: &[&str] = &["/v1/logprobs", "/v1/completions"];
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

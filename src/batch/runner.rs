@@ -36,6 +36,7 @@ use super::validate::{self, Job, Lookup};
 use crate::error::ApiError;
 use crate::ledger::chain::to_db_precision;
 use crate::ledger::{LedgerError, UsageEvent};
+use crate::usage::{Meter, Usage};
 use crate::AppState;
 
 /// Starts the runner; it stops (after the line in progress) when `stop` turns true.
@@ -225,25 +226,27 @@ async fn run_line(state: &AppState, work: &mut Work, line: InputLine) -> anyhow:
     };
     let job = validate::prepare(state, &mut work.lookup, &row.endpoint, &line).await;
     let estimate = job.as_ref().map_or(0, Job::cost);
-    let result = match job {
-        Ok(Job::Logprobs { teacher, plan }) => {
-            event.model = Some(teacher.info.id.clone());
-            event.weights_sha256 = Some(teacher.info.weights_sha256.clone());
-            event.top_k = Some(plan.top_k as i32);
-            crate::http::logprobs::execute(&teacher, plan).await
+    let (result, usage) = match job {
+        Ok(job) => {
+            event.model = Some(job.teacher().info.id.clone());
+            event.weights_sha256 = Some(job.teacher().info.weights_sha256.clone());
+            event.top_k = job.top_k().map(|k| k as i32);
+            execute(job).await
         }
-        Err(e) => Err(e),
+        Err(e) => (Err(e), Usage::default()),
     };
+    event.prompt_tokens = usage.prompt_tokens as i64;
+    event.scored_tokens = usage.scored_tokens as i64;
+    event.generated_tokens = usage.generated_tokens as i64;
+    // What ran is paid for, failed or not, never past the line's reservation.
+    let cost = usage.billable_tokens().min(estimate);
     let ran = match result {
         Ok(body) => {
-            event.prompt_tokens = body.usage.prompt_tokens as i64;
-            event.scored_tokens = body.usage.scored_tokens as i64;
-            let json = serde_json::to_vec(&body)?;
-            event.response_sha256 = Sha256::digest(&json).into();
+            event.response_sha256 = Sha256::digest(serde_json::to_vec(&body)?).into();
             Ran {
                 ok: true,
                 text: super::output::ok_line(&line.custom_id, &request_id, &body),
-                cost: body.usage.prompt_tokens as u64,
+                cost,
                 estimate,
                 event,
             }
@@ -261,13 +264,48 @@ async fn run_line(state: &AppState, work: &mut Work, line: InputLine) -> anyhow:
                     Some(&request_id),
                     &err,
                 ),
-                cost: 0,
+                cost,
                 estimate,
                 event,
             }
         }
     };
     commit(state, work, line.index, ran, started).await
+}
+
+/// A line's response body, serialised exactly as its endpoint serialises it.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Body {
+    Logprobs(crate::http::logprobs::LogprobsResponse),
+    Completions(crate::http::completions::CompletionResponse),
+}
+
+/// Runs one line's job through the endpoint's own code; returns the body the endpoint would
+/// answer and what the engine ran (recorded on a meter of its own, as the endpoint records it).
+async fn execute(job: Job) -> (Result<Body, ApiError>, Usage) {
+    match job {
+        Job::Logprobs { teacher, plan } => {
+            match crate::http::logprobs::execute(&teacher, plan).await {
+                Ok(body) => {
+                    let usage = Usage {
+                        prompt_tokens: body.usage.prompt_tokens as u64,
+                        scored_tokens: body.usage.scored_tokens as u64,
+                        ..Usage::default()
+                    };
+                    (Ok(Body::Logprobs(body)), usage)
+                }
+                Err(e) => (Err(e), Usage::default()),
+            }
+        }
+        Job::Completions { checked, .. } => {
+            let (meter, _watch) = Meter::detached();
+            let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+            let created = Utc::now().timestamp();
+            let result = crate::http::completions::respond(checked, &meter, id, created).await;
+            (result.map(Body::Completions), meter.usage())
+        }
+    }
 }
 
 async fn commit(

@@ -15,7 +15,7 @@ use super::input::{FileError, InputLine, Item};
 use crate::auth::ClientCtx;
 use crate::engine::Teacher;
 use crate::error::ApiError;
-use crate::http::{access, logprobs};
+use crate::http::{access, completions, logprobs};
 use crate::AppState;
 
 /// One line's work, ready for the engine.
@@ -24,6 +24,10 @@ pub enum Job {
         teacher: Arc<Teacher>,
         plan: logprobs::Plan,
     },
+    Completions {
+        teacher: Arc<Teacher>,
+        checked: completions::Checked,
+    },
 }
 
 impl Job {
@@ -31,12 +35,21 @@ impl Job {
     pub fn cost(&self) -> u64 {
         match self {
             Job::Logprobs { plan, .. } => plan.cost(),
+            Job::Completions { checked, .. } => checked.cost,
         }
     }
 
     pub fn teacher(&self) -> &Arc<Teacher> {
         match self {
-            Job::Logprobs { teacher, .. } => teacher,
+            Job::Logprobs { teacher, .. } | Job::Completions { teacher, .. } => teacher,
+        }
+    }
+
+    /// The top-k the line's row records.
+    pub fn top_k(&self) -> Option<u32> {
+        match self {
+            Job::Logprobs { plan, .. } => Some(plan.top_k as u32),
+            Job::Completions { checked, .. } => checked.top_k,
         }
     }
 }
@@ -113,6 +126,22 @@ pub async fn prepare(
             let teacher = lookup.teacher(state, &req.model).await?;
             let plan = logprobs::plan(&teacher, req).await?;
             Ok(Job::Logprobs { teacher, plan })
+        }
+        "/v1/completions" => {
+            let req: completions::CompletionRequest =
+                crate::http::extract::object(line.body.clone()).map_err(|e| {
+                    ApiError::BadRequest {
+                        message: format!("invalid `body`: {e}"),
+                        param: Some("body".into()),
+                        code: Some("invalid_body"),
+                    }
+                })?;
+            if req.stream == Some(true) {
+                return Err(ApiError::bad_param("stream", "batch lines cannot stream"));
+            }
+            let teacher = lookup.teacher(state, &req.model).await?;
+            let checked = completions::plan(&teacher, req).await?;
+            Ok(Job::Completions { teacher, checked })
         }
         other => Err(ApiError::bad_param(
             "endpoint",
@@ -201,8 +230,13 @@ pub async fn validate(
         match prepare(state, &mut lookup, endpoint, &line).await {
             Ok(job) => {
                 out.total_tokens += job.cost();
-                let Job::Logprobs { teacher, plan } = &job;
-                let this = (teacher.info.id.clone(), plan.top_k, plan.temperature);
+                let this = match &job {
+                    Job::Logprobs { teacher, plan } => {
+                        (teacher.info.id.clone(), plan.top_k, plan.temperature)
+                    }
+                    // Parquet is for teacher forcing only: never uniform.
+                    Job::Completions { .. } => (String::new(), usize::MAX, f64::NAN),
+                };
                 match &out.uniform {
                     None if !out.mixed => out.uniform = Some(this),
                     Some(u) if *u != this => {

@@ -8,7 +8,7 @@
 pub mod admin;
 mod chat;
 pub mod access;
-mod completions;
+pub mod completions;
 pub mod extract;
 pub mod gate;
 mod generation;

@@ -783,3 +783,75 @@ async fn lines_not_run_within_the_completion_window_expire() {
     assert!(errors.iter().all(|e| e["error"]["code"] == "batch_expired"));
     app.wait_tokens_used(client, completed * 32).await;
 }
+
+#[tokio::test]
+async fn a_completions_batch_answers_like_the_endpoint_and_bills_what_ran() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("vllm-style", roomy()).await;
+    let bodies = [
+        // A vLLM teacher pipeline's prompt-logprobs request.
+        json!({"model": MODEL, "prompt": [seq(7, 10)], "max_tokens": 0, "echo": true, "prompt_logprobs": 3}),
+        // A greedy generation with logprobs.
+        json!({"model": MODEL, "prompt": "Name three colours:", "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+        json!({"model": MODEL, "prompt": "hi", "stream": true}),
+    ];
+    let text: String = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/completions", "body": b})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    let file = upload_ok(&app, &key, &text).await;
+    let r = app
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": file, "endpoint": "/v1/completions", "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 3, "completed": 2, "failed": 1})
+    );
+    let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
+    let billed: i64 = out
+        .iter()
+        .map(|o| {
+            o["response"]["body"]["usage"]["total_tokens"]
+                .as_i64()
+                .unwrap()
+        })
+        .sum();
+    // Billed what ran; the unused part of each generation's max_tokens refunded.
+    app.wait_tokens_used(client, billed).await;
+    let errors = jsonl(&content(&app, &key, done["error_file_id"].as_str().unwrap()).await);
+    assert_eq!(errors[0]["error"]["line"], 3);
+    for (o, body) in out.iter().zip(&bodies) {
+        let mut want: Value = app
+            .post("/v1/completions", &key, body.clone())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut got = o["response"]["body"].clone();
+        for v in [&mut want, &mut got] {
+            v.as_object_mut().unwrap().remove("id");
+            v.as_object_mut().unwrap().remove("created");
+        }
+        assert_eq!(got, want, "{}", o["custom_id"]);
+    }
+}
