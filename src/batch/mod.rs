@@ -7,8 +7,8 @@
 //! - [`store`]: the `batches` table: state, resume point, progress;
 //! - [`create`]: `POST /v1/batches`: validation and the quota reservation up front;
 //! - [`api`]: the other `/v1/batches` routes and the SSE progress stream;
-//! - [`runner`]: the background task that runs lines one at a time, records each in the
-//!   ledger and resumes after a restart;
+//! - [`runner`]: the background task that runs lines one at a time and resumes after a
+//!   restart; `line`: one line run, recorded in the ledger, settled and committed;
 //! - [`output`]: output lines (JSONL) and the Parquet dataset of a logprobs batch;
 //! - [`finish`]: the end of a batch: output files, final status, the unused quota refunded;
 //! - [`cli`]: `teachd batch ...`, the client side.
@@ -22,6 +22,7 @@ pub mod files;
 pub mod filestore;
 pub mod finish;
 pub mod input;
+mod line;
 pub mod output;
 pub mod runner;
 pub mod store;
