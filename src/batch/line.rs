@@ -111,6 +111,7 @@ pub(super) async fn run_line(
 enum Body {
     Logprobs(crate::http::logprobs::LogprobsResponse),
     Completions(crate::http::completions::CompletionResponse),
+    Chat(crate::http::chat::ChatResponse),
 }
 
 /// Runs one line's job through the endpoint's own code; returns the body the endpoint would
@@ -129,6 +130,11 @@ async fn execute(job: Job) -> (Result<Body, ApiError>, Usage) {
                 }
                 Err(e) => (Err(e), Usage::default()),
             }
+        }
+        Job::Chat { checked, .. } => {
+            let (meter, _watch) = Meter::detached();
+            let result = crate::http::chat::respond(checked, &meter).await;
+            (result.map(Body::Chat), meter.usage())
         }
         Job::Completions { checked, .. } => {
             let (meter, _watch) = Meter::detached();

@@ -35,7 +35,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::AppState;
 
 /// The endpoints a batch may target.
-pub const ENDPOINTS: &[&str] = &["/v1/logprobs", "/v1/completions"];
+pub const ENDPOINTS: &[&str] = &["/v1/logprobs", "/v1/completions", "/v1/chat/completions"];
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

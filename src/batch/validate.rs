@@ -15,7 +15,7 @@ use super::input::{FileError, InputLine, Item};
 use crate::auth::ClientCtx;
 use crate::engine::Teacher;
 use crate::error::ApiError;
-use crate::http::{access, completions, logprobs};
+use crate::http::{access, chat, completions, logprobs};
 use crate::AppState;
 
 /// One line's work, ready for the engine.
@@ -28,6 +28,10 @@ pub enum Job {
         teacher: Arc<Teacher>,
         checked: completions::Checked,
     },
+    Chat {
+        teacher: Arc<Teacher>,
+        checked: chat::Checked,
+    },
 }
 
 impl Job {
@@ -36,12 +40,15 @@ impl Job {
         match self {
             Job::Logprobs { plan, .. } => plan.cost(),
             Job::Completions { checked, .. } => checked.cost,
+            Job::Chat { checked, .. } => checked.cost,
         }
     }
 
     pub fn teacher(&self) -> &Arc<Teacher> {
         match self {
-            Job::Logprobs { teacher, .. } | Job::Completions { teacher, .. } => teacher,
+            Job::Logprobs { teacher, .. }
+            | Job::Completions { teacher, .. }
+            | Job::Chat { teacher, .. } => teacher,
         }
     }
 
@@ -50,6 +57,7 @@ impl Job {
         match self {
             Job::Logprobs { plan, .. } => Some(plan.top_k as u32),
             Job::Completions { checked, .. } => checked.top_k,
+            Job::Chat { checked, .. } => checked.top_k,
         }
     }
 }
@@ -143,6 +151,22 @@ pub async fn prepare(
             let checked = completions::plan(&teacher, req).await?;
             Ok(Job::Completions { teacher, checked })
         }
+        "/v1/chat/completions" => {
+            let req: chat::ChatRequest =
+                crate::http::extract::object(line.body.clone()).map_err(|e| {
+                    ApiError::BadRequest {
+                        message: format!("invalid `body`: {e}"),
+                        param: Some("body".into()),
+                        code: Some("invalid_body"),
+                    }
+                })?;
+            if req.stream == Some(true) {
+                return Err(ApiError::bad_param("stream", "batch lines cannot stream"));
+            }
+            let teacher = lookup.teacher(state, &req.model).await?;
+            let checked = chat::plan(&teacher, req).await?;
+            Ok(Job::Chat { teacher, checked })
+        }
         other => Err(ApiError::bad_param(
             "endpoint",
             format!("batches cannot target `{other}`"),
@@ -235,7 +259,9 @@ pub async fn validate(
                         (teacher.info.id.clone(), plan.top_k, plan.temperature)
                     }
                     // Parquet is for teacher forcing only: never uniform.
-                    Job::Completions { .. } => (String::new(), usize::MAX, f64::NAN),
+                    Job::Completions { .. } | Job::Chat { .. } => {
+                        (String::new(), usize::MAX, f64::NAN)
+                    }
                 };
                 match &out.uniform {
                     None if !out.mixed => out.uniform = Some(this),

@@ -6,7 +6,7 @@
 //! and /docs are open.
 
 pub mod admin;
-mod chat;
+pub mod chat;
 pub mod access;
 pub mod completions;
 pub mod extract;

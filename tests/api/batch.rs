@@ -855,3 +855,47 @@ async fn a_completions_batch_answers_like_the_endpoint_and_bills_what_ran() {
         assert_eq!(got, want, "{}", o["custom_id"]);
     }
 }
+
+#[tokio::test]
+async fn a_chat_batch_answers_like_the_endpoint() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("chatty", roomy()).await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}],
+                      "max_tokens": 5, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let text = json!({"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        .to_string();
+    let file = upload_ok(&app, &key, &text).await;
+    let r = app
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["request_counts"]["completed"], 1, "{done}");
+    let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
+    let mut got = out[0]["response"]["body"].clone();
+    app.wait_tokens_used(client, got["usage"]["total_tokens"].as_i64().unwrap())
+        .await;
+    let mut want: Value = app
+        .post("/v1/chat/completions", &key, body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for v in [&mut want, &mut got] {
+        v.as_object_mut().unwrap().remove("id");
+        v.as_object_mut().unwrap().remove("created");
+    }
+    assert_eq!(got, want);
+}
