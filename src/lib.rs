@@ -36,10 +36,14 @@
 //! - [`console`]: the admin console at `/console`: sessions (sign-in with an admin key, CSRF),
 //!   server-rendered pages (askama templates and an embedded stylesheet under `console/`),
 //!   plotters SVG charts; its actions call the admin handlers and are ledgered like them.
+//! - [`batch`]: batch jobs in the OpenAI Batch API shape: `/v1/files` and `/v1/batches`, the
+//!   up-front validation and quota reservation, the runner that resumes after a restart, the
+//!   JSONL and Parquet outputs, and the `teachd batch` CLI.
 //! - `bin/teachd-bench.rs`, `bin/bench-ledger.rs`, `bin/bench-auth.rs`: benchmarks that print
 //!   tables.
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod console;
 pub mod db;
@@ -145,6 +149,7 @@ pub async fn serve_with(
         ));
     let builder = std::sync::Arc::new(builder);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runner = batch::runner::spawn(state.clone(), stop_rx.clone());
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -193,6 +198,10 @@ pub async fn serve_with(
         // Their requests' rows are written as they drop (status 499), before the drain ends.
         connections.abort_all();
         while connections.join_next().await.is_some() {}
+    }
+    // The batch runner stops after the line in progress (its row is recorded before the drain).
+    if tokio::time::timeout(grace, runner).await.is_err() {
+        tracing::warn!("the batch runner did not stop within the grace period");
     }
     if state.ledger.shutdown(drain).await {
         tracing::info!("ledger drained");

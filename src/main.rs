@@ -32,6 +32,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Batch jobs against a server: submit a file and follow it, status, cancel, download.
+    Batch {
+        #[command(subcommand)]
+        command: teachd::batch::cli::BatchCommand,
+    },
     /// The ledger's signing key.
     Keys {
         #[command(subcommand)]
@@ -97,6 +102,10 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", teachd::http::openapi().to_pretty_json()?);
         return Ok(());
     }
+    if let Command::Batch { command } = cli.command {
+        // A client of a server: no configuration, no database.
+        std::process::exit(teachd::batch::cli::run(command).await?);
+    }
     let config = teachd::config::Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Serve => {
@@ -111,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Openapi => unreachable!("handled above"),
+        Command::Openapi | Command::Batch { .. } => unreachable!("handled above"),
         Command::Admin(AdminCommand::Bootstrap) => {
             let db = teachd::db::connect(&config.database).await?;
             if config.database.migrate_on_start {

@@ -26,6 +26,8 @@ pub struct AppState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// Fails database-bound requests fast while Postgres is down.
     pub db_health: Arc<crate::db::DbHealth>,
+    /// Wakes the batch runner when a batch is created or cancelled.
+    pub batch_wake: Arc<tokio::sync::Notify>,
 }
 
 /// How often idle clients are dropped from the limiters' maps.
@@ -71,6 +73,7 @@ impl AppState {
             metrics: Default::default(),
             in_flight,
             db_health,
+            batch_wake: Default::default(),
         })
     }
 }

@@ -20,6 +20,7 @@ pub struct Config {
     pub engine: EngineConfig,
     pub tlog: TlogConfig,
     pub console: ConsoleConfig,
+    pub batch: BatchConfig,
     /// The teacher models served. Several may be served at once.
     pub models: Vec<ModelConfig>,
 }
@@ -245,6 +246,31 @@ pub struct EngineConfig {
     pub max_new_tokens: usize,
 }
 
+/// Batch jobs (`/v1/files`, `/v1/batches`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Where uploaded files, work files and outputs live (`~` is the home directory). The
+    /// container mounts a volume here. Outputs can be far larger than inputs (top-k logprobs
+    /// per token), so give it room.
+    pub data_dir: PathBuf,
+    /// Largest upload to `POST /v1/files`. The upload is read into memory once (like every
+    /// body, bounded), so this bounds memory per upload too. OpenAI allows 200 MB.
+    pub max_file_bytes: usize,
+    /// Most lines (JSONL) or rows (Parquet) in one input file. OpenAI allows 50,000.
+    pub max_lines: usize,
+    /// Batches of one client that may be active (validated, not finished) at once; more get
+    /// 429. Lines of all batches run one at a time, so this bounds queued work, not speed.
+    pub max_active_per_client: u32,
+    /// Longest `completion_window` accepted (seconds). OpenAI's only window is 24h.
+    pub max_completion_window_secs: u64,
+    /// Rows per Parquet row group: bigger groups compress better, smaller ones bound the
+    /// memory of the writer and of readers.
+    pub parquet_row_group_rows: usize,
+    /// How often the runner looks for work it was not told about (e.g. after a restart).
+    pub poll_ms: u64,
+}
+
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -428,7 +454,7 @@ pub fn bind_is_loopback(bind: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn expand_home(path: &Path) -> PathBuf {
+pub fn expand_home(path: &Path) -> PathBuf {
     match path.strip_prefix("~") {
         Ok(rest) => match std::env::var_os("HOME") {
             Some(home) => PathBuf::from(home).join(rest),

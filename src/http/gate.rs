@@ -141,7 +141,8 @@ async fn admitted(
         }
     }
     let (parts, body) = req.into_parts();
-    let bytes = match read_body(state, &parts.headers, body).await {
+    let limit = body_limit(state, &parts);
+    let bytes = match read_body(state, limit, &parts.headers, body).await {
         Ok(bytes) => bytes,
         Err(err) => return row.refuse(err).await,
     };
@@ -205,9 +206,28 @@ fn duplicate_request_id(id: &str) -> Response {
     .into_response()
 }
 
+/// The body size limit of a request: `server.body_limit_bytes`, except for file uploads
+/// (`batch.max_file_bytes`).
+fn body_limit(state: &AppState, parts: &axum::http::request::Parts) -> usize {
+    let upload = parts.method == axum::http::Method::POST
+        && parts
+            .extensions
+            .get::<axum::extract::MatchedPath>()
+            .is_some_and(|p| p.as_str() == crate::batch::files::UPLOAD_ROUTE);
+    if upload {
+        state.config.batch.max_file_bytes
+    } else {
+        state.config.server.body_limit_bytes
+    }
+}
+
 /// The body, bounded in size and in time (a slow upload cannot hold a slot for long).
-async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let limit = state.config.server.body_limit_bytes;
+async fn read_body(
+    state: &AppState,
+    limit: usize,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::PayloadTooLarge {
         message: format!("request body is over the size limit of {limit} bytes"),
         code: Some("body_too_large"),

@@ -6,9 +6,9 @@
 //! and /docs are open; /console (when enabled) is [`crate::console`]'s.
 
 pub mod admin;
-mod chat;
+pub mod chat;
 pub mod access;
-mod completions;
+pub mod completions;
 pub mod extract;
 pub mod gate;
 mod generation;
@@ -81,7 +81,8 @@ fn teacher_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(completions::routes())
         .merge(chat::routes())
         .merge(judgments::routes())
-        .merge(tos::routes());
+        .merge(tos::routes())
+        .merge(crate::batch::routes());
     match state {
         Some(state) => routes.route_layer(from_fn_with_state(state.clone(), gate::teacher_gate)),
         None => routes,

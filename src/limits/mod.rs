@@ -272,53 +272,92 @@ impl<C: LimitClock> Limiter<C> {
             });
         }
         reservation.reserved = n;
-        if let Some(quota) = &self.quota {
-            let limit = limits.daily_tokens;
-            let spent = quota
-                .try_spend(client, day, n as i64, limit)
-                .await
-                .map_err(|e| {
-                    // `reservation` drops: tpm refunded. A database outage is a 503.
-                    if crate::db::is_outage_chain(&e) {
-                        ApiError::ServiceUnavailable(
-                            "the database is unavailable; retry shortly".into(),
-                        )
-                    } else {
-                        ApiError::Internal(e)
-                    }
-                })?;
-            match spent {
-                Ok(_) => reservation.in_quota = true,
-                Err(exceeded) => {
-                    let until_midnight = until_next_utc_day();
-                    let mut state = self.rate_state(
-                        client,
-                        limits,
-                        &RequestsState {
-                            limit: limits.rpm,
-                            remaining: limits.rpm,
-                            reset: Duration::ZERO,
-                        },
-                    );
-                    let remaining = (limit - exceeded.used).max(0);
-                    state.daily = Some(DailyState {
-                        remaining,
-                        reset: until_midnight,
-                    });
-                    let mut h = HeaderMap::new();
-                    headers::write(&mut h, &state, Some(until_midnight));
-                    return Err(ApiError::TooManyRequests {
-                        message: format!(
-                            "Daily token quota exhausted: {} of {limit} tokens used today (UTC), this request needs {n}; the quota resets at 00:00 UTC",
-                            exceeded.used
-                        ),
-                        kind: "insufficient_quota",
-                        headers: Box::new(h),
-                    });
+        // On refusal `reservation` drops: its tpm is refunded.
+        reservation.in_quota = self.spend_daily(client, limits, day, n).await?;
+        Ok(reservation)
+    }
+
+    /// Reserves `n` tokens against today's quota only, for work whose cost is known up front
+    /// but which is not one request (a batch job: its lines are not held to tpm). Returns the
+    /// quota day to settle against with [`Limiter::adjust_daily`]. 429 `insufficient_quota`
+    /// when it does not fit.
+    pub async fn reserve_daily(
+        &self,
+        client: Uuid,
+        limits: &Limits,
+        n: u64,
+    ) -> Result<chrono::NaiveDate, ApiError> {
+        let day = quota::today();
+        self.spend_daily(client, limits, day, n).await?;
+        Ok(day)
+    }
+
+    /// Adds `delta` tokens (negative: a refund) to the client's `day`, retried through an
+    /// outage (see [`quota::DailyQuota::adjust_durably`]).
+    pub async fn adjust_daily(&self, client: Uuid, day: chrono::NaiveDate, delta: i64) {
+        if let (Some(quota), true) = (&self.quota, delta != 0) {
+            quota.adjust_durably(client, day, delta).await;
+        }
+    }
+
+    /// Adds `n` to the client's `day` if it fits (true), or nothing without a database (false).
+    async fn spend_daily(
+        &self,
+        client: Uuid,
+        limits: &Limits,
+        day: chrono::NaiveDate,
+        n: u64,
+    ) -> Result<bool, ApiError> {
+        let Some(quota) = &self.quota else {
+            return Ok(false);
+        };
+        if n == 0 {
+            return Ok(true);
+        }
+        let limit = limits.daily_tokens;
+        let spent = quota
+            .try_spend(client, day, n as i64, limit)
+            .await
+            .map_err(|e| {
+                // A database outage is a 503.
+                if crate::db::is_outage_chain(&e) {
+                    ApiError::ServiceUnavailable(
+                        "the database is unavailable; retry shortly".into(),
+                    )
+                } else {
+                    ApiError::Internal(e)
                 }
+            })?;
+        match spent {
+            Ok(_) => Ok(true),
+            Err(exceeded) => {
+                let until_midnight = until_next_utc_day();
+                let mut state = self.rate_state(
+                    client,
+                    limits,
+                    &RequestsState {
+                        limit: limits.rpm,
+                        remaining: limits.rpm,
+                        reset: Duration::ZERO,
+                    },
+                );
+                let remaining = (limit - exceeded.used).max(0);
+                state.daily = Some(DailyState {
+                    remaining,
+                    reset: until_midnight,
+                });
+                let mut h = HeaderMap::new();
+                headers::write(&mut h, &state, Some(until_midnight));
+                Err(ApiError::TooManyRequests {
+                    message: format!(
+                        "Daily token quota exhausted: {} of {limit} tokens used today (UTC), this request needs {n}; the quota resets at 00:00 UTC",
+                        exceeded.used
+                    ),
+                    kind: "insufficient_quota",
+                    headers: Box::new(h),
+                })
             }
         }
-        Ok(reservation)
     }
 
     /// Forgets idle clients (full budgets, nothing in flight).
@@ -355,9 +394,7 @@ impl<C: LimitClock> Limiter<C> {
 
     /// Tokens the client could take now.
     pub fn tokens_remaining(&self, client: Uuid, limits: &Limits) -> u64 {
-        self.tokens
-            .peek(client, limits.tpm, self.now_ns())
-            .0
+        self.tokens.peek(client, limits.tpm, self.now_ns()).0
     }
 
     /// Tokens spent by the client today (UTC), from the database.
@@ -477,7 +514,11 @@ mod tests {
         let idle = ctx(limits());
         let busy = ctx(limits());
         drop(l.admit(idle.0, &idle.1).unwrap());
-        l.reserve_tokens(idle.0, &idle.1, 10).await.unwrap().settle(10).await;
+        l.reserve_tokens(idle.0, &idle.1, 10)
+            .await
+            .unwrap()
+            .settle(10)
+            .await;
         let _held = l.admit(busy.0, &busy.1).unwrap();
         let _reserved = l.reserve_tokens(busy.0, &busy.1, 100).await.unwrap();
         clock.advance(Duration::from_secs(10));

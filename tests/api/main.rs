@@ -4,6 +4,7 @@
 mod admin;
 mod app;
 mod auth;
+mod batch;
 mod console;
 mod console_browser;
 mod console_pages;

@@ -69,6 +69,36 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let teacher = access::teacher_for(&state, &ctx, &req.model).await?;
     meter.serve(&teacher);
+    let stream_it = req.stream.unwrap_or(false);
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let checked = plan(&teacher, req).await?;
+    meter.record(|u| u.top_k = checked.top_k);
+    // A generation reserves prompt + max_tokens; what it does not produce is refunded.
+    meter.reserve(checked.cost).await?;
+    if stream_it {
+        teacher.check_capacity()?; // 503 `overloaded` before the 200 headers, not inside them
+        let Checked { out, params, stops, .. } = checked;
+        let response = stream(out, meter, params, stops, include_usage);
+        return Ok(access::provenance(response, &teacher));
+    }
+    let body = respond(checked, &meter).await?;
+    Ok(access::provenance(Json(body).into_response(), &teacher))
+}
+
+/// A checked chat request: what the engine will run, what it may cost (prompt +
+/// `max_tokens`) and the top-k it records. Built by [`plan`] for the endpoint and for batch
+/// lines alike.
+pub struct Checked {
+    out: Out,
+    params: GenerateParams,
+    stops: Vec<String>,
+    pub cost: u64,
+    pub top_k: Option<u32>,
+}
+
+/// Checks `req` against `teacher` before any engine time (the ToS and licence checks are the
+/// caller's). `stream` is the caller's to handle.
+pub async fn plan(teacher: &Arc<Teacher>, req: ChatRequest) -> Result<Checked, ApiError> {
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_param("n", "only n = 1 is supported"));
     }
@@ -92,7 +122,7 @@ pub async fn chat_completions(
             "top_logprobs needs `logprobs: true`",
         ));
     }
-    input::validate_top_k(&teacher, top_n, "top_logprobs")?;
+    input::validate_top_k(teacher, top_n, "top_logprobs")?;
     let (temperature, top_p) = (req.temperature.unwrap_or(1.0), req.top_p.unwrap_or(1.0));
     input::validate_sampling(temperature, top_p)?;
     let stops = generation::parse_stop(req.stop)?;
@@ -104,7 +134,7 @@ pub async fn chat_completions(
         None => (req.max_tokens, "max_tokens"),
     };
     let max_new =
-        generation::resolve_max_tokens(&teacher, prompt.len(), requested, usize::MAX, param)?;
+        generation::resolve_max_tokens(teacher, prompt.len(), requested, usize::MAX, param)?;
     if max_new == 0 {
         return Err(ApiError::bad_param(
             param,
@@ -119,27 +149,32 @@ pub async fn chat_completions(
         seed: input::seed_or_random(req.seed),
         top_logprobs: top_n,
     };
-    meter.record(|u| u.top_k = want_logprobs.then_some(top_n as u32));
-    // A generation reserves prompt + max_tokens; what it does not produce is refunded.
-    meter.reserve((prompt.len() + max_new) as u64).await?;
+    let cost = (prompt.len() + max_new) as u64;
     let out = Out {
         teacher: teacher.clone(),
-        fingerprint: fingerprint(&teacher),
+        fingerprint: fingerprint(teacher),
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: chrono::Utc::now().timestamp(),
         want_logprobs,
         as_ids,
     };
-    if req.stream.unwrap_or(false) {
-        teacher.check_capacity()?; // 503 `overloaded` before the 200 headers, not inside them
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let response = stream(out, meter, params, stops, include_usage);
-        return Ok(access::provenance(response, &teacher));
-    }
+    Ok(Checked {
+        out,
+        params,
+        stops,
+        cost,
+        top_k: want_logprobs.then_some(top_n as u32),
+    })
+}
 
+/// Runs a checked request to its (non-streamed) response, recording on `meter` what the engine
+/// ran.
+pub async fn respond(checked: Checked, meter: &Meter) -> Result<ChatResponse, ApiError> {
+    let Checked { out, params, stops, .. } = checked;
+    let (teacher, as_ids, prompt_len) = (out.teacher.clone(), out.as_ids, params.prompt.len());
     let mut content = String::new();
-    let mut lps = want_logprobs.then(ChoiceLogprobs::default);
-    let finished = generation::run(&teacher, &meter, true, params, stops, |d| {
+    let mut lps = out.want_logprobs.then(ChoiceLogprobs::default);
+    let finished = generation::run(&teacher, meter, true, params, stops, |d| {
         content.push_str(&d.text);
         if let Some(l) = lps.as_mut() {
             l.content
@@ -148,7 +183,7 @@ pub async fn chat_completions(
         std::future::ready(true)
     })
     .await?;
-    let response = Json(ChatResponse {
+    Ok(ChatResponse {
         id: out.id,
         object: "chat.completion".into(),
         created: out.created,
@@ -162,11 +197,9 @@ pub async fn chat_completions(
             logprobs: lps,
             finish_reason: finished.finish_reason.into(),
         }],
-        usage: CompletionUsage::new(prompt.len(), finished.sampled_tokens),
+        usage: CompletionUsage::new(prompt_len, finished.sampled_tokens),
         system_fingerprint: out.fingerprint,
     })
-    .into_response();
-    Ok(access::provenance(response, &teacher))
 }
 
 #[derive(Serialize)]

@@ -59,21 +59,51 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let teacher = access::teacher_for(&state, &ctx, &req.model).await?;
     meter.serve(&teacher);
+    let stream_it = req.stream.unwrap_or(false);
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let checked = plan(&teacher, req).await?;
+    meter.record(|u| u.top_k = checked.top_k);
+    // Reserve every prompt plus its max_tokens; what is not produced is refunded at the end.
+    meter.reserve(checked.cost).await?;
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = chrono::Utc::now().timestamp();
+    if stream_it {
+        teacher.check_capacity()?; // 503 `overloaded` before the 200 headers
+        let response = stream(checked.plan, meter, checked.prompts, (id, created), include_usage);
+        return Ok(access::provenance(response, &teacher));
+    }
+    let body = respond(checked, &meter, id, created).await?;
+    Ok(access::provenance(Json(body).into_response(), &teacher))
+}
+
+/// A checked completion request: the plan, its prompts as token ids, what it may cost (every
+/// prompt plus its `max_tokens`) and the top-k it records. Built by [`plan`] for the endpoint
+/// and for batch lines alike.
+pub struct Checked {
+    plan: Arc<Plan>,
+    prompts: Vec<Vec<u32>>,
+    pub cost: u64,
+    pub top_k: Option<u32>,
+}
+
+/// Checks `req` against `teacher` before any engine time (the ToS and licence checks are the
+/// caller's). `stream` is the caller's to handle.
+pub async fn plan(teacher: &Arc<Teacher>, req: CompletionRequest) -> Result<Checked, ApiError> {
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad_param("n", "only n = 1 is supported"));
     }
     let echo = req.echo.unwrap_or(false);
     if let Some(k) = req.logprobs {
-        input::validate_top_k(&teacher, k, "logprobs")?;
+        input::validate_top_k(teacher, k, "logprobs")?;
     }
     if let Some(k) = req.prompt_logprobs {
-        input::validate_top_k(&teacher, k, "prompt_logprobs")?;
+        input::validate_top_k(teacher, k, "prompt_logprobs")?;
     }
     let (temperature, top_p) = (req.temperature.unwrap_or(1.0), req.top_p.unwrap_or(1.0));
     input::validate_sampling(temperature, top_p)?;
     let stops = generation::parse_stop(req.stop)?;
     let prompts = prompts(
-        &teacher,
+        teacher,
         &req.prompt,
         req.add_special_tokens.unwrap_or(true),
     )
@@ -81,7 +111,7 @@ pub async fn completions(
     let mut max_tokens = Vec::new();
     for p in &prompts {
         let m =
-            generation::resolve_max_tokens(&teacher, p.len(), req.max_tokens, 16, "max_tokens")?;
+            generation::resolve_max_tokens(teacher, p.len(), req.max_tokens, 16, "max_tokens")?;
         if m == 0 && !echo && req.prompt_logprobs.is_none() {
             return Err(ApiError::bad_param(
                 "max_tokens",
@@ -90,6 +120,11 @@ pub async fn completions(
         }
         max_tokens.push(m);
     }
+    let cost: usize = prompts
+        .iter()
+        .zip(&max_tokens)
+        .map(|(p, m)| p.len() + m)
+        .sum();
     let plan = Arc::new(Plan {
         teacher: teacher.clone(),
         echo,
@@ -101,43 +136,40 @@ pub async fn completions(
         seed: input::seed_or_random(req.seed),
         stops,
     });
-    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let created = chrono::Utc::now().timestamp();
-    meter.record(|u| u.top_k = req.logprobs.max(req.prompt_logprobs).map(|k| k as u32));
-    // Reserve every prompt plus its max_tokens; what is not produced is refunded at the end.
-    let cost: usize = prompts
-        .iter()
-        .zip(&plan.max_tokens)
-        .map(|(p, m)| p.len() + m)
-        .sum();
-    meter.reserve(cost as u64).await?;
+    Ok(Checked {
+        plan,
+        prompts,
+        cost: cost as u64,
+        top_k: req.logprobs.max(req.prompt_logprobs).map(|k| k as u32),
+    })
+}
 
-    if req.stream.unwrap_or(false) {
-        teacher.check_capacity()?; // 503 `overloaded` before the 200 headers
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let response = stream(plan, meter, prompts, (id, created), include_usage);
-        return Ok(access::provenance(response, &teacher));
-    }
-
+/// Runs a checked request to its (non-streamed) response, recording on `meter` what the engine
+/// ran.
+pub async fn respond(
+    checked: Checked,
+    meter: &Meter,
+    id: String,
+    created: i64,
+) -> Result<CompletionResponse, ApiError> {
+    let Checked { plan, prompts, .. } = checked;
     let mut choices = Vec::new();
     let mut usage = CompletionUsage::default();
     for (index, ids) in prompts.into_iter().enumerate() {
-        let (choice, u) = run_one(&plan, &meter, index, ids, |_| std::future::ready(true)).await?;
+        let (choice, u) = run_one(&plan, meter, index, ids, |_| std::future::ready(true)).await?;
         usage.prompt_tokens += u.prompt_tokens;
         usage.completion_tokens += u.completion_tokens;
         choices.push(choice);
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    let response = Json(CompletionResponse {
+    Ok(CompletionResponse {
         id,
         object: "text_completion".into(),
         created,
-        model: teacher.info.id.clone(),
+        model: plan.teacher.info.id.clone(),
         choices,
         usage,
     })
-    .into_response();
-    Ok(access::provenance(response, &teacher))
 }
 
 /// One prompt: optional prompt scoring, optional generation. `on_delta` sees generated

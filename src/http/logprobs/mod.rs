@@ -160,40 +160,21 @@ pub async fn logprobs(
 ) -> Result<Response, ApiError> {
     let teacher = access::teacher_for(&state, &ctx, &req.model).await?;
     meter.serve(&teacher);
-    let top_k = req.top_k.unwrap_or(20);
-    input::validate_top_k(&teacher, top_k, "top_k")?;
-    let temperature = req.temperature.unwrap_or(1.0);
-    input::validate_temperature(temperature, false)?;
-    let ids = resolve_input(
-        &teacher,
-        req.token_ids,
-        req.prompt,
-        req.messages,
-        req.add_special_tokens.unwrap_or(true),
-    )
-    .await?;
-    teacher.check_len(ids.len())?;
-    if ids.len() < 2 {
-        return Err(ApiError::bad_request(
-            "the sequence needs at least 2 tokens: the first one is never scored",
-        ));
-    }
-    let score_from = req.score_from.unwrap_or(1);
-    meter.record(|u| u.top_k = Some(top_k as u32));
+    let plan = plan(&teacher, req).await?;
+    meter.record(|u| u.top_k = Some(plan.top_k as u32));
     // A logprobs call costs its prompt tokens.
-    meter.reserve(ids.len() as u64).await?;
+    meter.reserve(plan.cost()).await?;
     // A started pass runs to its end and is paid for, even if the client leaves meanwhile.
-    let (t, seq) = (teacher.clone(), ids.clone());
-    let result = gate::detached(&meter, move |m| async move {
-        let result = t.score(&seq, score_from, top_k, temperature).await?;
+    let t = teacher.clone();
+    let body = gate::detached(&meter, move |m| async move {
+        let body = execute(&t, plan).await?;
         m.record(|u| {
-            u.prompt_tokens += seq.len() as u64;
-            u.scored_tokens += result.rows.len() as u64;
+            u.prompt_tokens += body.usage.prompt_tokens as u64;
+            u.scored_tokens += body.usage.scored_tokens as u64;
         });
-        Ok(result)
+        Ok(body)
     })
     .await?;
-    let body = build_response(&teacher, ids, score_from, top_k, temperature, result);
     let wants_arrow = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -209,6 +190,77 @@ pub async fn logprobs(
         Json(body).into_response()
     };
     Ok(access::provenance(response, &teacher))
+}
+
+/// A checked `/v1/logprobs` request: what the engine will run. Built by [`plan`] for the
+/// interactive endpoint and for every line of a batch, so both refuse the same inputs.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub ids: Vec<u32>,
+    pub score_from: usize,
+    pub top_k: usize,
+    pub temperature: f64,
+}
+
+impl Plan {
+    /// What running it costs against the quota: every token run through the teacher.
+    pub fn cost(&self) -> u64 {
+        self.ids.len() as u64
+    }
+}
+
+/// Checks `req` against `teacher` (top_k, temperature, input, length, score_from) before any
+/// engine time. The ToS and licence checks are the caller's ([`access::teacher_for`]).
+pub async fn plan(teacher: &Arc<Teacher>, req: LogprobsRequest) -> Result<Plan, ApiError> {
+    let top_k = req.top_k.unwrap_or(20);
+    input::validate_top_k(teacher, top_k, "top_k")?;
+    let temperature = req.temperature.unwrap_or(1.0);
+    input::validate_temperature(temperature, false)?;
+    let ids = resolve_input(
+        teacher,
+        req.token_ids,
+        req.prompt,
+        req.messages,
+        req.add_special_tokens.unwrap_or(true),
+    )
+    .await?;
+    teacher.check_len(ids.len())?;
+    if ids.len() < 2 {
+        return Err(ApiError::bad_request(
+            "the sequence needs at least 2 tokens: the first one is never scored",
+        ));
+    }
+    let score_from = req.score_from.unwrap_or(1);
+    if score_from == 0 || score_from >= ids.len() {
+        return Err(ApiError::bad_param(
+            "score_from",
+            format!(
+                "score_from must satisfy 1 <= score_from < len (len = {})",
+                ids.len()
+            ),
+        ));
+    }
+    Ok(Plan {
+        ids,
+        score_from,
+        top_k,
+        temperature,
+    })
+}
+
+/// Runs a plan through the teacher: the response body `/v1/logprobs` answers.
+pub async fn execute(teacher: &Arc<Teacher>, plan: Plan) -> Result<LogprobsResponse, ApiError> {
+    let result = teacher
+        .score(&plan.ids, plan.score_from, plan.top_k, plan.temperature)
+        .await?;
+    Ok(build_response(
+        teacher,
+        plan.ids,
+        plan.score_from,
+        plan.top_k,
+        plan.temperature,
+        result,
+    ))
 }
 
 fn build_response(

@@ -1,0 +1,261 @@
+//! What a batch writes: output and error lines in OpenAI's batch output format
+//! (`{id, custom_id, response: {status_code, request_id, body}, error}`, `body` exactly what
+//! the synchronous endpoint answers), and, for teacher forcing, the Parquet dataset made from
+//! the output lines when the batch finalizes (streamed: one row group in memory at a time).
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    FixedSizeListBuilder, Float32Builder, ListBuilder, StringBuilder, UInt32Builder,
+};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::http::logprobs::LogprobsResponse;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OutputLine<B = Value> {
+    pub id: String,
+    pub custom_id: String,
+    pub response: Option<LineResponse<B>>,
+    pub error: Option<LineError>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LineResponse<B = Value> {
+    pub status_code: u16,
+    pub request_id: Option<String>,
+    pub body: B,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LineError {
+    pub code: String,
+    pub message: String,
+    /// 1-based line (JSONL) or row (Parquet) of the input.
+    pub line: usize,
+}
+
+fn line_id() -> String {
+    super::new_id("batch_req_")
+}
+
+/// A served line, newline-terminated.
+pub fn ok_line<B: Serialize>(custom_id: &str, request_id: &str, body: &B) -> String {
+    let line = OutputLine {
+        id: line_id(),
+        custom_id: custom_id.to_string(),
+        response: Some(LineResponse {
+            status_code: 200,
+            request_id: Some(request_id.to_string()),
+            body,
+        }),
+        error: None,
+    };
+    serde_json::to_string(&line).unwrap_or_default() + "\n"
+}
+
+/// A refused line: the response the synchronous endpoint would have given, and its code.
+pub fn error_line(
+    custom_id: &str,
+    line: usize,
+    request_id: Option<&str>,
+    err: &ApiError,
+) -> String {
+    let envelope = err.envelope(request_id.map(str::to_string));
+    let out = OutputLine {
+        id: line_id(),
+        custom_id: custom_id.to_string(),
+        error: Some(LineError {
+            code: envelope
+                .error
+                .code
+                .clone()
+                .unwrap_or_else(|| envelope.error.r#type.clone()),
+            message: envelope.error.message.clone(),
+            line,
+        }),
+        response: Some(LineResponse {
+            status_code: err.status().as_u16(),
+            request_id: request_id.map(str::to_string),
+            body: serde_json::to_value(&envelope).unwrap_or_default(),
+        }),
+    };
+    serde_json::to_string(&out).unwrap_or_default() + "\n"
+}
+
+/// A line that never ran: the batch expired or was cancelled first.
+pub fn unrun_line(custom_id: &str, line: usize, code: &str, message: &str) -> String {
+    let out: OutputLine = OutputLine {
+        id: line_id(),
+        custom_id: custom_id.to_string(),
+        response: None,
+        error: Some(LineError {
+            code: code.into(),
+            message: message.into(),
+            line,
+        }),
+    };
+    serde_json::to_string(&out).unwrap_or_default() + "\n"
+}
+
+/// Columns of one row group.
+struct Columns {
+    custom_id: StringBuilder,
+    token_ids: ListBuilder<UInt32Builder>,
+    score_from: UInt32Builder,
+    token_logprobs: ListBuilder<Float32Builder>,
+    token_ranks: ListBuilder<UInt32Builder>,
+    top_ids: ListBuilder<FixedSizeListBuilder<UInt32Builder>>,
+    top_logprobs: ListBuilder<FixedSizeListBuilder<Float32Builder>>,
+    tail_logmass: ListBuilder<Float32Builder>,
+    entropy: ListBuilder<Float32Builder>,
+    k: usize,
+    rows: usize,
+}
+
+impl Columns {
+    fn new(k: usize) -> Self {
+        let k32 = k as i32;
+        Columns {
+            custom_id: StringBuilder::new(),
+            token_ids: ListBuilder::new(UInt32Builder::new()),
+            score_from: UInt32Builder::new(),
+            token_logprobs: ListBuilder::new(Float32Builder::new()),
+            token_ranks: ListBuilder::new(UInt32Builder::new()),
+            top_ids: ListBuilder::new(FixedSizeListBuilder::new(UInt32Builder::new(), k32)),
+            top_logprobs: ListBuilder::new(FixedSizeListBuilder::new(Float32Builder::new(), k32)),
+            tail_logmass: ListBuilder::new(Float32Builder::new()),
+            entropy: ListBuilder::new(Float32Builder::new()),
+            k,
+            rows: 0,
+        }
+    }
+
+    fn push(&mut self, custom_id: &str, r: &LogprobsResponse) -> Result<(), String> {
+        if r.top_ids.iter().any(|t| t.len() != self.k)
+            || r.top_logprobs.iter().any(|t| t.len() != self.k)
+        {
+            return Err(format!(
+                "line `{custom_id}` has a top-k other than {}",
+                self.k
+            ));
+        }
+        self.custom_id.append_value(custom_id);
+        self.token_ids.values().append_slice(&r.token_ids);
+        self.token_ids.append(true);
+        self.score_from.append_value(r.score_from as u32);
+        self.token_logprobs.values().append_slice(&r.token_logprobs);
+        self.token_logprobs.append(true);
+        self.token_ranks.values().append_slice(&r.token_ranks);
+        self.token_ranks.append(true);
+        for (ids, lps) in r.top_ids.iter().zip(&r.top_logprobs) {
+            self.top_ids.values().values().append_slice(ids);
+            self.top_ids.values().append(true);
+            self.top_logprobs.values().values().append_slice(lps);
+            self.top_logprobs.values().append(true);
+        }
+        self.top_ids.append(true);
+        self.top_logprobs.append(true);
+        for t in &r.tail_logmass {
+            self.tail_logmass.values().append_option(*t);
+        }
+        self.tail_logmass.append(true);
+        self.entropy.values().append_slice(&r.entropy);
+        self.entropy.append(true);
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Vec<(&'static str, ArrayRef)> {
+        self.rows = 0;
+        vec![
+            ("custom_id", Arc::new(self.custom_id.finish()) as ArrayRef),
+            ("token_ids", Arc::new(self.token_ids.finish())),
+            ("score_from", Arc::new(self.score_from.finish())),
+            ("token_logprobs", Arc::new(self.token_logprobs.finish())),
+            ("token_ranks", Arc::new(self.token_ranks.finish())),
+            ("top_ids", Arc::new(self.top_ids.finish())),
+            ("top_logprobs", Arc::new(self.top_logprobs.finish())),
+            ("tail_logmass", Arc::new(self.tail_logmass.finish())),
+            ("entropy", Arc::new(self.entropy.finish())),
+        ]
+    }
+}
+
+/// Largest row group kept in memory before it is written, whatever the row count.
+const MAX_ROW_GROUP_BYTES: usize = 64 << 20;
+
+/// Writes the Parquet dataset of the output lines in `jsonl` (successful lines only: refused
+/// ones are in the error file) to `out`, with `meta` as the file's key-value metadata. Returns
+/// the number of rows.
+pub fn write_parquet(
+    jsonl: &Path,
+    out: &Path,
+    k: usize,
+    meta: HashMap<String, String>,
+    row_group_rows: usize,
+) -> Result<usize, String> {
+    let mut cols = Columns::new(k);
+    let empty = cols.finish();
+    let schema = Arc::new(
+        Schema::new(
+            empty
+                .iter()
+                .map(|(name, a)| Field::new(*name, a.data_type().clone(), false))
+                .collect::<Vec<_>>(),
+        )
+        .with_metadata(meta.clone()),
+    );
+    let kv = meta.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).map_err(|e| e.to_string())?,
+        ))
+        .set_max_row_group_size(row_group_rows.max(1))
+        .set_key_value_metadata(Some(kv))
+        .build();
+    let file = std::fs::File::create(out).map_err(|e| e.to_string())?;
+    let mut writer =
+        ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| e.to_string())?;
+    let write =
+        |writer: &mut ArrowWriter<std::fs::File>, cols: &mut Columns| -> Result<(), String> {
+            let arrays = cols.finish().into_iter().map(|(_, a)| a).collect();
+            let batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| e.to_string())?;
+            writer.write(&batch).map_err(|e| e.to_string())?;
+            if writer.in_progress_size() > MAX_ROW_GROUP_BYTES {
+                writer.flush().map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+    let mut rows = 0;
+    let reader = std::io::BufReader::new(std::fs::File::open(jsonl).map_err(|e| e.to_string())?);
+    for text in reader.lines() {
+        let text = text.map_err(|e| e.to_string())?;
+        let line: OutputLine<LogprobsResponse> =
+            serde_json::from_str(&text).map_err(|e| format!("output line: {e}"))?;
+        let Some(response) = line.response else {
+            continue;
+        };
+        cols.push(&line.custom_id, &response.body)?;
+        rows += 1;
+        if cols.rows >= 64 {
+            write(&mut writer, &mut cols)?;
+        }
+    }
+    if cols.rows > 0 {
+        write(&mut writer, &mut cols)?;
+    }
+    writer.close().map_err(|e| e.to_string())?;
+    Ok(rows)
+}

@@ -1,0 +1,219 @@
+//! The batch runner: one background task per process that runs the lines of every active
+//! batch, one line at a time, taking the active batches in turn (one line of each per round,
+//! so a long batch does not hold up a short one).
+//!
+//! **Priority.** Each line is one engine request through the model's FIFO gate, like an
+//! interactive request: an interactive call waits at most for the line in progress, never
+//! behind a whole batch.
+//!
+//! **One ledger row per line**, recorded like an interactive request's (endpoint, model,
+//! status, tokens, top_k, body hashes, ToS version, weights) under the request id
+//! `<batch id>:<line>`. Per line rather than one per batch: audits and usage queries see batch
+//! work like any other, each row carries its own sequence's tokens, and the ledger's
+//! uniqueness of (client, request id) makes resumption exactly-once: a line whose row exists
+//! is never billed twice.
+//!
+//! **Per line:** run, record the row (fail closed: no output without a row; an unavailable
+//! ledger pauses the batch), settle the line's quota estimate against what it cost, append its
+//! output or error line, then commit the resume point (next line, the work files' sizes). After
+//! a crash the work files are cut back to the committed sizes and the batch goes on from the
+//! next line: no line is lost or written twice.
+//!
+//! **Limits.** Interactive rpm/tpm do not apply line by line: the job's whole cost was reserved
+//! against the daily quota when it was created, `batch.max_active_per_client` bounds a
+//! client's unfinished batches, and lines run one at a time.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::io::AsyncWriteExt;
+
+use super::input::{self, Format, Item};
+use super::store::{self, BatchRow};
+use super::validate::Lookup;
+use crate::AppState;
+
+/// Starts the runner; it stops (after the line in progress) when `stop` turns true.
+pub fn spawn(
+    state: AppState,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let poll = Duration::from_millis(state.config.batch.poll_ms.max(10));
+        let mut open: HashMap<String, Work> = HashMap::new();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let ids = match store::active(&state.db).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::warn!(error = %e, "batch runner cannot list batches");
+                    Vec::new()
+                }
+            };
+            open.retain(|id, _| ids.contains(id));
+            let mut busy = false;
+            for id in ids {
+                if *stop.borrow() {
+                    return;
+                }
+                match step(&state, &mut open, &id).await {
+                    Ok(more) => busy |= more,
+                    Err(e) => {
+                        tracing::warn!(batch = %id, error = %e, "batch step failed; retrying later");
+                        open.remove(&id);
+                    }
+                }
+            }
+            if !busy {
+                tokio::select! {
+                    _ = state.batch_wake.notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    })
+}
+
+/// A batch being run: its input read from the resume point, its work files open for append.
+pub(super) struct Work {
+    pub(super) row: BatchRow,
+    items: tokio::sync::mpsc::Receiver<Item>,
+    pub(super) out: tokio::fs::File,
+    pub(super) err: tokio::fs::File,
+    invalid: HashSet<i32>,
+    pub(super) lookup: Lookup<'static>,
+    /// Next 0-based line index to run.
+    pub(super) next: usize,
+}
+
+async fn open_work(state: &AppState, id: &str) -> anyhow::Result<Option<Work>> {
+    let Some(row) = store::load(&state.db, id).await? else {
+        return Ok(None);
+    };
+    let out = reopen(&super::work_path(state, id, "output"), row.output_offset).await?;
+    let err = reopen(&super::work_path(state, id, "errors"), row.error_offset).await?;
+    let format: Option<String> = sqlx::query_scalar("SELECT format FROM batch_files WHERE id = $1")
+        .bind(&row.input_file_id)
+        .fetch_optional(&state.db)
+        .await?;
+    let items = input::read(
+        super::file_path(state, &row.input_file_id),
+        Format::parse(format.as_deref().unwrap_or("jsonl")),
+        row.endpoint.clone(),
+        row.metadata.clone(),
+    );
+    Ok(Some(Work {
+        invalid: row.invalid_lines.iter().copied().collect(),
+        next: row.next_line as usize,
+        row,
+        items,
+        out,
+        err,
+        lookup: Lookup::unchecked(),
+    }))
+}
+
+/// A work file cut back to its committed size (what a crash wrote past it is dropped).
+async fn reopen(path: &std::path::Path, size: i64) -> anyhow::Result<tokio::fs::File> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .await?;
+    file.set_len(size as u64).await?;
+    let mut file = file;
+    use tokio::io::AsyncSeekExt;
+    file.seek(std::io::SeekFrom::Start(size as u64)).await?;
+    Ok(file)
+}
+
+/// Advances batch `id` by one line, or finishes it. True while it has more to do.
+async fn step(
+    state: &AppState,
+    open: &mut HashMap<String, Work>,
+    id: &str,
+) -> anyhow::Result<bool> {
+    if !open.contains_key(id) {
+        match open_work(state, id).await? {
+            Some(work) => open.insert(id.to_string(), work),
+            None => return Ok(false),
+        };
+    }
+    let work = open.get_mut(id).expect("opened above");
+    let (status, expires_at): (String, chrono::DateTime<Utc>) =
+        sqlx::query_as("SELECT status, expires_at FROM batches WHERE id = $1")
+            .bind(id)
+            .fetch_one(&state.db)
+            .await?;
+    let done = match status.as_str() {
+        "cancelling" => Some("cancelled"),
+        "finalizing" => Some("completed"),
+        "in_progress" if Utc::now() > expires_at => Some("expired"),
+        "in_progress" => None,
+        _ => return Ok(false),
+    };
+    if let Some(end) = done {
+        finish(state, open, id, end).await?;
+        return Ok(false);
+    }
+    // The next line to run (lines before the resume point were done in an earlier life).
+    let line = loop {
+        match work.items.recv().await {
+            None => {
+                finish(state, open, id, "completed").await?;
+                return Ok(false);
+            }
+            Some(Item::Malformed(e)) => anyhow::bail!("input no longer readable: {}", e.message),
+            Some(Item::Line(line)) if line.index < work.next => continue,
+            Some(Item::Line(line)) if work.invalid.contains(&(line.line as i32)) => {
+                work.next = line.index + 1;
+                continue;
+            }
+            Some(Item::Line(line)) => break line,
+        }
+    };
+    super::line::run_line(state, work, line).await?;
+    Ok(true)
+}
+
+/// Ends batch `id` as `end` (completed, cancelled or expired): unrun lines of an expired batch
+/// go to the error file as `batch_expired`, the outputs become files, the unused reservation is
+/// refunded.
+async fn finish(
+    state: &AppState,
+    open: &mut HashMap<String, Work>,
+    id: &str,
+    end: &str,
+) -> anyhow::Result<()> {
+    let Some(mut work) = open.remove(id) else {
+        return Ok(());
+    };
+    let mut unrun = 0;
+    if end == "expired" {
+        while let Some(item) = work.items.recv().await {
+            let Item::Line(line) = item else { continue };
+            if line.index < work.next || work.invalid.contains(&(line.line as i32)) {
+                continue;
+            }
+            let text = super::output::unrun_line(
+                &line.custom_id,
+                line.line,
+                "batch_expired",
+                "the batch's completion window ended before this line ran",
+            );
+            work.err.write_all(text.as_bytes()).await?;
+            unrun += 1;
+        }
+        work.err.flush().await?;
+        work.err.sync_data().await?;
+    }
+    super::finish::finalize(state, id, end, unrun).await
+}

@@ -1,0 +1,901 @@
+//! Batch jobs (issue 14) against the real server, Postgres and model: files and their owners,
+//! a logprobs batch whose JSONL and Parquet outputs equal the interactive endpoint, bad lines
+//! and malformed files, the quota reservation, cancellation, resumption after a restart, and
+//! the `teachd batch` CLI.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::app::{error_of, TestApp, MODEL, MODEL_PROHIBITED};
+
+fn roomy() -> Value {
+    json!({"rpm": 100000, "tpm": 100000000, "max_concurrent": 64, "daily_tokens": 1000000000i64})
+}
+
+fn line(custom_id: &str, body: Value) -> String {
+    json!({"custom_id": custom_id, "method": "POST", "url": "/v1/logprobs", "body": body})
+        .to_string()
+}
+
+fn seq(i: u32, len: u32) -> Vec<u32> {
+    (0..len).map(|j| 1 + (i * 131 + j * 17) % 4000).collect()
+}
+
+async fn upload(app: &TestApp, key: &str, bytes: Vec<u8>, name: &str) -> reqwest::Response {
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()),
+        );
+    app.http
+        .post(app.url("/v1/files"))
+        .bearer_auth(key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn upload_ok(app: &TestApp, key: &str, text: &str) -> String {
+    let r = upload(app, key, text.as_bytes().to_vec(), "in.jsonl").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn create(app: &TestApp, key: &str, file: &str, format: &str) -> reqwest::Response {
+    app.post(
+        "/v1/batches",
+        key,
+        json!({"input_file_id": file, "endpoint": "/v1/logprobs", "completion_window": "24h",
+               "output_format": format}),
+    )
+    .send()
+    .await
+    .unwrap()
+}
+
+async fn create_ok(app: &TestApp, key: &str, file: &str, format: &str) -> Value {
+    let r = create(app, key, file, format).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    r.json().await.unwrap()
+}
+
+async fn batch(app: &TestApp, key: &str, id: &str) -> Value {
+    let r = app
+        .get(&format!("/v1/batches/{id}"), Some(key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Polls until the batch is in a final state.
+async fn finished(app: &TestApp, key: &str, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let b = batch(app, key, id).await;
+        if ["completed", "failed", "expired", "cancelled"].contains(&b["status"].as_str().unwrap())
+        {
+            return b;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "batch never finished: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn content(app: &TestApp, key: &str, file: &str) -> Vec<u8> {
+    let r = app
+        .get(&format!("/v1/files/{file}/content"), Some(key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap().to_vec()
+}
+
+fn jsonl(bytes: &[u8]) -> Vec<Value> {
+    std::str::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn files_are_listed_read_and_deleted_by_their_owner_only() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.teacher("owner", roomy()).await;
+    let (_, other) = app.teacher("other", roomy()).await;
+    let text = line("a", json!({"model": MODEL, "token_ids": [1, 2, 3]})) + "\n";
+    let id = upload_ok(&app, &key, &text).await;
+
+    let f: Value = app
+        .get(&format!("/v1/files/{id}"), Some(&key))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (f["object"].clone(), f["purpose"].clone()),
+        (json!("file"), json!("batch"))
+    );
+    assert_eq!(f["bytes"], text.len());
+    assert_eq!(content(&app, &key, &id).await, text.as_bytes());
+    let list: Value = app
+        .get("/v1/files", Some(&key))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+
+    // Another client sees nothing of it.
+    let theirs: Value = app
+        .get("/v1/files", Some(&other))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(theirs["data"].as_array().unwrap().is_empty());
+    for path in [format!("/v1/files/{id}"), format!("/v1/files/{id}/content")] {
+        error_of(
+            app.get(&path, Some(&other)).send().await.unwrap(),
+            404,
+            "not_found_error",
+        )
+        .await;
+    }
+    let del = app
+        .http
+        .delete(app.url(&format!("/v1/files/{id}")))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    error_of(del, 404, "not_found_error").await;
+    error_of(
+        create(&app, &other, &id, "jsonl").await,
+        404,
+        "not_found_error",
+    )
+    .await;
+
+    // Uploads that are not batch files.
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(text.clone().into_bytes()).file_name("x.jsonl"),
+        );
+    let r = app
+        .http
+        .post(app.url("/v1/files"))
+        .bearer_auth(&key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    error_of(r, 400, "invalid_request_error").await;
+    error_of(
+        upload(&app, &key, vec![0xff, 0xfe], "bin").await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+
+    let del = app
+        .http
+        .delete(app.url(&format!("/v1/files/{id}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
+    assert_eq!(del.json::<Value>().await.unwrap()["deleted"], true);
+    error_of(
+        app.get(&format!("/v1/files/{id}"), Some(&key))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found_error",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn uploads_over_the_line_cap_are_refused() {
+    let app = TestApp::spawn_with(None, |c| c.batch.max_lines = 2).await;
+    let (_, key) = app.teacher("capped", roomy()).await;
+    let text: String = (0..3)
+        .map(|i| line(&format!("l{i}"), json!({})) + "\n")
+        .collect();
+    let err = error_of(
+        upload(&app, &key, text.into_bytes(), "in.jsonl").await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(
+        err["message"].as_str().unwrap().contains("at most 2"),
+        "{err}"
+    );
+}
+
+/// The lines of the logprobs batch tests: two good ones, a bad one on line 3 (top_k over the
+/// model's cap), a prompt line, and one for a model whose licence forbids distillation.
+fn logprobs_lines() -> (Vec<Value>, String) {
+    let bodies = vec![
+        json!({"model": MODEL, "token_ids": seq(1, 12), "top_k": 4}),
+        json!({"model": MODEL, "token_ids": seq(2, 9), "top_k": 4, "score_from": 3}),
+        json!({"model": MODEL, "token_ids": seq(3, 9), "top_k": 4_000_000}),
+        json!({"model": MODEL, "prompt": "The capital of France is Paris.", "top_k": 4}),
+        json!({"model": MODEL_PROHIBITED, "token_ids": seq(5, 9), "top_k": 4}),
+    ];
+    let text = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| line(&format!("req-{}", i + 1), b.clone()) + "\n")
+        .collect();
+    (bodies, text)
+}
+
+#[tokio::test]
+async fn a_logprobs_batch_equals_the_interactive_endpoint_in_jsonl_and_parquet() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("lab", roomy()).await;
+    let (bodies, text) = logprobs_lines();
+    let file = upload_ok(&app, &key, &text).await;
+    let created = create_ok(&app, &key, &file, "jsonl").await;
+    assert_eq!(created["status"], "in_progress", "{created}");
+    assert_eq!(created["request_counts"]["total"], 5);
+    let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 5, "completed": 3, "failed": 2})
+    );
+    assert_eq!(
+        done["progress"]["scored_tokens"],
+        done["progress"]["total_tokens"]
+    );
+
+    let mut interactive = Vec::new();
+    for (i, body) in bodies
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2 && *i != 4)
+    {
+        let r = app
+            .post("/v1/logprobs", &key, body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        interactive.push((format!("req-{}", i + 1), r.json::<Value>().await.unwrap()));
+    }
+    let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
+    assert_eq!(out.len(), 3);
+    for (o, (custom_id, want)) in out.iter().zip(&interactive) {
+        assert_eq!(&o["custom_id"], custom_id);
+        assert_eq!(o["response"]["status_code"], 200);
+        assert_eq!(
+            &o["response"]["body"], want,
+            "line {custom_id} differs from /v1/logprobs"
+        );
+        // Each line is a ledger row of its own, under the batch's id.
+        let request_id = o["response"]["request_id"].as_str().unwrap();
+        assert!(request_id.starts_with(done["id"].as_str().unwrap()));
+        let row = app.row(client, request_id).await;
+        assert_eq!(
+            (row.status, row.prompt_tokens),
+            (200, want["usage"]["prompt_tokens"].as_i64().unwrap())
+        );
+    }
+    let errors = jsonl(&content(&app, &key, done["error_file_id"].as_str().unwrap()).await);
+    let found: Vec<_> = errors
+        .iter()
+        .map(|e| {
+            (
+                e["custom_id"].clone(),
+                e["error"]["line"].clone(),
+                e["response"]["status_code"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (json!("req-3"), json!(3), json!(400)),
+            (json!("req-5"), json!(5), json!(403))
+        ]
+    );
+    assert_eq!(errors[1]["error"]["code"], "licence_forbids");
+    assert_eq!(
+        errors[1]["response"]["body"]["error"]["type"],
+        "permission_error"
+    );
+
+    // The same file as a Parquet dataset: one row per sequence, the same numbers.
+    let created = create_ok(&app, &key, &file, "parquet").await;
+    let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let bytes = content(&app, &key, done["output_file_id"].as_str().unwrap()).await;
+    check_parquet(bytes, &interactive, done["id"].as_str().unwrap());
+    // Billing: every token run through the teacher, once per batch; refused lines cost nothing.
+    let per_run: i64 = interactive
+        .iter()
+        .map(|(_, r)| r["usage"]["prompt_tokens"].as_i64().unwrap())
+        .sum();
+    app.wait_tokens_used(client, 3 * per_run).await;
+}
+
+fn check_parquet(bytes: Vec<u8>, want: &[(String, Value)], batch_id: &str) {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float32Type, UInt32Type};
+    use arrow_array::Array;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::from(bytes),
+    )
+    .unwrap();
+    let kv: std::collections::HashMap<String, String> = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .unwrap()
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(kv["teachd.batch_id"], batch_id);
+    assert_eq!(kv["model"], MODEL);
+    assert_eq!(kv["top_k"], "4");
+    assert_eq!(
+        kv["weights_sha256"],
+        want[0].1["teacher"]["weights_sha256"].as_str().unwrap()
+    );
+    assert!(
+        !kv["ledger_first_id"].is_empty() && !kv["tos_version"].is_empty(),
+        "{kv:?}"
+    );
+    let batches: Vec<_> = builder.build().unwrap().map(|b| b.unwrap()).collect();
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, want.len());
+    let b = &batches[0];
+    let f32s = |name: &str, row: usize| -> Vec<f32> {
+        b.column_by_name(name)
+            .unwrap()
+            .as_list::<i32>()
+            .value(row)
+            .as_primitive::<Float32Type>()
+            .values()
+            .to_vec()
+    };
+    let u32s = |name: &str, row: usize| -> Vec<u32> {
+        b.column_by_name(name)
+            .unwrap()
+            .as_list::<i32>()
+            .value(row)
+            .as_primitive::<UInt32Type>()
+            .values()
+            .to_vec()
+    };
+    let as_f32 = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    for (row, (custom_id, r)) in want.iter().enumerate() {
+        assert_eq!(
+            b.column_by_name("custom_id")
+                .unwrap()
+                .as_string::<i32>()
+                .value(row),
+            custom_id
+        );
+        assert_eq!(json!(u32s("token_ids", row)), r["token_ids"]);
+        assert_eq!(json!(u32s("token_ranks", row)), r["token_ranks"]);
+        assert_eq!(f32s("token_logprobs", row), as_f32(&r["token_logprobs"]));
+        assert_eq!(f32s("entropy", row), as_f32(&r["entropy"]));
+        assert_eq!(f32s("tail_logmass", row), as_f32(&r["tail_logmass"]));
+        let top = b
+            .column_by_name("top_ids")
+            .unwrap()
+            .as_list::<i32>()
+            .value(row);
+        let top = top.as_fixed_size_list();
+        let top_lp = b
+            .column_by_name("top_logprobs")
+            .unwrap()
+            .as_list::<i32>()
+            .value(row);
+        let top_lp = top_lp.as_fixed_size_list();
+        assert_eq!(top.len(), r["top_ids"].as_array().unwrap().len());
+        for j in 0..top.len() {
+            assert_eq!(
+                json!(top.value(j).as_primitive::<UInt32Type>().values().to_vec()),
+                r["top_ids"][j]
+            );
+            assert_eq!(
+                top_lp
+                    .value(j)
+                    .as_primitive::<Float32Type>()
+                    .values()
+                    .to_vec(),
+                as_f32(&r["top_logprobs"][j])
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_file_fails_the_batch_with_line_numbers() {
+    let app = TestApp::spawn().await;
+    let (client, key) = app.teacher("sloppy", roomy()).await;
+    let text = [
+        line("a", json!({"model": MODEL, "token_ids": [1, 2, 3]})),
+        "{not json".to_string(),
+        line("a", json!({"model": MODEL, "token_ids": [1, 2, 3]})),
+    ]
+    .join("\n");
+    let file = upload_ok(&app, &key, &text).await;
+    let b = create_ok(&app, &key, &file, "jsonl").await;
+    assert_eq!(b["status"], "failed", "{b}");
+    let errors = b["errors"]["data"].as_array().unwrap();
+    let found: Vec<(Value, Value)> = errors
+        .iter()
+        .map(|e| (e["code"].clone(), e["line"].clone()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (json!("invalid_json_line"), json!(2)),
+            (json!("duplicate_custom_id"), json!(3))
+        ]
+    );
+    assert_eq!(
+        app.tokens_used(client).await,
+        0,
+        "a failed batch reserves nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_over_the_daily_quota_is_refused_before_it_runs() {
+    let app = TestApp::with_model(|_| {}).await;
+    let limits = json!({"rpm": 1000, "tpm": 1000000, "max_concurrent": 8, "daily_tokens": 30});
+    let (client, key) = app.ready_teacher("thrifty", limits).await;
+    // 2 x 20 tokens: each line fits the quota alone, the job does not.
+    let text: String = (0..2)
+        .map(|i| {
+            line(
+                &format!("q{i}"),
+                json!({"model": MODEL, "token_ids": seq(i, 20), "top_k": 2}),
+            ) + "\n"
+        })
+        .collect();
+    let file = upload_ok(&app, &key, &text).await;
+    let err = error_of(
+        create(&app, &key, &file, "jsonl").await,
+        429,
+        "insufficient_quota",
+    )
+    .await;
+    assert_eq!(err["code"], "insufficient_quota");
+    assert_eq!(app.tokens_used(client).await, 0);
+    let list: Value = app
+        .get("/v1/batches", Some(&key))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list["data"].as_array().unwrap().is_empty(), "{list}");
+}
+
+fn many_lines(n: u32, len: u32) -> String {
+    (0..n)
+        .map(|i| {
+            line(
+                &format!("m{i}"),
+                json!({"model": MODEL, "token_ids": seq(i, len), "top_k": 2}),
+            ) + "\n"
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_stops_keeps_its_output_and_refunds_the_rest() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("fickle", roomy()).await;
+    let file = upload_ok(&app, &key, &many_lines(300, 16)).await;
+    let b = create_ok(&app, &key, &file, "jsonl").await;
+    let id = b["id"].as_str().unwrap();
+    let r = app
+        .post(&format!("/v1/batches/{id}/cancel"), &key, json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let done = finished(&app, &key, id).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    let completed = done["request_counts"]["completed"].as_i64().unwrap();
+    assert!(completed < 300, "{done}");
+    if completed > 0 {
+        let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
+        assert_eq!(out.len() as i64, completed);
+    }
+    // Charged for the lines that ran, refunded the rest of the reservation.
+    app.wait_tokens_used(client, completed * 16).await;
+    let list: Value = app
+        .get("/v1/batches?limit=1", Some(&key))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"][0]["id"], id);
+}
+
+#[tokio::test]
+async fn a_restarted_server_resumes_the_batch_without_losing_or_repeating_a_line() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("patient", roomy()).await;
+    let n = 40;
+    let file = upload_ok(&app, &key, &many_lines(n, 24)).await;
+    let b = create_ok(&app, &key, &file, "jsonl").await;
+    let id = b["id"].as_str().unwrap().to_string();
+    loop {
+        let b = batch(&app, &key, &id).await;
+        if b["request_counts"]["completed"].as_i64().unwrap() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let app = app.restart().await;
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
+    let ids: Vec<String> = out
+        .iter()
+        .map(|o| o["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    assert_eq!(ids, want, "every line exactly once, in order");
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM usage_events WHERE client_id = $1 AND request_id LIKE $2",
+    )
+    .bind(client)
+    .bind(format!("{id}:%"))
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(rows, n as i64, "one ledger row per line");
+    app.wait_tokens_used(client, n as i64 * 24).await;
+}
+
+#[tokio::test]
+async fn the_cli_submits_follows_and_downloads() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (_, key) = app.ready_teacher("cli", roomy()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, many_lines(3, 10)).unwrap();
+    let out = dir.path().join("out");
+    let (server, k, i, o) = (app.url(""), key.clone(), input.clone(), out.clone());
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_teachd"))
+            .args(["batch", "submit"])
+            .arg(&i)
+            .args([
+                "--endpoint",
+                "/v1/logprobs",
+                "--top-k",
+                "3",
+                "--format",
+                "parquet",
+                "--server",
+                &server,
+                "--key",
+                &k,
+                "--out",
+            ])
+            .arg(&o)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let printed = String::from_utf8(run.stdout).unwrap();
+    let path = printed
+        .lines()
+        .next()
+        .expect("the CLI prints the output's path");
+    assert!(path.ends_with("_output.parquet"), "{printed}");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(path).unwrap(),
+    )
+    .unwrap();
+    let kv = reader
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .unwrap()
+        .clone();
+    assert!(
+        kv.iter()
+            .any(|kv| kv.key == "top_k" && kv.value.as_deref() == Some("3")),
+        "--top-k applied"
+    );
+    let rows: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, 3);
+}
+
+#[tokio::test]
+async fn a_parquet_input_runs_with_the_batch_metadata_and_streams_its_progress() {
+    use arrow_array::builder::{ListBuilder, UInt32Builder};
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let app = TestApp::with_model(|_| {}).await;
+    let (_, key) = app.ready_teacher("columnar", roomy()).await;
+    let seqs: Vec<Vec<u32>> = (0..3).map(|i| seq(10 + i, 8 + i)).collect();
+    let mut ids = ListBuilder::new(UInt32Builder::new());
+    for s in &seqs {
+        ids.values().append_slice(s);
+        ids.append(true);
+    }
+    let batch = RecordBatch::try_from_iter([
+        (
+            "custom_id",
+            Arc::new(StringArray::from(vec!["p0", "p1", "p2"])) as ArrayRef,
+        ),
+        ("input_ids", Arc::new(ids.finish()) as ArrayRef),
+    ])
+    .unwrap();
+    let mut bytes = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let r = upload(&app, &key, bytes, "in.parquet").await;
+    assert_eq!(r.status(), 200);
+    let f: Value = r.json().await.unwrap();
+    assert_eq!(f["format"], "parquet");
+    let r = app
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": f["id"], "endpoint": "/v1/logprobs", "completion_window": "24h",
+                   "metadata": {"model": MODEL, "top_k": "3", "score_from": "2"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let created: Value = r.json().await.unwrap();
+    let id = created["id"].as_str().unwrap();
+
+    // Live progress: batch objects as they change, ending with the completed one.
+    let events = app
+        .get(&format!("/v1/batches/{id}/events"), Some(&key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert!(events.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = events.text().await.unwrap();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let objects: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let scored: Vec<i64> = objects
+        .iter()
+        .map(|o| o["progress"]["scored_tokens"].as_i64().unwrap())
+        .collect();
+    assert!(scored.windows(2).all(|w| w[0] <= w[1]), "{scored:?}");
+    let last = objects.last().unwrap();
+    assert_eq!(last["status"], "completed", "{last}");
+    assert_eq!(
+        last["progress"]["scored_tokens"],
+        last["progress"]["total_tokens"]
+    );
+
+    let out = jsonl(&content(&app, &key, last["output_file_id"].as_str().unwrap()).await);
+    assert_eq!(out.len(), 3);
+    for (i, (o, s)) in out.iter().zip(&seqs).enumerate() {
+        assert_eq!(o["custom_id"], format!("p{i}"));
+        let want: Value = app
+            .post(
+                "/v1/logprobs",
+                &key,
+                json!({"model": MODEL, "token_ids": s, "top_k": 3, "score_from": 2}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(o["response"]["body"], want);
+    }
+}
+
+#[tokio::test]
+async fn lines_not_run_within_the_completion_window_expire() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("late", roomy()).await;
+    let file = upload_ok(&app, &key, &many_lines(400, 32)).await;
+    let r = app
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": file, "endpoint": "/v1/logprobs", "completion_window": "1s"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["status"], "expired", "{done}");
+    let counts = &done["request_counts"];
+    let completed = counts["completed"].as_i64().unwrap();
+    assert_eq!(
+        completed + counts["failed"].as_i64().unwrap(),
+        400,
+        "{done}"
+    );
+    let errors = jsonl(&content(&app, &key, done["error_file_id"].as_str().unwrap()).await);
+    assert_eq!(errors.len() as i64, 400 - completed);
+    assert!(errors.iter().all(|e| e["error"]["code"] == "batch_expired"));
+    app.wait_tokens_used(client, completed * 32).await;
+}
+
+#[tokio::test]
+async fn a_completions_batch_answers_like_the_endpoint_and_bills_what_ran() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("vllm-style", roomy()).await;
+    let bodies = [
+        // A vLLM teacher pipeline's prompt-logprobs request.
+        json!({"model": MODEL, "prompt": [seq(7, 10)], "max_tokens": 0, "echo": true, "prompt_logprobs": 3}),
+        // A greedy generation with logprobs.
+        json!({"model": MODEL, "prompt": "Name three colours:", "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+        json!({"model": MODEL, "prompt": "hi", "stream": true}),
+    ];
+    let text: String = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/completions", "body": b})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    let file = upload_ok(&app, &key, &text).await;
+    let r = app
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": file, "endpoint": "/v1/completions", "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 3, "completed": 2, "failed": 1})
+    );
+    let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
+    let billed: i64 = out
+        .iter()
+        .map(|o| {
+            o["response"]["body"]["usage"]["total_tokens"]
+                .as_i64()
+                .unwrap()
+        })
+        .sum();
+    // Billed what ran; the unused part of each generation's max_tokens refunded.
+    app.wait_tokens_used(client, billed).await;
+    let errors = jsonl(&content(&app, &key, done["error_file_id"].as_str().unwrap()).await);
+    assert_eq!(errors[0]["error"]["line"], 3);
+    for (o, body) in out.iter().zip(&bodies) {
+        let mut want: Value = app
+            .post("/v1/completions", &key, body.clone())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut got = o["response"]["body"].clone();
+        for v in [&mut want, &mut got] {
+            v.as_object_mut().unwrap().remove("id");
+            v.as_object_mut().unwrap().remove("created");
+        }
+        assert_eq!(got, want, "{}", o["custom_id"]);
+    }
+}
+
+#[tokio::test]
+async fn a_chat_batch_answers_like_the_endpoint() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("chatty", roomy()).await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}],
+                      "max_tokens": 5, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let text = json!({"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        .to_string();
+    let file = upload_ok(&app, &key, &text).await;
+    let r = app
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["request_counts"]["completed"], 1, "{done}");
+    let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
+    let mut got = out[0]["response"]["body"].clone();
+    app.wait_tokens_used(client, got["usage"]["total_tokens"].as_i64().unwrap())
+        .await;
+    let mut want: Value = app
+        .post("/v1/chat/completions", &key, body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for v in [&mut want, &mut got] {
+        v.as_object_mut().unwrap().remove("id");
+        v.as_object_mut().unwrap().remove("created");
+    }
+    assert_eq!(got, want);
+}
