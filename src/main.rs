@@ -140,7 +140,10 @@ async fn main() -> anyhow::Result<()> {
             let path = out.unwrap_or_else(|| config.tlog.key_file.clone());
             let name = name.unwrap_or_else(|| config.tlog.origin.clone());
             let vkey = teachd::ledger::signing::init_key_file(&path, &name)?;
-            eprintln!("Signing key written to {} (mode 0600). Verifier key:", path.display());
+            eprintln!(
+                "Signing key written to {} (mode 0600). Verifier key:",
+                path.display()
+            );
             println!("{vkey}");
             Ok(())
         }
@@ -149,7 +152,10 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let mut cfg = config.tlog.clone();
             cfg.generate_key = false;
-            println!("{}", teachd::ledger::signing::LogKey::load(&cfg)?.verifier_key());
+            println!(
+                "{}",
+                teachd::ledger::signing::LogKey::load(&cfg)?.verifier_key()
+            );
             Ok(())
         }
         Command::Audit {

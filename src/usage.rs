@@ -191,7 +191,9 @@ impl Meter {
         let (Some(ctx), Some(limiter)) = (&self.0.ctx, &self.0.limiter) else {
             return Ok(());
         };
-        let reservation = limiter.reserve_tokens(ctx.client_id, &ctx.limits, tokens).await?;
+        let reservation = limiter
+            .reserve_tokens(ctx.client_id, &ctx.limits, tokens)
+            .await?;
         let mut s = self.0.state.lock();
         match s.reservation.as_mut() {
             Some(held) => held.absorb(reservation),

@@ -105,7 +105,9 @@ pub(super) async fn run_line(
     commit(state, work, line.index, ran, started).await
 }
 
-/// A line's response body, serialised exactly as its endpoint serialises it.
+/// A line's response body, serialised exactly as its endpoint serialises it. One per line,
+/// short-lived: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(serde::Serialize)]
 #[serde(untagged)]
 enum Body {

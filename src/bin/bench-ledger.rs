@@ -395,19 +395,32 @@ async fn usage_queries() {
         }
     };
     for (label, path) in [
-        ("GET /v1/ledger/checkpoint (signs a new one each time the tree grew)", format!("{base}/v1/ledger/checkpoint")),
-        ("GET /v1/ledger/proof/inclusion (leaf i, tree of ~1M)", format!("{base}/v1/ledger/proof/inclusion?leaf_index={{i}}&tree_size={size}")),
-        ("GET /v1/ledger/proof/consistency (first = i + 1, second ~1M)", format!("{base}/v1/ledger/proof/consistency?first={{i}}&second={size}")),
-        ("GET /v1/ledger/leaf/{i}", format!("{base}/v1/ledger/leaf/{{i}}")),
+        (
+            "GET /v1/ledger/checkpoint (signs a new one each time the tree grew)",
+            format!("{base}/v1/ledger/checkpoint"),
+        ),
+        (
+            "GET /v1/ledger/proof/inclusion (leaf i, tree of ~1M)",
+            format!("{base}/v1/ledger/proof/inclusion?leaf_index={{i}}&tree_size={size}"),
+        ),
+        (
+            "GET /v1/ledger/proof/consistency (first = i + 1, second ~1M)",
+            format!("{base}/v1/ledger/proof/consistency?first={{i}}&second={size}"),
+        ),
+        (
+            "GET /v1/ledger/leaf/{i}",
+            format!("{base}/v1/ledger/leaf/{{i}}"),
+        ),
     ] {
         let (p50, p99) = timed(path).await;
         println!("| {label} | {p50:.2} | {p99:.2} |");
     }
     let t = Instant::now();
     let key = state.ledger.tlog().key.clone();
-    let report = teachd::ledger::transparency::audit(&state.db, key.verifier_key(), key.origin(), &[])
-        .await
-        .unwrap();
+    let report =
+        teachd::ledger::transparency::audit(&state.db, key.verifier_key(), key.origin(), &[])
+            .await
+            .unwrap();
     println!(
         "\naudit (chain + tree recomputed from every row; the seeded rows carry no valid \
          chain, so ok={}): rows={} in {:.1}s",

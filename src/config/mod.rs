@@ -65,7 +65,6 @@ pub struct ServerConfig {
     pub disable_auth: bool,
 }
 
-
 /// The admin console at `/console` (src/console/).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -132,7 +131,6 @@ pub enum PrivilegeCheck {
     Refuse,
 }
 
-
 impl fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DatabaseConfig")
@@ -180,7 +178,6 @@ pub struct DefaultLimits {
     pub daily_tokens: i64,
 }
 
-
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerConfig {
@@ -206,7 +203,6 @@ pub struct LedgerConfig {
     /// Higher keeps more detail about abusive traffic; lower bounds storage tighter.
     pub max_refusal_rows_per_minute: u32,
 }
-
 
 /// The transparency log over the ledger: its signing key and signed checkpoints.
 #[derive(Clone, Debug, Deserialize)]
@@ -270,7 +266,6 @@ pub struct BatchConfig {
     /// How often the runner looks for work it was not told about (e.g. after a restart).
     pub poll_ms: u64,
 }
-
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -36,4 +36,3 @@ pub fn provenance(
         .extend(super::tos::provenance_headers(&teacher.info));
     response
 }
-

@@ -65,7 +65,6 @@ pub fn opt_vec_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
         .map(|v| v.map(|v| v.into_iter().map(|o| o.0).collect()))
 }
 
-
 /// JSON body extractor whose rejections are rendered in the error envelope (400/413/415),
 /// instead of axum's plain-text rejections.
 pub struct Json<T>(pub T);

@@ -68,9 +68,7 @@ async fn gate_either(
         DbAdmit::Down => return database_down().into_response(),
     };
     let mut authenticated = authenticate(&state, req.headers(), scope).await;
-    if or_admin
-        && matches!(&authenticated, Err(e) if e.code() == Some("insufficient_scope"))
-    {
+    if or_admin && matches!(&authenticated, Err(e) if e.code() == Some("insufficient_scope")) {
         authenticated = authenticate(&state, req.headers(), Scope::Admin).await;
     }
     let ctx = match authenticated {
@@ -186,9 +184,12 @@ async fn admitted(
     // is really left (a stream's show the reservation, settled when it ends).
     let mut response = row.finish(response).await;
     if let Some(admission) = &admission {
-        state
-            .limits
-            .write_headers(ctx.client_id, &ctx.limits, admission, response.headers_mut());
+        state.limits.write_headers(
+            ctx.client_id,
+            &ctx.limits,
+            admission,
+            response.headers_mut(),
+        );
     }
     hold_until_body_ends(response, (admission, slot))
 }

@@ -5,15 +5,15 @@
 //! admin routes behind [`gate::admin_gate`] (scope `admin`); /healthz, /readyz, /openapi.json
 //! and /docs are open; /console (when enabled) is [`crate::console`]'s.
 
+pub mod access;
 pub mod admin;
 pub mod chat;
-pub mod access;
 pub mod completions;
 pub mod extract;
 pub mod gate;
 mod generation;
-pub mod input;
 pub mod health;
+pub mod input;
 mod judgments;
 pub mod ledger_layer;
 pub mod logprobs;
@@ -103,8 +103,9 @@ fn admin_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
 /// given.
 fn ledger_routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     match state {
-        Some(state) => transparency::routes()
-            .route_layer(from_fn_with_state(state.clone(), gate::ledger_gate)),
+        Some(state) => {
+            transparency::routes().route_layer(from_fn_with_state(state.clone(), gate::ledger_gate))
+        }
         None => transparency::routes(),
     }
 }

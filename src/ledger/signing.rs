@@ -153,8 +153,8 @@ pub fn open_checkpoint(
 ) -> Result<OpenedCheckpoint, CheckpointError> {
     let verifier = StandardVerifier::new(verifier_key)
         .map_err(|e| CheckpointError::Malformed(format!("verifier key: {e}")))?;
-    let note = Note::from_bytes(text.as_bytes())
-        .map_err(|e| CheckpointError::Malformed(e.to_string()))?;
+    let note =
+        Note::from_bytes(text.as_bytes()).map_err(|e| CheckpointError::Malformed(e.to_string()))?;
     note.verify(&VerifierList::new(vec![Box::new(verifier)]))
         .map_err(|e| CheckpointError::BadSignature(e.to_string()))?;
     let cp = Checkpoint::from_bytes(note.text())
@@ -214,7 +214,9 @@ pub fn open_receipt(
     origin: &str,
     header: &str,
 ) -> Result<ReceiptFields, String> {
-    let json = BASE64_STANDARD.decode(header.trim()).map_err(|e| e.to_string())?;
+    let json = BASE64_STANDARD
+        .decode(header.trim())
+        .map_err(|e| e.to_string())?;
     let v: serde_json::Value = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
     let b32 = |k: &str| -> Result<[u8; 32], String> {
         let s = v[k].as_str().ok_or(format!("{k} missing"))?;
@@ -266,7 +268,9 @@ pub fn init_key_file(path: &Path, name: &str) -> anyhow::Result<String> {
     tmp.as_file().sync_all()?;
     match std::fs::hard_link(tmp.path(), path) {
         Ok(()) => Ok(vkey),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(KeyExists(path.into()).into()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(KeyExists(path.into()).into())
+        }
         Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
     }
 }
@@ -317,7 +321,10 @@ mod tests {
         let mut lines = text.split('\n');
         assert_eq!(lines.next(), Some("example.com/log"));
         assert_eq!(lines.next(), Some("7"));
-        assert_eq!(lines.next(), Some(BASE64_STANDARD.encode([9u8; 32]).as_str()));
+        assert_eq!(
+            lines.next(),
+            Some(BASE64_STANDARD.encode([9u8; 32]).as_str())
+        );
         assert_eq!(lines.next(), Some(""));
         let sig = lines.next().unwrap();
         assert!(sig.starts_with("\u{2014} example.com/log "), "{sig}");
@@ -349,7 +356,10 @@ mod tests {
             ts: "2026-12-01T10:00:00.000001Z".into(),
         };
         let sealed = r.seal(&k);
-        assert_eq!(open_receipt(&k.public_key(), k.origin(), &sealed).unwrap(), r);
+        assert_eq!(
+            open_receipt(&k.public_key(), k.origin(), &sealed).unwrap(),
+            r
+        );
         let mut json = BASE64_STANDARD.decode(&sealed).unwrap();
         let at = json.iter().position(|&b| b == b'4').unwrap(); // the leaf index 41
         json[at] ^= 1;

@@ -140,7 +140,9 @@ impl Tlog {
         match write() {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => tracing::error!(error = %e, dir = %dir.display(), "could not write a checkpoint file"),
+            Err(e) => {
+                tracing::error!(error = %e, dir = %dir.display(), "could not write a checkpoint file")
+            }
         }
     }
 

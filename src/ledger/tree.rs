@@ -84,7 +84,12 @@ impl HashReader for MapReader<'_> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
         indexes
             .iter()
-            .map(|i| self.0.get(i).copied().ok_or(tlog_tiles::Error::IndexesNotInTree))
+            .map(|i| {
+                self.0
+                    .get(i)
+                    .copied()
+                    .ok_or(tlog_tiles::Error::IndexesNotInTree)
+            })
             .collect()
     }
 }
@@ -162,7 +167,9 @@ pub enum TreeError {
 
 /// MTH(size).
 pub async fn root<S: Store>(store: &S, size: u64) -> Result<[u8; 32], TreeError> {
-    with_hashes(store, |r| tlog_tiles::tree_hash(size, &Dyn(r))).await.map(|h| h.0)
+    with_hashes(store, |r| tlog_tiles::tree_hash(size, &Dyn(r)))
+        .await
+        .map(|h| h.0)
 }
 
 /// The RFC 9162 inclusion proof of leaf `index` in the tree of `size` leaves.
@@ -383,14 +390,32 @@ mod tests {
                 let p = inclusion(&store, m as u64, n as u64).await.unwrap();
                 assert_eq!(p, path(m, d), "PATH({m}, D[{n}])");
                 assert!(check_inclusion(&p, n as u64, want, m as u64, leaf(&d[m])));
-                assert!(!check_inclusion(&p, n as u64, want, m as u64, leaf(&[7; 32])));
+                assert!(!check_inclusion(
+                    &p,
+                    n as u64,
+                    want,
+                    m as u64,
+                    leaf(&[7; 32])
+                ));
             }
             for m in 1..=n {
                 let p = consistency(&store, m as u64, n as u64).await.unwrap();
                 assert_eq!(p, subproof(m, d, true), "PROOF({m}, D[{n}])");
-                assert!(check_consistency(&p, m as u64, mth(&d[..m]), n as u64, want));
+                assert!(check_consistency(
+                    &p,
+                    m as u64,
+                    mth(&d[..m]),
+                    n as u64,
+                    want
+                ));
                 if m < n {
-                    assert!(!check_consistency(&p, m as u64, mth(&all[1..=m]), n as u64, want));
+                    assert!(!check_consistency(
+                        &p,
+                        m as u64,
+                        mth(&all[1..=m]),
+                        n as u64,
+                        want
+                    ));
                 }
             }
         }

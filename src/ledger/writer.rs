@@ -150,7 +150,12 @@ impl Writer {
             let (links, nodes, frontier) = link(&head, &rows);
             let result = tokio::time::timeout(
                 timeout,
-                insert(self.conn.as_mut().expect("connected"), &rows, &links, &nodes),
+                insert(
+                    self.conn.as_mut().expect("connected"),
+                    &rows,
+                    &links,
+                    &nodes,
+                ),
             )
             .await;
             match result {
@@ -316,22 +321,30 @@ async fn load_head(
         _ => (0, GENESIS),
     };
     let size = tree::size_from_stored(stored as u64).ok_or_else(|| {
-        HeadError::Tree(format!("the ledger tree is incomplete ({stored} stored hashes)"))
+        HeadError::Tree(format!(
+            "the ledger tree is incomplete ({stored} stored hashes)"
+        ))
     })?;
     if size > id as u64 {
         return Err(HeadError::Tree(format!(
             "the ledger tree has {size} leaves but the ledger only {id} rows: rows were removed"
         )));
     }
-    let known = bounded(limit, tree::fetch(&mut *conn, &tree::frontier_indexes(size))).await?;
+    let known = bounded(
+        limit,
+        tree::fetch(&mut *conn, &tree::frontier_indexes(size)),
+    )
+    .await?;
     let mut frontier = Frontier::new(size, known).map_err(HeadError::Tree)?;
     while frontier.size < id as u64 {
         let rows: Vec<(i64, Vec<u8>)> = bounded(
             limit,
-            sqlx::query_as("SELECT id, row_hash FROM usage_events WHERE id > $1 ORDER BY id LIMIT $2")
-                .bind(frontier.size as i64)
-                .bind(CATCH_UP_CHUNK)
-                .fetch_all(&mut *conn),
+            sqlx::query_as(
+                "SELECT id, row_hash FROM usage_events WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(frontier.size as i64)
+            .bind(CATCH_UP_CHUNK)
+            .fetch_all(&mut *conn),
         )
         .await?;
         let mut nodes = Vec::new();
@@ -351,12 +364,17 @@ async fn load_head(
     Ok((id, hash, frontier))
 }
 
-async fn insert_nodes(conn: &mut PgConnection, nodes: &[(u64, [u8; 32])]) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO ledger_tree (idx, hash) SELECT * FROM UNNEST($1::int8[], $2::bytea[])")
-        .bind(nodes.iter().map(|n| n.0 as i64).collect::<Vec<_>>())
-        .bind(nodes.iter().map(|n| &n.1[..]).collect::<Vec<_>>())
-        .execute(conn)
-        .await?;
+async fn insert_nodes(
+    conn: &mut PgConnection,
+    nodes: &[(u64, [u8; 32])],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO ledger_tree (idx, hash) SELECT * FROM UNNEST($1::int8[], $2::bytea[])",
+    )
+    .bind(nodes.iter().map(|n| n.0 as i64).collect::<Vec<_>>())
+    .bind(nodes.iter().map(|n| &n.1[..]).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -184,10 +184,7 @@ impl<C: LimitClock> Limiter<C> {
                 ));
             }
         };
-        match self
-            .concurrency
-            .try_acquire(client, l.max_concurrent)
-        {
+        match self.concurrency.try_acquire(client, l.max_concurrent) {
             Some(permit) => Ok(Admission { requests, permit }),
             None => Err(too_many(
                 format!(
@@ -203,9 +200,7 @@ impl<C: LimitClock> Limiter<C> {
 
     /// The client's standing, for the response headers.
     pub fn rate_state(&self, client: Uuid, limits: &Limits, requests: &RequestsState) -> RateState {
-        let (tokens_remaining, tokens_reset) =
-            self.tokens
-                .peek(client, limits.tpm, self.now_ns());
+        let (tokens_remaining, tokens_reset) = self.tokens.peek(client, limits.tpm, self.now_ns());
         RateState {
             limits: limits.clone(),
             requests_remaining: requests.remaining,
@@ -217,14 +212,25 @@ impl<C: LimitClock> Limiter<C> {
     }
 
     /// Writes the rate-limit headers of an admitted request onto its response.
-    pub fn write_headers(&self, client: Uuid, limits: &Limits, admission: &Admission, out: &mut HeaderMap) {
-        headers::write(out, &self.rate_state(client, limits, &admission.requests), None);
+    pub fn write_headers(
+        &self,
+        client: Uuid,
+        limits: &Limits,
+        admission: &Admission,
+        out: &mut HeaderMap,
+    ) {
+        headers::write(
+            out,
+            &self.rate_state(client, limits, &admission.requests),
+            None,
+        );
     }
 
     /// Reserves `n` tokens against tpm and today's quota. See the module docs.
     pub async fn reserve_tokens(
         self: &Arc<Self>,
-        client: Uuid, limits: &Limits,
+        client: Uuid,
+        limits: &Limits,
         n: u64,
     ) -> Result<TokenReservation<C>, ApiError> {
         let day = quota::today();

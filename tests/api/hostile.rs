@@ -9,8 +9,8 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::get;
 use axum::Router;
 use futures::StreamExt;
-use sha2::Digest;
 use serde_json::{json, Value};
+use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 

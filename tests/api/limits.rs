@@ -253,7 +253,10 @@ async fn reservation_api_refunds_tpm_and_daily_quota() {
     assert_eq!(limiter.daily_tokens_used(client).await.unwrap(), 130);
 
     // A request that fails before it settles costs nothing (the refund runs in a task).
-    let r = limiter.reserve_tokens(ctx.client_id, &ctx.limits, 800).await.unwrap();
+    let r = limiter
+        .reserve_tokens(ctx.client_id, &ctx.limits, 800)
+        .await
+        .unwrap();
     assert_eq!(limiter.daily_tokens_used(client).await.unwrap(), 930);
     drop(r);
     assert_eq!(limiter.tokens_remaining(ctx.client_id, &ctx.limits), 870);

@@ -265,7 +265,10 @@ async fn verify_checkpoints(
         let ranged = queries::verify(&state.db, range)
             .await
             .map_err(ApiError::from)?;
-        if let Some(id) = ranged.first_bad_event_id.filter(|_| report.first_bad_event_id.is_none()) {
+        if let Some(id) = ranged
+            .first_bad_event_id
+            .filter(|_| report.first_bad_event_id.is_none())
+        {
             report.ok = false;
             report.first_bad_event_id = Some(id);
             report.failures.push(crate::ledger::transparency::Failure {

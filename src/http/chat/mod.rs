@@ -9,8 +9,8 @@ use serde::Serialize;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::access;
-use super::input::{self, f};
 use super::completions::CompletionUsage;
+use super::input::{self, f};
 use super::{generation, sse};
 use crate::auth::ClientCtx;
 use crate::engine::{GenToken, GenerateParams, Teacher};
@@ -77,7 +77,9 @@ pub async fn chat_completions(
     meter.reserve(checked.cost).await?;
     if stream_it {
         teacher.check_capacity()?; // 503 `overloaded` before the 200 headers, not inside them
-        let Checked { out, params, stops, .. } = checked;
+        let Checked {
+            out, params, stops, ..
+        } = checked;
         let response = stream(out, meter, params, stops, include_usage);
         return Ok(access::provenance(response, &teacher));
     }
@@ -170,7 +172,9 @@ pub async fn plan(teacher: &Arc<Teacher>, req: ChatRequest) -> Result<Checked, A
 /// Runs a checked request to its (non-streamed) response, recording on `meter` what the engine
 /// ran.
 pub async fn respond(checked: Checked, meter: &Meter) -> Result<ChatResponse, ApiError> {
-    let Checked { out, params, stops, .. } = checked;
+    let Checked {
+        out, params, stops, ..
+    } = checked;
     let (teacher, as_ids, prompt_len) = (out.teacher.clone(), out.as_ids, params.prompt.len());
     let mut content = String::new();
     let mut lps = out.want_logprobs.then(ChoiceLogprobs::default);

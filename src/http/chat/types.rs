@@ -91,4 +91,3 @@ pub struct TopLogprob {
     pub logprob: f32,
     pub bytes: Vec<u8>,
 }
-

@@ -8,9 +8,9 @@ use axum::response::{IntoResponse, Response};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::access;
-use super::input::{self, f};
-use super::generation::{self, Delta};
 use super::gate;
+use super::generation::{self, Delta};
+use super::input::{self, f};
 use crate::auth::ClientCtx;
 use crate::engine::{GenToken, GenerateParams, PositionStats, Teacher};
 use crate::error::{ApiError, ErrorEnvelope};
@@ -23,8 +23,8 @@ mod stream;
 mod types;
 
 use prompts::{prompts, vllm_prompt_logprobs};
-pub use types::*;
 use stream::stream;
+pub use types::*;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(completions))
@@ -69,7 +69,13 @@ pub async fn completions(
     let created = chrono::Utc::now().timestamp();
     if stream_it {
         teacher.check_capacity()?; // 503 `overloaded` before the 200 headers
-        let response = stream(checked.plan, meter, checked.prompts, (id, created), include_usage);
+        let response = stream(
+            checked.plan,
+            meter,
+            checked.prompts,
+            (id, created),
+            include_usage,
+        );
         return Ok(access::provenance(response, &teacher));
     }
     let body = respond(checked, &meter, id, created).await?;
@@ -102,16 +108,10 @@ pub async fn plan(teacher: &Arc<Teacher>, req: CompletionRequest) -> Result<Chec
     let (temperature, top_p) = (req.temperature.unwrap_or(1.0), req.top_p.unwrap_or(1.0));
     input::validate_sampling(temperature, top_p)?;
     let stops = generation::parse_stop(req.stop)?;
-    let prompts = prompts(
-        teacher,
-        &req.prompt,
-        req.add_special_tokens.unwrap_or(true),
-    )
-    .await?;
+    let prompts = prompts(teacher, &req.prompt, req.add_special_tokens.unwrap_or(true)).await?;
     let mut max_tokens = Vec::new();
     for p in &prompts {
-        let m =
-            generation::resolve_max_tokens(teacher, p.len(), req.max_tokens, 16, "max_tokens")?;
+        let m = generation::resolve_max_tokens(teacher, p.len(), req.max_tokens, 16, "max_tokens")?;
         if m == 0 && !echo && req.prompt_logprobs.is_none() {
             return Err(ApiError::bad_param(
                 "max_tokens",

@@ -101,4 +101,3 @@ pub(super) fn vllm_prompt_logprobs(
     }
     out
 }
-

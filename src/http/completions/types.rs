@@ -117,4 +117,3 @@ pub(super) struct Chunk<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<CompletionUsage>,
 }
-

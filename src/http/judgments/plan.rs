@@ -131,4 +131,3 @@ pub(super) async fn plan_one(teacher: &Teacher, spec: &JudgmentSpec) -> Result<P
         }
     }
 }
-

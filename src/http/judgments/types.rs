@@ -135,4 +135,3 @@ pub struct BatchResponse {
     pub results: Vec<BatchItem>,
     pub usage: JudgmentUsage,
 }
-

@@ -13,8 +13,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 mod arrow;
 
 use super::access;
-use super::input::{self, f, Message};
 use super::gate;
+use super::input::{self, f, Message};
 use crate::auth::ClientCtx;
 use crate::engine::{ScoreResult, Teacher};
 use crate::error::{ApiError, ErrorEnvelope};

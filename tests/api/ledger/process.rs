@@ -33,7 +33,10 @@ pub async fn start_server(env: &[(&str, String)]) -> Server {
 pub async fn start_server_on(url: String, db_name: String, env: &[(&str, String)]) -> Server {
     let bin = env!("CARGO_BIN_EXE_teachd");
     // Without a model unless the caller's config names one (the embedded default has one).
-    let no_models = std::env::temp_dir().join(format!("teachd-nomodel-{}.toml", uuid::Uuid::new_v4().simple()));
+    let no_models = std::env::temp_dir().join(format!(
+        "teachd-nomodel-{}.toml",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::write(&no_models, "models = []\n").unwrap();
     let mut child = Command::new(bin)
         .arg("serve")
@@ -385,7 +388,10 @@ async fn serves_as_the_least_privileged_runtime_role() {
         .to_string();
     let (url, db_name) = create_database(&host).await;
     let bin = env!("CARGO_BIN_EXE_teachd");
-    let no_models = std::env::temp_dir().join(format!("teachd-nomodel-{}.toml", uuid::Uuid::new_v4().simple()));
+    let no_models = std::env::temp_dir().join(format!(
+        "teachd-nomodel-{}.toml",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::write(&no_models, "models = []\n").unwrap();
     // As a superuser, with privilege_check = refuse, it does not start.
     let out = Command::new(bin)
@@ -400,10 +406,16 @@ async fn serves_as_the_least_privileged_runtime_role() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("refusing to serve") && stderr.contains("superuser"), "{stderr}");
+    assert!(
+        stderr.contains("refusing to serve") && stderr.contains("superuser"),
+        "{stderr}"
+    );
     // The runtime role may log in (roles are cluster-wide; migration 0002 creates it).
     let mut su = superuser(&db_name).await;
-    sqlx::query("ALTER ROLE teachd_app LOGIN").execute(&mut su).await.unwrap();
+    sqlx::query("ALTER ROLE teachd_app LOGIN")
+        .execute(&mut su)
+        .await
+        .unwrap();
     let app_url = url.replacen("postgres://postgres@", "postgres://teachd_app@", 1);
     let server = start_server_on(
         url.clone(),
@@ -423,8 +435,15 @@ async fn serves_as_the_least_privileged_runtime_role() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("x-teachd-receipt"));
-    let user: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut su).await.unwrap();
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
     assert_eq!(user, "postgres");
     let committed = committed_ids(&server.db_name).await;
-    assert_eq!(committed.len(), 4, "client, key, ToS, models: {committed:?}");
+    assert_eq!(
+        committed.len(),
+        4,
+        "client, key, ToS, models: {committed:?}"
+    );
 }

@@ -161,10 +161,18 @@ async fn the_app_role_cannot_change_the_ledger_and_the_owner_is_stopped_by_the_t
         );
     }
     // Nor disable the append-only triggers: only the owner may alter the tables.
-    for table in ["usage_events", "usage_bodies", "ledger_tree", "ledger_checkpoints"] {
+    for table in [
+        "usage_events",
+        "usage_bodies",
+        "ledger_tree",
+        "ledger_checkpoints",
+    ] {
         let sql = format!("ALTER TABLE {table} DISABLE TRIGGER USER");
         let err = sqlx::query(&sql).execute(&mut conn).await.unwrap_err();
-        let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.to_string());
+        let code = err
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.to_string());
         assert_eq!(code.as_deref(), Some("42501"), "{sql}: {err}");
         assert!(err.to_string().contains("must be owner"), "{sql}: {err}");
     }

@@ -54,7 +54,10 @@ async fn served(app: &TestApp, path: &str, key: &str) -> (String, Vec<u8>, u16) 
 
 fn py(args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/verify-receipt.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/verify-receipt.py"
+        ))
         .args(args)
         .output()
         .expect("python3");
@@ -82,9 +85,15 @@ async fn receipts_checkpoints_and_proofs_verify_as_a_client_checks_them() {
     let (receipt, body, status) = served(&app, "/v1/models", &key).await;
     assert_eq!(status, 200);
     let fields = open_receipt(&public_key(&vkey), &origin, &receipt).unwrap();
-    assert_eq!(fields.response_sha256, <[u8; 32]>::from(Sha256::digest(&body)));
+    assert_eq!(
+        fields.response_sha256,
+        <[u8; 32]>::from(Sha256::digest(&body))
+    );
     let f404 = open_receipt(&public_key(&vkey), &origin, &r404).unwrap();
-    assert_eq!(f404.response_sha256, <[u8; 32]>::from(Sha256::digest(&body404)));
+    assert_eq!(
+        f404.response_sha256,
+        <[u8; 32]>::from(Sha256::digest(&body404))
+    );
     assert_eq!(f404.leaf_index + 1, fields.leaf_index);
 
     // The row is in the next checkpoint's tree.
@@ -148,15 +157,32 @@ async fn receipts_checkpoints_and_proofs_verify_as_a_client_checks_them() {
     json[at] ^= 0x01;
     let bad = put("bad", BASE64_STANDARD.encode(&json).as_bytes());
     let (ok, msg) = py(&[
-        "receipt", "--key", &kf, "--receipt", &bad, "--checkpoint", &cf, "--proof", &pf,
+        "receipt",
+        "--key",
+        &kf,
+        "--receipt",
+        &bad,
+        "--checkpoint",
+        &cf,
+        "--proof",
+        &pf,
     ]);
     assert!(!ok, "a flipped bit must not verify: {msg}");
     let mut other_body = body.clone();
     other_body[0] ^= 1;
     let ob = put("other-body", &other_body);
     let (ok, _) = py(&[
-        "receipt", "--key", &kf, "--receipt", &rf, "--checkpoint", &cf, "--proof", &pf,
-        "--response", &ob,
+        "receipt",
+        "--key",
+        &kf,
+        "--receipt",
+        &rf,
+        "--checkpoint",
+        &cf,
+        "--proof",
+        &pf,
+        "--response",
+        &ob,
     ]);
     assert!(!ok);
 
@@ -189,18 +215,42 @@ async fn receipts_checkpoints_and_proofs_verify_as_a_client_checks_them() {
         opened2.size,
         opened2.root
     ));
-    let (c2, cons_f) = (put("cp2", cp2.as_bytes()), put("cons", cons.to_string().as_bytes()));
+    let (c2, cons_f) = (
+        put("cp2", cp2.as_bytes()),
+        put("cons", cons.to_string().as_bytes()),
+    );
     let (ok, msg) = py(&[
-        "consistency", "--key", &kf, "--old", &cf, "--new", &c2, "--proof", &cons_f,
+        "consistency",
+        "--key",
+        &kf,
+        "--old",
+        &cf,
+        "--new",
+        &c2,
+        "--proof",
+        &cons_f,
     ]);
     assert!(ok, "{msg}");
     let (ok, _) = py(&[
-        "consistency", "--key", &kf, "--old", &c2, "--new", &cf, "--proof", &cons_f,
+        "consistency",
+        "--key",
+        &kf,
+        "--old",
+        &c2,
+        "--new",
+        &cf,
+        "--proof",
+        &cons_f,
     ]);
     assert!(!ok);
 
     // Leaves: own rows only for a teacher key; any row for an admin key.
-    let leaf = json_of(&app, &format!("/v1/ledger/leaf/{}", fields.leaf_index), &key).await;
+    let leaf = json_of(
+        &app,
+        &format!("/v1/ledger/leaf/{}", fields.leaf_index),
+        &key,
+    )
+    .await;
     assert_eq!(leaf["row_hash"], BASE64_STANDARD.encode(fields.row_hash));
     let canonical = BASE64_STANDARD
         .decode(leaf["canonical"].as_str().unwrap())
@@ -210,13 +260,19 @@ async fn receipts_checkpoints_and_proofs_verify_as_a_client_checks_them() {
     h.update(&canonical);
     assert_eq!(<[u8; 32]>::from(h.finalize()), fields.row_hash);
     let r = app
-        .get(&format!("/v1/ledger/leaf/{}", fields.leaf_index), Some(&other))
+        .get(
+            &format!("/v1/ledger/leaf/{}", fields.leaf_index),
+            Some(&other),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 404, "another client's row is not visible");
     let r = app
-        .admin(Method::GET, &format!("/v1/ledger/leaf/{}", fields.leaf_index))
+        .admin(
+            Method::GET,
+            &format!("/v1/ledger/leaf/{}", fields.leaf_index),
+        )
         .send()
         .await
         .unwrap();
@@ -224,10 +280,19 @@ async fn receipts_checkpoints_and_proofs_verify_as_a_client_checks_them() {
 
     // Bad proof requests are 400s that name the parameter.
     for (path, param) in [
-        ("/v1/ledger/proof/inclusion?leaf_index=5&tree_size=5", "leaf_index"),
-        ("/v1/ledger/proof/inclusion?leaf_index=0&tree_size=99999", "tree_size"),
+        (
+            "/v1/ledger/proof/inclusion?leaf_index=5&tree_size=5",
+            "leaf_index",
+        ),
+        (
+            "/v1/ledger/proof/inclusion?leaf_index=0&tree_size=99999",
+            "tree_size",
+        ),
         ("/v1/ledger/proof/consistency?first=0&second=1", "first"),
-        ("/v1/ledger/proof/consistency?first=3&second=99999", "second"),
+        (
+            "/v1/ledger/proof/consistency?first=3&second=99999",
+            "second",
+        ),
     ] {
         let r = app.get(path, Some(&key)).send().await.unwrap();
         assert_eq!(r.status(), 400, "{path}");
@@ -319,7 +384,11 @@ async fn as_superuser(app: &TestApp, sql: &str) {
 
 /// Rewrites the rows with a recomputed chain after `edit` (what an attacker with the database
 /// but not the key can do); with `tree_too`, also rebuilds the stored tree to match.
-async fn rewrite(app: &TestApp, edit: impl Fn(&mut teachd::ledger::UsageEvent, i64), tree_too: bool) {
+async fn rewrite(
+    app: &TestApp,
+    edit: impl Fn(&mut teachd::ledger::UsageEvent, i64),
+    tree_too: bool,
+) {
     let mut prev = GENESIS;
     let mut sql = String::new();
     let mut hashes = Vec::new();
@@ -396,7 +465,10 @@ async fn deleting_the_newest_rows_is_named_truncated() {
     assert_eq!((code, report["ok"].clone()), (0, json!(true)));
     let (code, report) = audit_cli(&app, &[&cp]);
     assert_eq!(code, 1);
-    assert!(kinds(&report).contains(&"truncated".to_string()), "{report}");
+    assert!(
+        kinds(&report).contains(&"truncated".to_string()),
+        "{report}"
+    );
 }
 
 #[tokio::test]
@@ -413,7 +485,11 @@ async fn an_edited_row_with_a_recomputed_chain_is_named() {
     )
     .await;
     let (code, report) = audit_cli(&app, &[]);
-    assert_eq!((code, report["ok"].clone()), (0, json!(true)), "the chain was recomputed");
+    assert_eq!(
+        (code, report["ok"].clone()),
+        (0, json!(true)),
+        "the chain was recomputed"
+    );
     let (code, report) = audit_cli(&app, &[&cp]);
     assert_eq!(code, 1);
     let k = kinds(&report);
@@ -449,10 +525,19 @@ async fn two_processes_on_one_database_keep_one_tree() {
         .await;
     let mut tasks = Vec::new();
     for i in 0..40 {
-        let url = if i % 2 == 0 { a.url("/v1/models") } else { b.url("/v1/models") };
+        let url = if i % 2 == 0 {
+            a.url("/v1/models")
+        } else {
+            b.url("/v1/models")
+        };
         let (http, key) = (a.http.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
-            http.get(url).bearer_auth(key).send().await.unwrap().status()
+            http.get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
         }));
     }
     for t in tasks {
