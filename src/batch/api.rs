@@ -64,7 +64,8 @@ pub async fn get_batch(
 /// The caller's batches, newest first, paged with `after` and `limit` like OpenAI's.
 #[utoipa::path(
     get, path = "/v1/batches", tag = "teacher", params(ListQuery),
-    responses((status = 200, description = "A page of batches", body = BatchList)),
+    responses((status = 200, description = "A page of batches", body = BatchList),
+        (status = 400, description = "Bad query parameters", body = ErrorEnvelope)),
     security(("bearer" = []))
 )]
 #[tracing::instrument(skip_all)]

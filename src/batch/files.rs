@@ -143,7 +143,8 @@ pub async fn upload(
 /// List the caller's files, newest first.
 #[utoipa::path(
     get, path = "/v1/files", tag = "teacher", params(ListQuery),
-    responses((status = 200, description = "The caller's files", body = FileList)),
+    responses((status = 200, description = "The caller's files", body = FileList),
+        (status = 400, description = "Bad query parameters", body = ErrorEnvelope)),
     security(("bearer" = []))
 )]
 #[tracing::instrument(skip_all)]

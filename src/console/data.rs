@@ -249,6 +249,43 @@ pub async fn verifications(db: &PgPool, limit: i64) -> Result<Vec<Verification>,
 }
 
 /// The newest ledger row's id and time (cheap: the primary key's last entry).
+/// The latest signed checkpoint of the transparency log: (tree size, root, when).
+pub async fn latest_checkpoint(
+    db: &PgPool,
+) -> Result<Option<(i64, Vec<u8>, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT tree_size, root_hash, created_at FROM ledger_checkpoints \
+         ORDER BY tree_size DESC LIMIT 1",
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// A batch job's progress, for the overview.
+#[derive(Debug, sqlx::FromRow)]
+pub struct BatchRow {
+    pub id: String,
+    pub client: Option<String>,
+    pub endpoint: String,
+    pub status: String,
+    pub done: i32,
+    pub total_lines: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The most recent batch jobs of every client.
+pub async fn recent_batches(db: &PgPool, n: i64) -> Result<Vec<BatchRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT b.id, c.name AS client, b.endpoint, b.status, \
+                b.completed_lines + b.failed_lines AS done, b.total_lines, b.created_at \
+         FROM batches b LEFT JOIN clients c ON c.id = b.client_id \
+         ORDER BY b.created_at DESC LIMIT $1",
+    )
+    .bind(n)
+    .fetch_all(db)
+    .await
+}
+
 pub async fn ledger_head(db: &PgPool) -> Result<Option<(i64, DateTime<Utc>)>, sqlx::Error> {
     sqlx::query_as("SELECT id, ts FROM usage_events ORDER BY id DESC LIMIT 1")
         .fetch_optional(db)

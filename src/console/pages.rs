@@ -98,6 +98,10 @@ struct Overview {
     ledger_healthy: bool,
     head: Option<(i64, String)>,
     last_verify: Option<Verification>,
+    /// The latest signed checkpoint: tree size, base64 root, when.
+    checkpoint: Option<(i64, String, String)>,
+    verifier_key: String,
+    batches: Vec<data::BatchRow>,
 }
 
 fn sum(v: &[f64]) -> i64 {
@@ -202,6 +206,17 @@ pub async fn overview(
             .await?
             .map(|(id, ts)| (id, when(&ts))),
         last_verify: data::verifications(&state.db, 1).await?.into_iter().next(),
+        checkpoint: data::latest_checkpoint(&state.db)
+            .await?
+            .map(|(size, root, at)| {
+                (
+                    size,
+                    base64::Engine::encode(&base64::prelude::BASE64_STANDARD, root),
+                    when(&at),
+                )
+            }),
+        verifier_key: state.ledger.tlog().key.verifier_key().to_string(),
+        batches: data::recent_batches(&state.db, 20).await?,
     };
     render(page)
 }

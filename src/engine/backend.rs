@@ -204,15 +204,21 @@ impl Backend {
     }
 
     /// Generation from `prompt`, with `step` choosing every token. Resolves when the engine
-    /// has finished the sequence; returns the engine's finish reason.
+    /// has finished the sequence; returns the engine's finish reason. When `abandoned` fires
+    /// while the generation still waits for the engine, it leaves the queue at once (its
+    /// queue slot is freed, nothing runs) and resolves with `"abandoned"`.
     pub async fn generate(
         &self,
         prompt: Vec<u32>,
         max_new_tokens: usize,
         step: StepFn,
         started: Arc<AtomicBool>,
+        abandoned: Arc<tokio::sync::Notify>,
     ) -> Result<String, EngineError> {
-        let turn = Arc::new(self.turn().await?);
+        let turn = tokio::select! {
+            turn = self.turn() => Arc::new(turn?),
+            _ = abandoned.notified() => return Ok("abandoned".into()),
+        };
         for attempt in 1..=MAX_ATTEMPTS {
             let mut sampling = SamplingParams::neutral();
             sampling.max_len = Some(max_new_tokens);

@@ -56,11 +56,15 @@ pub enum GenEvent {
 pub struct GenHandle {
     pub events: mpsc::UnboundedReceiver<GenEvent>,
     stop: Arc<AtomicBool>,
+    /// Wakes a generation that still waits for the engine, so it leaves the queue.
+    abandoned: Arc<tokio::sync::Notify>,
 }
 
 impl GenHandle {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        // A stored permit: the waiter sees it even if it starts waiting later.
+        self.abandoned.notify_one();
     }
 }
 
@@ -73,6 +77,7 @@ impl Drop for GenHandle {
 pub(super) fn start(teacher: Arc<Teacher>, params: GenerateParams) -> GenHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = Arc::new(AtomicBool::new(false));
+    let abandoned = Arc::new(tokio::sync::Notify::new());
     let started = Arc::new(AtomicBool::new(false));
     let eos = teacher.eos.first().copied();
     let last_token = Arc::new(Mutex::new(None::<u32>));
@@ -114,10 +119,17 @@ pub(super) fn start(teacher: Arc<Teacher>, params: GenerateParams) -> GenHandle 
         })
     };
 
+    let waiting = abandoned.clone();
     tokio::spawn(async move {
         let result = teacher
             .backend
-            .generate(params.prompt.clone(), params.max_new_tokens, step, started)
+            .generate(
+                params.prompt.clone(),
+                params.max_new_tokens,
+                step,
+                started,
+                waiting,
+            )
             .await;
         let event = match result {
             Ok(_) => {
@@ -132,5 +144,9 @@ pub(super) fn start(teacher: Arc<Teacher>, params: GenerateParams) -> GenHandle 
         let _ = tx.send(event);
     });
 
-    GenHandle { events: rx, stop }
+    GenHandle {
+        events: rx,
+        stop,
+        abandoned,
+    }
 }

@@ -132,6 +132,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // No text the database stores or compares may hold NUL (Postgres refuses it): a 400
+        // here, for every query of every handler, instead of a database error later.
+        let query = parts.uri.query().unwrap_or_default().to_ascii_lowercase();
+        if query.contains("%00") {
+            return Err(ApiError::BadRequest {
+                message: "query parameters may not contain NUL characters".into(),
+                param: None,
+                code: Some("invalid_query"),
+            });
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Query(q.0))

@@ -63,7 +63,17 @@ where
     let done = tx.clone();
     let work = produce(Sink { tx });
     tokio::spawn(crate::error::in_request_scope(async move {
-        match work.await {
+        // A client that is gone stops the producer: its generation (even one still waiting
+        // for the engine) is dropped, which stops it; what it produced is on the meter, and
+        // the stream's row records the hang-up.
+        let outcome = tokio::select! {
+            outcome = work => outcome,
+            _ = done.closed() => {
+                drop(meter);
+                return;
+            }
+        };
+        match outcome {
             Ok(()) => {
                 meter.complete();
                 let _ = done.send(Event::default().data("[DONE]")).await;

@@ -112,6 +112,19 @@ async fn every_page_renders_the_seeded_data() {
             "refusals by reason ({range})"
         );
     }
+    // Ledger health shows the latest signed checkpoint; batch jobs have their section.
+    let r = app
+        .admin(reqwest::Method::GET, "/v1/ledger/checkpoint")
+        .send()
+        .await
+        .unwrap();
+    let size = r.text().await.unwrap().lines().nth(1).unwrap().to_string();
+    let (_, html) = console.get("/console").await;
+    assert!(
+        html.contains(&format!("tree size {size}, root")),
+        "the checkpoint on the overview"
+    );
+    assert!(html.contains("id=\"batches\""));
     let (_, month) = console.get("/console?range=30d").await;
     assert!(month.contains("teacher-a") && month.contains("teacher-b"));
     assert!(month.contains("data-bars=\"2\""), "one bar per teacher");

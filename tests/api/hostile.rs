@@ -187,6 +187,7 @@ async fn abandoned_generations_stop_and_free_the_engine() {
     .await;
     assert_eq!(status, 200);
     let mut served = 0;
+    let mut never_ran = 0;
     for id in &ids {
         let row = row_of(&db, client_id, id).await;
         assert_eq!(row.status, 499, "{id}: {row:?}");
@@ -195,7 +196,13 @@ async fn abandoned_generations_stop_and_free_the_engine() {
             "{id} kept generating for nobody: {row:?} (a full run is {full_tokens})"
         );
         served += row.generated_tokens + row.prompt_tokens;
+        never_ran += (row.generated_tokens == 0) as i32;
     }
+    // Those still queued when their clients left never reached the engine.
+    assert!(
+        never_ran > 0,
+        "a queued generation ran for a client that was gone"
+    );
     let control = full["usage"]["total_tokens"].as_i64().unwrap();
     wait_tokens_used(&db, client_id, control + served).await;
 }
