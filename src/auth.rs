@@ -44,16 +44,16 @@ impl ClientCtx {
         self.scopes.contains(&scope)
     }
 
-    /// 403 unless the key carries `scope`.
-    pub fn require_scope(&self, scope: Scope) -> Result<(), ApiError> {
-        if self.has_scope(scope) {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(
-                "insufficient_scope",
-                format!("this API key lacks the `{}` scope", scope.as_str()),
-            ))
+    /// 403 unless the key carries one of `scopes`.
+    pub fn require_any(&self, scopes: &[Scope]) -> Result<(), ApiError> {
+        if scopes.iter().any(|s| self.has_scope(*s)) {
+            return Ok(());
         }
+        let names: Vec<String> = scopes.iter().map(|s| format!("`{}`", s.as_str())).collect();
+        Err(ApiError::forbidden(
+            "insufficient_scope",
+            format!("this API key lacks the {} scope", names.join(" or ")),
+        ))
     }
 
     /// The fixed client every request runs as when `server.disable_auth` is set.
@@ -143,9 +143,9 @@ impl Authenticator {
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
-        scope: Scope,
+        scopes: &[Scope],
     ) -> Result<ClientCtx, ApiError> {
-        if self.disabled && scope == Scope::Teacher {
+        if self.disabled && scopes.contains(&Scope::Teacher) {
             return Ok(ClientCtx::anonymous(self.defaults.clone()));
         }
         let key = bearer_key(headers)?;
@@ -180,7 +180,7 @@ impl Authenticator {
             scopes: row.scopes,
             limits: row.overrides.over(&self.defaults),
         };
-        ctx.require_scope(scope)?;
+        ctx.require_any(scopes)?;
         Ok(ctx)
     }
 

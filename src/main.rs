@@ -184,24 +184,18 @@ async fn main() -> anyhow::Result<()> {
                         .to_string()
                 }
             };
+            let range = teachd::ledger::queries::TimeRange::parse(from.as_deref(), to.as_deref())
+                .map_err(|(_, msg)| anyhow::anyhow!(msg))?;
+            let ranged = (from.is_some() || to.is_some()).then_some(range);
             let db = teachd::db::connect(&config.database).await?;
-            let mut report =
-                teachd::ledger::transparency::audit(&db, &vkey, &config.tlog.origin, &texts)
-                    .await?;
-            if from.is_some() || to.is_some() {
-                let ranged =
-                    teachd::ledger::audit_verify(&db, from.as_deref(), to.as_deref()).await?;
-                if !ranged.ok {
-                    report.ok = false;
-                    report.failures.push(teachd::ledger::transparency::Failure {
-                        kind: "chain_broken".into(),
-                        detail: format!(
-                            "row {:?} of the range does not follow from its predecessor",
-                            ranged.first_bad_event_id
-                        ),
-                    });
-                }
-            }
+            let report = teachd::ledger::transparency::audit_with_range(
+                &db,
+                &vkey,
+                &config.tlog.origin,
+                &texts,
+                ranged,
+            )
+            .await?;
             println!("{}", serde_json::to_string(&report)?);
             if !report.ok {
                 std::process::exit(1);

@@ -12,7 +12,6 @@ use super::input::InputLine;
 use super::runner::Work;
 use super::validate::{self, Job};
 use crate::error::ApiError;
-use crate::ledger::chain::to_db_precision;
 use crate::ledger::{LedgerError, UsageEvent};
 use crate::usage::{Meter, Usage};
 use crate::AppState;
@@ -34,28 +33,16 @@ pub(super) async fn run_line(
     let row = &work.row;
     let request_id = format!("{}:{}", row.id, line.line);
     let started = Instant::now();
-    let mut event = UsageEvent {
-        request_id: request_id.clone(),
-        ts: to_db_precision(Utc::now()),
-        client_id: row.client_id,
-        key_id: row.key_id,
-        method: "POST".into(),
-        endpoint: row.endpoint.clone(),
-        model: None,
-        status: 200,
-        error_code: None,
-        prompt_tokens: 0,
-        scored_tokens: 0,
-        generated_tokens: 0,
-        judgments: 0,
-        top_k: None,
-        latency_ms: 0.0,
-        request_sha256: Sha256::digest(line.body.to_string().as_bytes()).into(),
-        response_sha256: Sha256::digest(b"").into(),
-        tos_version: state.tos.current_version_for_ledger().await,
-        weights_sha256: None,
-        refusals: 0,
-    };
+    let mut event = UsageEvent::begin(
+        request_id.clone(),
+        row.client_id,
+        row.key_id,
+        "POST".into(),
+        row.endpoint.clone(),
+        200,
+        state.tos.current_version_for_ledger().await,
+    );
+    event.request_sha256 = Sha256::digest(line.body.to_string().as_bytes()).into();
     let job = validate::prepare(state, &mut work.lookup, &row.endpoint, &line).await;
     let estimate = job.as_ref().map_or(0, Job::cost);
     let (result, usage) = match job {

@@ -121,7 +121,7 @@ pub async fn authenticate_key(state: &AppState, key: &str) -> Result<ClientCtx, 
     let value = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
         .map_err(|_| ApiError::Unauthorized("invalid API key".into()))?;
     headers.insert(header::AUTHORIZATION, value);
-    crate::http::gate::authenticate(state, &headers, Scope::Admin).await
+    crate::http::gate::authenticate(state, &headers, &[Scope::Admin]).await
 }
 
 /// Starts a session for `ctx`; returns the `Set-Cookie` value.

@@ -35,43 +35,29 @@ use crate::AppState;
 
 /// Middleware for /v1 teacher routes (scope `teacher`).
 pub async fn teacher_gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    gate(state, Scope::Teacher, req, next).await
+    gate(state, &[Scope::Teacher], req, next).await
 }
 
 /// Middleware for /admin routes (scope `admin`). No rate limits: admins are few and trusted.
 pub async fn admin_gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    gate(state, Scope::Admin, req, next).await
+    gate(state, &[Scope::Admin], req, next).await
 }
 
 /// Middleware for the transparency log's reads (/v1/ledger): scope `teacher` (with its
-/// per-client limits) or `admin`.
+/// per-client limits) or `admin` (without, as on /admin).
 pub async fn ledger_gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    gate_either(state, Scope::Teacher, true, req, next).await
+    gate(state, &[Scope::Teacher, Scope::Admin], req, next).await
 }
 
-async fn gate(state: AppState, scope: Scope, req: Request, next: Next) -> Response {
-    gate_either(state, scope, false, req, next).await
-}
-
-/// The gate for `scope`; with `or_admin`, a key without `scope` that holds `admin` passes too
-/// (as an admin: no per-client limits).
-async fn gate_either(
-    state: AppState,
-    scope: Scope,
-    or_admin: bool,
-    req: Request,
-    next: Next,
-) -> Response {
+/// The gate for a key holding one of `scopes`. Per-client limits apply to teacher keys on
+/// routes open to the teacher scope.
+async fn gate(state: AppState, scopes: &[Scope], req: Request, next: Next) -> Response {
     let probing = match state.db_health.admit() {
         DbAdmit::Go => false,
         DbAdmit::Probe => true,
         DbAdmit::Down => return database_down().into_response(),
     };
-    let mut authenticated = authenticate(&state, req.headers(), scope).await;
-    if or_admin && matches!(&authenticated, Err(e) if e.code() == Some("insufficient_scope")) {
-        authenticated = authenticate(&state, req.headers(), Scope::Admin).await;
-    }
-    let ctx = match authenticated {
+    let ctx = match authenticate(&state, req.headers(), scopes).await {
         Ok(ctx) => {
             state.db_health.up();
             ctx
@@ -86,7 +72,7 @@ async fn gate_either(
         }
     };
     let (row, meter) = Row::open(&state, &ctx, &req).await;
-    let admission = if scope == Scope::Teacher && ctx.has_scope(Scope::Teacher) {
+    let admission = if scopes.contains(&Scope::Teacher) && ctx.has_scope(Scope::Teacher) {
         match state.limits.admit(ctx.client_id, &ctx.limits) {
             Ok(admission) => Some(admission),
             Err(err) => return row.refuse(err).await,
@@ -97,14 +83,14 @@ async fn gate_either(
     admitted(&state, &ctx, (row, meter), req, next, admission).await
 }
 
-/// The caller, holding `scope`. With `server.disable_auth`, teacher requests run as the
-/// anonymous client.
+/// The caller, holding one of `scopes`. With `server.disable_auth`, teacher requests run as
+/// the anonymous client.
 pub async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
-    scope: Scope,
+    scopes: &[Scope],
 ) -> Result<ClientCtx, ApiError> {
-    let ctx = state.auth.authenticate(headers, scope).await?;
+    let ctx = state.auth.authenticate(headers, scopes).await?;
     tracing::Span::current().record("client_id", tracing::field::display(ctx.client_id));
     Ok(ctx)
 }
@@ -325,6 +311,6 @@ pub fn abandon_signal() -> (AbandonOnDrop, Abandoned) {
 #[allow(dead_code)]
 fn _gate_is_send(state: AppState, req: Request, next: Next) {
     fn s<T: Send>(_: &T) {}
-    let f = gate(state, Scope::Teacher, req, next);
+    let f = gate(state, &[Scope::Teacher], req, next);
     s(&f);
 }

@@ -38,7 +38,6 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::ClientCtx;
 use crate::error::{current_request_id, ApiError};
-use crate::ledger::chain::to_db_precision;
 use crate::ledger::signing::ReceiptFields;
 use crate::ledger::{Bodies, Committed, Ledger, LedgerError, PendingRow, UsageEvent};
 use crate::usage::{Closed, Meter, MeterWatch, Outcome, Usage};
@@ -49,24 +48,39 @@ use crate::AppState;
 #[derive(Clone, Copy, Debug)]
 pub struct StreamedBody;
 
-/// The header carrying a response's signed receipt (see [`receipt`]).
+/// The header carrying a response's signed receipt (see [`Stamp`]).
 pub const RECEIPT_HEADER: &str = "x-teachd-receipt";
 
-/// The signed receipt of a committed row: base64 of a JSON object with the row's leaf index,
-/// row hash, the SHA-256 of the request and response bytes and the row's timestamp, signed with
-/// the ledger's key (encoding: [`ReceiptFields::signed_bytes`], README "Proof of what you were
-/// served").
-fn receipt(ledger: &Ledger, event: &UsageEvent, committed: Committed) -> String {
-    ReceiptFields {
-        leaf_index: committed.id as u64 - 1,
-        row_hash: committed.row_hash,
-        request_sha256: event.request_sha256,
-        response_sha256: event.response_sha256,
-        ts: event
-            .ts
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+/// What a row's receipt states besides its place in the tree (base64 of a JSON object with the
+/// leaf index, row hash, the SHA-256 of the request and response bytes and the row's time,
+/// signed with the ledger's key; encoding: [`ReceiptFields::signed_bytes`], README "Receipts"),
+/// taken before the row goes to the writer.
+struct Stamp {
+    request_sha256: [u8; 32],
+    response_sha256: [u8; 32],
+    ts: chrono::DateTime<Utc>,
+}
+
+impl Stamp {
+    fn of(event: &UsageEvent) -> Stamp {
+        Stamp {
+            request_sha256: event.request_sha256,
+            response_sha256: event.response_sha256,
+            ts: event.ts,
+        }
     }
-    .seal(&ledger.tlog().key)
+
+    /// The `x-teachd-receipt` value of the committed row.
+    fn seal(self, ledger: &Ledger, committed: Committed) -> String {
+        ReceiptFields {
+            leaf_index: committed.id as u64 - 1,
+            row_hash: committed.row_hash,
+            request_sha256: self.request_sha256,
+            response_sha256: self.response_sha256,
+            ts: self.ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        }
+        .seal(&ledger.tlog().key)
+    }
 }
 
 fn with_receipt(mut response: Response, value: String) -> Response {
@@ -121,28 +135,15 @@ impl Row {
         method: String,
     ) -> (Row, Meter) {
         let request_id = current_request_id().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let event = UsageEvent {
+        let event = UsageEvent::begin(
             request_id,
-            ts: to_db_precision(Utc::now()),
-            client_id: ctx.client_id,
-            key_id: ctx.key_id,
+            ctx.client_id,
+            ctx.key_id,
             method,
-            endpoint: clean(&endpoint),
-            model: None,
-            status: STATUS_CLIENT_CLOSED,
-            error_code: None,
-            prompt_tokens: 0,
-            scored_tokens: 0,
-            generated_tokens: 0,
-            judgments: 0,
-            top_k: None,
-            latency_ms: 0.0,
-            request_sha256: Sha256::digest(b"").into(),
-            response_sha256: Sha256::digest(b"").into(),
-            tos_version: state.tos.current_version_for_ledger().await,
-            weights_sha256: None,
-            refusals: 0,
-        };
+            clean(&endpoint),
+            STATUS_CLIENT_CLOSED,
+            state.tos.current_version_for_ledger().await,
+        );
         let (meter, watch) = Meter::open(ctx.clone(), state.limits.clone());
         let row = Row {
             ledger: state.ledger.clone(),
@@ -191,12 +192,12 @@ impl Row {
             .await
             .unwrap_or_default();
         event.response_sha256 = Sha256::digest(&bytes).into();
-        let signed = event.clone();
+        let stamp = Stamp::of(&event);
         match self.ledger.record_refusal(event).await {
             Ok(None) => Response::from_parts(parts, Body::from(bytes)),
             Ok(Some(committed)) => with_receipt(
                 Response::from_parts(parts, Body::from(bytes)),
-                receipt(&self.ledger, &signed, committed),
+                stamp.seal(&self.ledger, committed),
             ),
             Err(err) => refusal(err),
         }
@@ -247,13 +248,13 @@ impl Row {
             request: std::mem::take(&mut self.request_body),
             response: response_bytes.clone(),
         });
-        let signed = event.clone();
+        let stamp = Stamp::of(&event);
         match self.ledger.record(event, bodies).await {
             Ok(committed) => {
                 closed.settle().await;
                 with_receipt(
                     Response::from_parts(parts, Body::from(response_bytes)),
-                    receipt(&self.ledger, &signed, committed),
+                    stamp.seal(&self.ledger, committed),
                 )
             }
             Err(err) => {
@@ -424,11 +425,11 @@ impl StreamRow {
         }
         event.response_sha256 = std::mem::take(&mut self.hasher).finalize().into();
         event.latency_ms = ms(self.row.started);
-        let signed = event.clone();
+        let stamp = Stamp::of(&event);
         match self.row.ledger.record(event, None).await {
             Ok(committed) => {
                 closed.settle().await;
-                Ok(receipt(&self.row.ledger, &signed, committed))
+                Ok(stamp.seal(&self.row.ledger, committed))
             }
             Err(err) => {
                 tracing::warn!(error = %err, "ledger commit failed at the end of a stream");

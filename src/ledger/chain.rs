@@ -47,6 +47,44 @@ pub struct UsageEvent {
     pub refusals: i64,
 }
 
+impl UsageEvent {
+    /// A row as it starts: who asked for what, now, with nothing served yet (no model, no
+    /// tokens, the hashes of empty bodies) and `status` until the outcome is known.
+    pub fn begin(
+        request_id: String,
+        client_id: Uuid,
+        key_id: Uuid,
+        method: String,
+        endpoint: String,
+        status: i16,
+        tos_version: Option<String>,
+    ) -> UsageEvent {
+        let empty: [u8; 32] = Sha256::digest(b"").into();
+        UsageEvent {
+            request_id,
+            ts: to_db_precision(Utc::now()),
+            client_id,
+            key_id,
+            method,
+            endpoint,
+            model: None,
+            status,
+            error_code: None,
+            prompt_tokens: 0,
+            scored_tokens: 0,
+            generated_tokens: 0,
+            judgments: 0,
+            top_k: None,
+            latency_ms: 0.0,
+            request_sha256: empty,
+            response_sha256: empty,
+            tos_version,
+            weights_sha256: None,
+            refusals: 0,
+        }
+    }
+}
+
 /// A committed row: the event plus its place in the chain.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChainedEvent {

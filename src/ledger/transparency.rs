@@ -81,10 +81,7 @@ impl Tlog {
         if fresh {
             return Ok(latest.expect("checked"));
         }
-        let size: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM usage_events")
-            .fetch_one(&self.pool)
-            .await?;
-        let size = size as u64;
+        let size = self.size().await?;
         if let Some(c) = latest.as_ref().filter(|c| c.tree_size >= size) {
             return Ok(c.clone());
         }
@@ -285,6 +282,33 @@ pub async fn audit(
         checkpoints_checked: checkpoints.len() as u64,
         failures,
     })
+}
+
+/// [`audit`], and with a `range`, the chain recomputed over that range alone from its stored
+/// predecessor (as `GET /admin/audit/verify` does): a break there is a `chain_broken` failure.
+pub async fn audit_with_range(
+    pool: &PgPool,
+    verifier_key: &str,
+    origin: &str,
+    checkpoints: &[String],
+    range: Option<queries::TimeRange>,
+) -> Result<AuditReport, sqlx::Error> {
+    let mut report = audit(pool, verifier_key, origin, checkpoints).await?;
+    if let Some(range) = range {
+        let ranged = queries::verify(pool, range).await?;
+        if let Some(id) = ranged
+            .first_bad_event_id
+            .filter(|_| report.first_bad_event_id.is_none())
+        {
+            report.ok = false;
+            report.first_bad_event_id = Some(id);
+            report.failures.push(Failure {
+                kind: "chain_broken".into(),
+                detail: format!("row {id} of the range does not follow from its predecessor"),
+            });
+        }
+    }
+    Ok(report)
 }
 
 /// The stored leaf hashes of leaves `first..first + n`, by stored index.

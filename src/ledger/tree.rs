@@ -52,7 +52,7 @@ impl Frontier {
     /// Appends one leaf; returns the `(stored index, hash)` pairs to store.
     pub fn append(&mut self, row_hash: &[u8; 32]) -> Vec<(u64, [u8; 32])> {
         let n = self.size;
-        let hashes = tlog_tiles::stored_hashes(n, row_hash, &MapReader(&self.hashes))
+        let hashes = tlog_tiles::stored_hashes(n, row_hash, &Pass::Answer(&self.hashes))
             .expect("the frontier holds every hash an append reads");
         let first = stored_hash_index(0, n);
         let out: Vec<(u64, [u8; 32])> = hashes
@@ -72,36 +72,36 @@ impl Frontier {
 
     /// The root of the tree as it stands.
     pub fn root(&self) -> [u8; 32] {
-        tlog_tiles::tree_hash(self.size, &MapReader(&self.hashes))
+        tlog_tiles::tree_hash(self.size, &Pass::Answer(&self.hashes))
             .expect("the frontier holds the root's hashes")
             .0
     }
 }
 
-struct MapReader<'a>(&'a HashMap<u64, Hash>);
-
-impl HashReader for MapReader<'_> {
-    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
-        indexes
-            .iter()
-            .map(|i| {
-                self.0
-                    .get(i)
-                    .copied()
-                    .ok_or(tlog_tiles::Error::IndexesNotInTree)
-            })
-            .collect()
-    }
+/// The hashes a tlog function reads, in two passes: the first records which indexes it asks
+/// for (failing the call), the second answers from the hashes fetched in one query. Every tlog
+/// function used here reads its hashes in a single call.
+pub enum Pass<'a> {
+    Record(RefCell<Vec<u64>>),
+    Answer(&'a HashMap<u64, Hash>),
 }
 
-/// Records the indexes a tlog function asks for, failing the call: the first of two passes
-/// (the second runs over the hashes fetched in one query).
-struct Recorder(RefCell<Vec<u64>>);
-
-impl HashReader for Recorder {
+impl HashReader for Pass<'_> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
-        self.0.borrow_mut().extend_from_slice(indexes);
-        Err(tlog_tiles::Error::IndexesNotInTree)
+        match self {
+            Pass::Record(wanted) => {
+                wanted.borrow_mut().extend_from_slice(indexes);
+                Err(tlog_tiles::Error::IndexesNotInTree)
+            }
+            Pass::Answer(map) => indexes
+                .iter()
+                .map(|i| {
+                    map.get(i)
+                        .copied()
+                        .ok_or(tlog_tiles::Error::IndexesNotInTree)
+                })
+                .collect(),
+        }
     }
 }
 
@@ -114,45 +114,28 @@ pub trait Store {
 }
 
 /// Runs `f` over the stored hashes it needs: one pass to learn the indexes, one fetch, one
-/// pass to compute. Every tlog function used here reads its hashes in a single call.
+/// pass to compute (see [`Pass`]).
 pub async fn with_hashes<S: Store, T>(
     store: &S,
-    f: impl Fn(&dyn HashReaderDyn) -> Result<T, tlog_tiles::Error>,
+    f: impl Fn(&Pass) -> Result<T, tlog_tiles::Error>,
 ) -> Result<T, TreeError> {
-    let recorder = Recorder(RefCell::new(Vec::new()));
-    match f(&recorder) {
+    let record = Pass::Record(RefCell::new(Vec::new()));
+    match f(&record) {
         Ok(v) => return Ok(v),
         Err(tlog_tiles::Error::IndexesNotInTree) => {}
         Err(e) => return Err(TreeError::Input(e.to_string())),
     }
-    let wanted = recorder.0.into_inner();
-    let found = store.fetch(&wanted).await?;
+    let Pass::Record(wanted) = record else {
+        unreachable!("built as a recording pass")
+    };
+    let found = store.fetch(&wanted.into_inner()).await?;
     let map: HashMap<u64, Hash> = found.into_iter().map(|(k, v)| (k, Hash(v))).collect();
-    f(&MapReader(&map)).map_err(|e| match e {
+    f(&Pass::Answer(&map)).map_err(|e| match e {
         tlog_tiles::Error::IndexesNotInTree => {
             TreeError::Missing("the ledger tree lacks hashes for this size".into())
         }
         e => TreeError::Input(e.to_string()),
     })
-}
-
-/// Object-safe view of a [`HashReader`], so one closure serves both passes.
-pub trait HashReaderDyn {
-    fn read(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error>;
-}
-
-impl<T: HashReader> HashReaderDyn for T {
-    fn read(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
-        self.read_hashes(indexes)
-    }
-}
-
-struct Dyn<'a>(&'a dyn HashReaderDyn);
-
-impl HashReader for Dyn<'_> {
-    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
-        self.0.read(indexes)
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +150,7 @@ pub enum TreeError {
 
 /// MTH(size).
 pub async fn root<S: Store>(store: &S, size: u64) -> Result<[u8; 32], TreeError> {
-    with_hashes(store, |r| tlog_tiles::tree_hash(size, &Dyn(r)))
+    with_hashes(store, |r| tlog_tiles::tree_hash(size, r))
         .await
         .map(|h| h.0)
 }
@@ -183,7 +166,7 @@ pub async fn inclusion<S: Store>(
             "leaf_index {index} is not in a tree of size {size}"
         )));
     }
-    with_hashes(store, |r| tlog_tiles::prove_record(size, index, &Dyn(r)))
+    with_hashes(store, |r| tlog_tiles::prove_record(size, index, r))
         .await
         .map(|p| p.into_iter().map(|h| h.0).collect())
 }
@@ -199,7 +182,7 @@ pub async fn consistency<S: Store>(
             "a consistency proof needs 1 <= first <= second (got {first}, {second})"
         )));
     }
-    with_hashes(store, |r| tlog_tiles::prove_tree(second, first, &Dyn(r)))
+    with_hashes(store, |r| tlog_tiles::prove_tree(second, first, r))
         .await
         .map(|p| p.into_iter().map(|h| h.0).collect())
 }

@@ -17,6 +17,15 @@ fn b32(s: &str) -> [u8; 32] {
     BASE64_STANDARD.decode(s).unwrap().try_into().unwrap()
 }
 
+/// A JSON array of base64 hashes (a proof).
+fn hashes(v: &Value) -> Vec<[u8; 32]> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|h| b32(h.as_str().unwrap()))
+        .collect()
+}
+
 async fn text(app: &TestApp, path: &str, key: &str) -> String {
     let r = app.get(path, Some(key)).send().await.unwrap();
     assert_eq!(r.status(), 200, "{path}");
@@ -110,12 +119,7 @@ async fn receipts_checkpoints_and_proofs_verify_as_a_client_checks_them() {
         &key,
     )
     .await;
-    let path: Vec<[u8; 32]> = proof["audit_path"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| b32(h.as_str().unwrap()))
-        .collect();
+    let path = hashes(&proof["audit_path"]);
     assert!(tree::check_inclusion(
         &path,
         opened.size,
@@ -202,12 +206,7 @@ async fn receipts_checkpoints_and_proofs_verify_as_a_client_checks_them() {
         &key,
     )
     .await;
-    let proof2: Vec<[u8; 32]> = cons["proof"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| b32(h.as_str().unwrap()))
-        .collect();
+    let proof2 = hashes(&cons["proof"]);
     assert!(tree::check_consistency(
         &proof2,
         opened.size,
