@@ -2,9 +2,9 @@
 //! batch, one line at a time, taking the active batches in turn (one line of each per round,
 //! so a long batch does not hold up a short one).
 //!
-//! **Priority.** Each line is one engine request through the model's FIFO gate, like an
-//! interactive request: an interactive call waits at most for the line in progress, never
-//! behind a whole batch.
+//! **Priority.** Each line is one engine request in the model's queue, like an interactive
+//! request: an interactive call waits at most for the line in progress, never behind a whole
+//! batch.
 //!
 //! **One ledger row per line**, recorded like an interactive request's (endpoint, model,
 //! status, tokens, top_k, body hashes, ToS version, weights) under the request id
@@ -18,6 +18,12 @@
 //! output or error line, then commit the resume point (next line, the work files' sizes). After
 //! a crash the work files are cut back to the committed sizes and the batch goes on from the
 //! next line: no line is lost or written twice.
+//!
+//! **One runner per batch.** Several `teachd serve` processes may share one database (and a
+//! data directory on a shared volume): a runner drives a batch only while it holds the batch's
+//! session-level advisory lock (`pg_try_advisory_lock`) on a connection of its own, so two
+//! processes never run the same batch. Postgres releases the lock when that connection or the
+//! process dies, and another runner takes the batch over from its last committed line.
 //!
 //! **Limits.** Interactive rpm/tpm do not apply line by line: the job's whole cost was reserved
 //! against the daily quota when it was created, `batch.max_active_per_client` bounds a
@@ -42,6 +48,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let poll = Duration::from_millis(state.config.batch.poll_ms.max(10));
         let mut open: HashMap<String, Work> = HashMap::new();
+        let mut claims = Claims::default();
         loop {
             if *stop.borrow() {
                 return;
@@ -54,10 +61,27 @@ pub fn spawn(
                 }
             };
             open.retain(|id, _| ids.contains(id));
+            if !claims.keep(&ids).await {
+                // The claims' connection is gone, and with it every lock: start over.
+                open.clear();
+            }
             let mut busy = false;
             for id in ids {
                 if *stop.borrow() {
                     return;
+                }
+                match claims.claim(&state.db, &id).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Another process runs it.
+                        open.remove(&id);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(batch = %id, error = %e, "cannot claim batch; retrying later");
+                        open.clear();
+                        continue;
+                    }
                 }
                 match step(&state, &mut open, &id).await {
                     Ok(more) => busy |= more,
@@ -76,6 +100,78 @@ pub fn spawn(
             }
         }
     })
+}
+
+/// Advisory-lock namespace of batch claims (`pg_try_advisory_lock(int4, int4)`).
+pub const CLAIM_NAMESPACE: i32 = 0x7465_6163; // "teac"
+
+/// The batches this process runs: session-level advisory locks held on one connection of its
+/// own (detached from the pool, so it is never handed to anyone else).
+#[derive(Default)]
+struct Claims {
+    conn: Option<sqlx::PgConnection>,
+    held: HashSet<String>,
+}
+
+impl Claims {
+    /// Whether this process holds (or now took) batch `id`.
+    async fn claim(&mut self, db: &sqlx::PgPool, id: &str) -> anyhow::Result<bool> {
+        if self.held.contains(id) {
+            return Ok(true);
+        }
+        if self.conn.is_none() {
+            self.conn = Some(db.acquire().await?.detach());
+            self.held.clear();
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let taken: Result<bool, _> =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+                .bind(CLAIM_NAMESPACE)
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await;
+        match taken {
+            Ok(true) => {
+                self.held.insert(id.to_string());
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => {
+                self.conn = None;
+                self.held.clear();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Releases the claims of batches no longer active and checks that the connection (and so
+    /// every lock) is still there; false when it was lost.
+    async fn keep(&mut self, active: &[String]) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return true;
+        };
+        let done: Vec<String> = self
+            .held
+            .iter()
+            .filter(|id| !active.contains(id))
+            .cloned()
+            .collect();
+        let mut alive = sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok();
+        for id in done {
+            self.held.remove(&id);
+            alive &= sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+                .bind(CLAIM_NAMESPACE)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await
+                .is_ok();
+        }
+        if !alive {
+            self.conn = None;
+            self.held.clear();
+        }
+        alive
+    }
 }
 
 /// A batch being run: its input read from the resume point, its work files open for append.

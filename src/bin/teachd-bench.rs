@@ -1,28 +1,50 @@
-//! Engine benchmark for one teacher on this machine; prints a markdown table.
+//! Engine benchmark for one teacher on this machine; prints markdown tables.
 //!
-//!   cargo run --bin teachd-bench -- [--config config/default.toml] [--runs 5]
+//!   cargo run --bin teachd-bench -- [--config config/default.toml] [--runs 3]
 //!
-//! Measures teacher forcing (scored tokens/s at 128, 512, 2048 tokens, median of `--runs`),
-//! generation (time to first token, decode tokens/s) and the process's peak memory. Run it
-//! with nothing else busy: on 2 cores, thread pools collapse under contention.
+//! Measures, in-process (no HTTP): teacher forcing (scored tokens/s at 128, 512, 2048 tokens,
+//! median of `--runs`), peak memory of one teacher-forcing pass at 512 / 2048 / 8192 tokens,
+//! generation (time to first token, single-stream decode, and aggregate decode with 1 / 4 / 8
+//! concurrent clients), the latency of short calls while long generations run against the
+//! same calls on an idle engine, batch invariance (a generation alone vs beside others, and
+//! generation logprobs vs teacher forcing of the same tokens), and what teachd's own per-step
+//! work costs in a decode step. Run it with nothing else busy: on 2 cores, thread pools
+//! collapse under contention.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use teachd::engine::{GenEvent, GenerateParams, ModelRegistry};
+use teachd::engine::{math, GenEvent, GenToken, GenerateParams, ModelRegistry, Teacher};
 
 #[derive(Parser)]
 struct Args {
     #[arg(long, short, env = "TEACHD_CONFIG")]
     config: Option<std::path::PathBuf>,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Sequence lengths to score.
     #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
     lengths: Vec<usize>,
-    /// Tokens to generate per generation run.
-    #[arg(long, default_value_t = 64)]
+    /// Sequence lengths whose peak memory is measured (one pass each, clamped to the model's
+    /// context length).
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
+    rss_lengths: Vec<usize>,
+    /// Tokens per generation in the decode measurements.
+    #[arg(long, default_value_t = 48)]
     gen_tokens: usize,
+    /// Concurrent clients in the aggregate decode measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    clients: Vec<usize>,
+    /// Length of each of the 4 long generations the short calls run beside.
+    #[arg(long, default_value_t = 256)]
+    long_tokens: usize,
+    /// Short calls of each kind, idle and under load.
+    #[arg(long, default_value_t = 12)]
+    short_calls: usize,
+    /// Skip sections: any of tf, rss, decode, load, invariance, exactness, step.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -30,22 +52,72 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-fn peak_rss_mib() -> f64 {
+/// Nearest-rank percentile.
+fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * xs.len() as f64).ceil() as usize;
+    xs[rank.clamp(1, xs.len()) - 1]
+}
+
+fn status_kib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|kb| kb.parse::<f64>().ok())
             })
         })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn peak_rss_mib() -> f64 {
+    status_kib("VmHWM:") / 1024.0
+}
+
+/// Reset the peak-RSS counter to the current RSS (Linux: `5` into clear_refs).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Run one generation to the end; its tokens and the time to the first and the last one.
+async fn generate(
+    teacher: &Arc<Teacher>,
+    params: GenerateParams,
+) -> anyhow::Result<(Vec<GenToken>, Duration, Duration)> {
+    let start = Instant::now();
+    let mut handle = teacher.generate(params)?;
+    let mut first = None;
+    let mut tokens = Vec::new();
+    while let Some(ev) = handle.events.recv().await {
+        match ev {
+            GenEvent::Token(t) => {
+                first.get_or_insert_with(|| start.elapsed());
+                tokens.push(t);
+            }
+            GenEvent::Done(_) => break,
+            GenEvent::Error(e) => anyhow::bail!("generation failed: {e}"),
+        }
+    }
+    Ok((tokens, first.unwrap_or_default(), start.elapsed()))
+}
+
+fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        prompt,
+        max_new_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        top_logprobs: 5,
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let skip = |name: &str| args.skip.iter().any(|s| s == name);
     let config = teachd::config::Config::load(args.config.as_deref())?;
     let t0 = Instant::now();
     let registry = ModelRegistry::load(&config.models, &config.engine).await?;
@@ -55,90 +127,396 @@ async fn main() -> anyhow::Result<()> {
         .next()
         .ok_or_else(|| anyhow::anyhow!("no model configured"))?
         .clone();
-    let text = "Knowledge distillation trains a compact student network to reproduce the output distribution of a larger teacher model, position by position. ".repeat(200);
-    let all_ids = teacher.tokenize(&text, true)?;
+    let text = "Knowledge distillation trains a compact student network to reproduce the output distribution of a larger teacher model, position by position. ".repeat(400);
+    let mut all_ids = teacher.tokenize(&text, true)?;
+    while all_ids.len() < 8192 {
+        let more = all_ids.clone();
+        all_ids.extend(more);
+    }
+    let model_cfg = &config.models[0];
 
     println!(
-        "model: {} ({}, {}), threads: {}, load: {:.1} s",
+        "model: {} ({}, {}), threads: {}, load: {:.1} s, rss after load: {:.0} MiB, engine: {}, max_batch: {}, dequantize (scoring/generation): {}/{}",
         teacher.info.id,
         teacher.info.architecture,
         teacher.info.quantization,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        load.as_secs_f64()
+        load.as_secs_f64(),
+        status_kib("VmRSS:") / 1024.0,
+        if teacher.separate_scoring() { "separate scoring instance" } else { "one shared instance" },
+        config.engine.max_batch,
+        model_cfg.dequantize_on_cpu,
+        model_cfg.generation_dequantize_on_cpu.unwrap_or(model_cfg.dequantize_on_cpu),
     );
     println!();
     println!("| measurement | value |");
     println!("|---|---|");
-    for &len in &args.lengths {
-        let ids = &all_ids[..len.min(all_ids.len())];
-        // Warm-up, then timed runs of the full path (engine pass + top-20 math).
-        teacher.score(ids, 1, 20, 1.0).await?;
-        let mut rates = Vec::new();
-        let mut secs = Vec::new();
-        for _ in 0..args.runs {
-            let start = Instant::now();
-            let r = teacher.score(ids, 1, 20, 1.0).await?;
-            let dt = start.elapsed().as_secs_f64();
-            rates.push(r.rows.len() as f64 / dt);
-            secs.push(dt);
+
+    if !skip("tf") {
+        for &len in &args.lengths {
+            let ids = &all_ids[..len.min(teacher.info.context_length)];
+            // Warm-up, then timed runs of the full path (engine pass + top-20 math).
+            teacher.score(ids, 1, 20, 1.0).await?;
+            let mut rates = Vec::new();
+            let mut secs = Vec::new();
+            for _ in 0..args.runs {
+                let start = Instant::now();
+                let r = teacher.score(ids, 1, 20, 1.0).await?;
+                let dt = start.elapsed().as_secs_f64();
+                rates.push(r.rows.len() as f64 / dt);
+                secs.push(dt);
+            }
+            println!(
+                "| teacher forcing, {len} tokens, top-20 | {:.1} scored tok/s (median {:.3} s / request) |",
+                median(rates),
+                median(secs)
+            );
         }
-        println!("| teacher forcing, {len} tokens, top-20 | {:.1} scored tok/s (median {:.3} s / request) |", median(rates), median(secs));
-        let mut raw = Vec::new();
-        for _ in 0..args.runs {
-            let start = Instant::now();
-            teacher.raw_logits(ids).await?;
-            raw.push(start.elapsed().as_secs_f64());
+        // Several short sequences from different clients at once vs the same one by one.
+        let shorts: Vec<Vec<u32>> = (0..8)
+            .map(|i| all_ids[i * 7..i * 7 + 64].to_vec())
+            .collect();
+        let start = Instant::now();
+        for ids in &shorts {
+            teacher.score(ids, 1, 20, 1.0).await?;
         }
+        let serial = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let tasks: Vec<_> = shorts
+            .iter()
+            .cloned()
+            .map(|ids| {
+                let t = teacher.clone();
+                tokio::spawn(async move { t.score(&ids, 1, 20, 1.0).await.map(|_| ()) })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        let concurrent = start.elapsed().as_secs_f64();
         println!(
-            "| of which the engine pass (raw logits) | {:.3} s (median) |",
-            median(raw)
+            "| 8 x 64-token teacher forcing: one by one / 8 clients at once | {serial:.2} s / {concurrent:.2} s |"
         );
     }
 
-    let prompt = all_ids[..32].to_vec();
-    let mut ttft = Vec::new();
-    let mut decode = Vec::new();
-    for run in 0..args.runs {
-        let params = GenerateParams {
-            prompt: prompt.clone(),
-            max_new_tokens: args.gen_tokens,
-            temperature: 1.0,
-            top_p: 1.0,
-            seed: run as u64,
-            top_logprobs: 5,
-        };
-        let start = Instant::now();
-        let mut handle = teacher.generate(params)?;
-        let mut first: Option<Duration> = None;
-        let mut n = 0usize;
-        while let Some(ev) = handle.events.recv().await {
-            match ev {
-                GenEvent::Token(_) => {
-                    n += 1;
-                    first.get_or_insert_with(|| start.elapsed());
-                }
-                GenEvent::Done(_) => break,
-                GenEvent::Error(e) => anyhow::bail!("generation failed: {e}"),
+    if !skip("rss") {
+        for &len in &args.rss_lengths {
+            let len = len.min(teacher.info.context_length);
+            let ids = &all_ids[..len];
+            let before = status_kib("VmRSS:") / 1024.0;
+            let reset = reset_peak_rss();
+            let start = Instant::now();
+            teacher.score(ids, 1, 20, 1.0).await?;
+            let dt = start.elapsed().as_secs_f64();
+            let logits_mib = (len * teacher.info.vocab_size * 4) as f64 / (1024.0 * 1024.0);
+            println!(
+                "| peak memory, one {len}-token pass | {:.0} MiB (rss before {before:.0} MiB; one [len, vocab] f32 buffer = {logits_mib:.0} MiB; {dt:.1} s){} |",
+                peak_rss_mib(),
+                if reset { "" } else { " (peak not reset: whole-process peak)" }
+            );
+        }
+    }
+
+    if !skip("decode") {
+        let prompt = all_ids[..32].to_vec();
+        let mut ttft = Vec::new();
+        let mut decode = Vec::new();
+        for run in 0..args.runs {
+            let mut params = greedy(prompt.clone(), args.gen_tokens);
+            params.temperature = 1.0;
+            params.seed = run as u64;
+            let (tokens, first, total) = generate(&teacher, params).await?;
+            ttft.push(first.as_secs_f64() * 1000.0);
+            if tokens.len() > 1 {
+                decode.push((tokens.len() - 1) as f64 / (total - first).as_secs_f64());
             }
         }
-        let total = start.elapsed();
-        if let Some(first) = first {
-            ttft.push(first.as_secs_f64() * 1000.0);
-            if n > 1 {
-                decode.push((n - 1) as f64 / (total - first).as_secs_f64());
+        println!(
+            "| time to first token (32-token prompt) | {:.1} ms (median) |",
+            median(ttft)
+        );
+        println!(
+            "| decode, one client, top-5 logprobs | {:.1} tok/s (median of {} x {} tokens) |",
+            median(decode),
+            args.runs,
+            args.gen_tokens
+        );
+        for (kind, spread) in [
+            ("equal-length prompts", 0usize),
+            ("prompts of different lengths", 3),
+        ] {
+            let mut base = None;
+            for &clients in &args.clients {
+                let start = Instant::now();
+                let tasks: Vec<_> = (0..clients)
+                    .map(|c| {
+                        let t = teacher.clone();
+                        // Different prompts of 32 tokens (or 32, 35, 38, ...), sampled at T = 1.
+                        let len = 32 + c * spread;
+                        let mut params =
+                            greedy(all_ids[c * 3..c * 3 + len].to_vec(), args.gen_tokens);
+                        params.temperature = 1.0;
+                        params.seed = c as u64;
+                        tokio::spawn(async move { generate(&t, params).await })
+                    })
+                    .collect();
+                let mut generated = 0usize;
+                for t in tasks {
+                    generated += t.await??.0.len();
+                }
+                let rate = generated as f64 / start.elapsed().as_secs_f64();
+                let ratio = rate / *base.get_or_insert(rate);
+                println!(
+                    "| decode, {clients} concurrent clients x {} tokens, {kind} | {rate:.1} tok/s aggregate ({ratio:.2}x one client) |",
+                    args.gen_tokens
+                );
             }
         }
     }
+
+    if !skip("load") {
+        let short_tf = all_ids[100..132].to_vec();
+        let short_gen = all_ids[200..224].to_vec();
+        let measure = |label: &'static str| {
+            let teacher = teacher.clone();
+            let (short_tf, short_gen) = (short_tf.clone(), short_gen.clone());
+            let n = args.short_calls;
+            async move {
+                let mut tf = Vec::new();
+                let mut gen = Vec::new();
+                for _ in 0..n {
+                    let start = Instant::now();
+                    teacher.score(&short_tf, 1, 20, 1.0).await?;
+                    tf.push(start.elapsed().as_secs_f64() * 1000.0);
+                    let (_, first, _) = generate(&teacher, greedy(short_gen.clone(), 8)).await?;
+                    gen.push(first.as_secs_f64() * 1000.0);
+                }
+                println!(
+                    "| {label}: 32-token /v1/logprobs latency | p50 {:.0} ms, p99 {:.0} ms |",
+                    percentile(tf.clone(), 50.0),
+                    percentile(tf, 99.0)
+                );
+                println!(
+                    "| {label}: short generation, time to first token | p50 {:.0} ms, p99 {:.0} ms |",
+                    percentile(gen.clone(), 50.0),
+                    percentile(gen, 99.0)
+                );
+                anyhow::Ok(())
+            }
+        };
+        measure("idle").await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let step_times = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let long: Vec<_> = (0..4)
+            .map(|c| {
+                let t = teacher.clone();
+                let stop = stop.clone();
+                let step_times = step_times.clone();
+                let mut params =
+                    greedy(all_ids[300 + c * 5..332 + c * 5].to_vec(), args.long_tokens);
+                params.temperature = 1.0;
+                params.seed = c as u64;
+                tokio::spawn(async move {
+                    // Keep 4 long generations running until the short calls are done.
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let (tokens, first, total) = generate(&t, params.clone()).await?;
+                        if tokens.len() > 1 {
+                            step_times.lock().unwrap().push(
+                                (total - first).as_secs_f64() * 1000.0 / (tokens.len() - 1) as f64,
+                            );
+                        }
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        measure("under 4 long generations").await?;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in long {
+            t.await??;
+        }
+        let steps = step_times.lock().unwrap().clone();
+        if !steps.is_empty() {
+            println!(
+                "| decode step of the 4 long generations meanwhile | {:.0} ms (median) |",
+                median(steps)
+            );
+        }
+    }
+
+    if !skip("invariance") {
+        // The same greedy generation alone and beside 3 others (different prompts, lengths).
+        let prompt = all_ids[40..72].to_vec();
+        let (alone, _, _) = generate(&teacher, greedy(prompt.clone(), args.gen_tokens)).await?;
+        let others: Vec<_> = (0..3)
+            .map(|c| {
+                let t = teacher.clone();
+                let p = greedy(all_ids[500 + c..532 + c * 2].to_vec(), args.gen_tokens);
+                tokio::spawn(async move { generate(&t, p).await })
+            })
+            .collect();
+        let (beside, _, _) = generate(&teacher, greedy(prompt.clone(), args.gen_tokens)).await?;
+        for t in others {
+            t.await??;
+        }
+        let same_ids = alone.iter().map(|t| t.id).eq(beside.iter().map(|t| t.id));
+        let diverge = alone
+            .iter()
+            .zip(&beside)
+            .position(|(a, b)| a.id != b.id)
+            .unwrap_or(alone.len().min(beside.len()));
+        // Differences up to (and including) the first differing step, where both saw the
+        // same context.
+        let max_diff = alone
+            .iter()
+            .zip(&beside)
+            .take(diverge + 1)
+            .flat_map(|(a, b)| {
+                std::iter::once((a.logprob - b.logprob).abs()).chain(
+                    a.top
+                        .iter()
+                        .zip(&b.top)
+                        .filter(|(x, y)| x.0 == y.0)
+                        .map(|(x, y)| (x.1 - y.1).abs()),
+                )
+            })
+            .fold(0.0f64, f64::max);
+        let bit_equal = same_ids
+            && alone.iter().zip(&beside).all(|(a, b)| {
+                a.logprob.to_bits() == b.logprob.to_bits()
+                    && a.top
+                        .iter()
+                        .map(|x| (x.0, x.1.to_bits()))
+                        .eq(b.top.iter().map(|x| (x.0, x.1.to_bits())))
+            });
+        println!(
+            "| generation alone vs beside 3 others (greedy, {} tokens) | {}; max logprob difference over the shared context {max_diff:.2e} |",
+            alone.len(),
+            if bit_equal {
+                "bit-identical".to_string()
+            } else if same_ids {
+                "same tokens, logprobs differ".to_string()
+            } else {
+                format!("same first {diverge} tokens, then a near-tie flips")
+            }
+        );
+        // Generation logprobs against teacher forcing of the same tokens, alone and batched.
+        for (label, run) in [("alone", &alone), ("beside 3 others", &beside)] {
+            let mut seq = prompt.clone();
+            seq.extend(run.iter().map(|t| t.id));
+            let scored = teacher.score(&seq, prompt.len(), 0, 1.0).await?;
+            let err = run
+                .iter()
+                .zip(&scored.rows)
+                .map(|(g, r)| (g.logprob - r.token_logprob).abs())
+                .fold(0.0f64, f64::max);
+            println!("| generation logprobs ({label}) vs teacher forcing of the same tokens | max abs difference {err:.2e} |");
+        }
+    }
+
+    if !skip("exactness") {
+        // Generation logprobs against teacher forcing of the generated tokens, for sequences
+        // that share the engine in different ways.
+        // (where in the text the prompt starts, its length, start delay in ms, tokens to generate;
+        // 0 = --gen-tokens)
+        type Seqs = Vec<(usize, usize, u64, usize)>;
+        let scenarios: [(&str, Seqs); 5] = [
+            (
+                "2 equal-length prompts together, the second stops after 1 token",
+                vec![(40, 32, 0, 0), (600, 32, 0, 1)],
+            ),
+            (
+                "2 equal-length prompts, started together",
+                vec![(40, 32, 0, 0), (600, 32, 0, 0)],
+            ),
+            (
+                "2 prompts of different lengths, started together",
+                vec![(40, 32, 0, 0), (600, 37, 0, 0)],
+            ),
+            (
+                "4 equal-length prompts, started together",
+                vec![
+                    (40, 32, 0, 0),
+                    (600, 32, 0, 0),
+                    (900, 32, 0, 0),
+                    (1200, 32, 0, 0),
+                ],
+            ),
+            (
+                "equal-length prompts, second starts 300 ms later",
+                vec![(40, 32, 0, 0), (600, 32, 300, 0)],
+            ),
+        ];
+        for (label, seqs) in scenarios {
+            let tasks: Vec<_> = seqs
+                .iter()
+                .map(|&(at, len, delay, max_new)| {
+                    let t = teacher.clone();
+                    let prompt = all_ids[at..at + len].to_vec();
+                    let n = if max_new == 0 {
+                        args.gen_tokens
+                    } else {
+                        max_new
+                    };
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        let (tokens, _, _) = generate(&t, greedy(prompt.clone(), n)).await?;
+                        anyhow::Ok((prompt, tokens))
+                    })
+                })
+                .collect();
+            let mut errs = Vec::new();
+            for task in tasks {
+                let (prompt, tokens) = task.await??;
+                let mut seq = prompt.clone();
+                seq.extend(tokens.iter().map(|t| t.id));
+                let scored = teacher.score(&seq, prompt.len(), 0, 1.0).await?;
+                let diffs: Vec<f64> = tokens
+                    .iter()
+                    .zip(&scored.rows)
+                    .map(|(g, r)| (g.logprob - r.token_logprob).abs())
+                    .collect();
+                let err = diffs.iter().cloned().fold(0.0f64, f64::max);
+                match diffs.iter().position(|&d| d > 1e-3) {
+                    Some(at) => errs.push(format!("{err:.1e} (from token {at})")),
+                    None => errs.push(format!("{err:.1e}")),
+                }
+            }
+            println!(
+                "| generation vs teacher forcing, {label} | max abs difference per sequence: {} |",
+                errs.join(", ")
+            );
+        }
+    }
+
+    if !skip("step") {
+        // teachd's own work in one decode step: the logits copy, log-softmax over the
+        // vocabulary, top-5, the sample and the forced one-hot logits.
+        let vocab = teacher.info.vocab_size;
+        let logits: Vec<f32> = (0..vocab)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect();
+        let n = 200;
+        let start = Instant::now();
+        for i in 0..n {
+            let copy = logits.clone();
+            let lp = math::log_softmax(&copy, 1.0);
+            let candidates = math::nucleus(&lp, 1.0);
+            let token = math::sample_from(&lp, &candidates, (i as f64 + 0.5) / n as f64);
+            std::hint::black_box(math::top_k(&lp, 5));
+            let mut forced = vec![f32::NEG_INFINITY; vocab];
+            forced[token as usize] = 0.0;
+            std::hint::black_box(forced);
+        }
+        println!(
+            "| teachd's per-step work (vocab {vocab}, T = 1, top-5) | {:.2} ms |",
+            start.elapsed().as_secs_f64() * 1000.0 / n as f64
+        );
+    }
     println!(
-        "| time to first token (32-token prompt) | {:.1} ms (median) |",
-        median(ttft)
+        "| peak memory of the run (VmHWM) | {:.0} MiB |",
+        peak_rss_mib()
     );
-    println!(
-        "| decode, top-5 logprobs | {:.1} tok/s (median of {} x {} tokens) |",
-        median(decode),
-        args.runs,
-        args.gen_tokens
-    );
-    println!("| peak memory (VmHWM) | {:.0} MiB |", peak_rss_mib());
     Ok(())
 }

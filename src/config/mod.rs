@@ -238,6 +238,12 @@ pub struct EngineConfig {
     pub settle_ms: u64,
     /// Requests waiting for one model's engine before new ones get 503 `overloaded`.
     pub max_queue: usize,
+    /// Generations one model's engine runs at once (mistralrs batches their decode steps);
+    /// more wait their turn. Must be 1 for a CPU model: mistralrs 0.8.1's CPU decode attention
+    /// (`flash_attn_cpu_single_q`) shares its scratch buffers across the batch, so every
+    /// sequence of a batched step but the last gets another sequence's attention (measured:
+    /// logprobs off by 5-14 nats from token 2 on). teachd refuses a larger value on CPU.
+    pub max_batch: usize,
     /// Longest generation allowed (`max_tokens` cap).
     pub max_new_tokens: usize,
 }
@@ -284,6 +290,18 @@ pub struct ModelConfig {
     /// and exact logits, for ~4x the memory of the quantized file. Ignored on CUDA.
     #[serde(default = "default_true")]
     pub dequantize_on_cpu: bool,
+    /// Where teacher forcing runs. `separate`: a second engine instance of this model that
+    /// serves only teacher forcing, so `/v1/logprobs` never waits behind generations (costs a
+    /// second copy of the weights in memory). `shared`: the generation engine, taken alone
+    /// between generations. `auto`: separate on CPU, shared on CUDA.
+    #[serde(default)]
+    pub scoring_engine: ScoringEngine,
+    /// On CPU with a separate scoring engine, whether the generation engine dequantizes too.
+    /// `false` keeps the quantized weights for generation: faster decode and less memory,
+    /// with generation logprobs from quantized matmuls (not bit-equal to teacher forcing; see
+    /// the README's performance section). Defaults to `dequantize_on_cpu`.
+    #[serde(default)]
+    pub generation_dequantize_on_cpu: Option<bool>,
     pub licence: LicenceConfig,
     /// Cap on `top_k` / `top_logprobs` / `prompt_logprobs`.
     #[serde(default = "default_max_top_k")]
@@ -311,6 +329,15 @@ pub enum DTypeSetting {
     F32,
     F16,
     Bf16,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoringEngine {
+    #[default]
+    Auto,
+    Separate,
+    Shared,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -1,13 +1,35 @@
-//! The mistralrs backend for one teacher, with the hazards of mistralrs 0.8.1 handled:
+//! The mistralrs backend for one teacher, with the hazards of mistralrs 0.8.1 handled.
 //!
-//! * Prefix cache off: it would hand back cached logits that differ from a fresh pass.
-//! * One engine request at a time (a FIFO gate): concurrent raw requests of equal length fail,
-//!   raw + generation at once panics the engine thread.
-//! * After a request finishes, the gate stays closed until the engine has dropped the sequence
-//!   (the response channel closes) plus a short settle pause: a leftover decode step batched
-//!   with the next request panics the engine.
+//! What mistralrs 0.8.1 does that shapes this file (read in `mistralrs-core-0.8.1`):
+//!
+//! * Its default scheduler buckets running sequences by `(length, token_offset)` and steps one
+//!   bucket at a time, so only sequences of equal length are batched (no paged attention on
+//!   CPU: `utils/mod.rs`, `paged_attn_supported`). Batched decode is wrong on CPU:
+//!   `attention/backends/cpu.rs`, `flash_attn_cpu_single_q`, sizes its scratch buffers
+//!   `kv_tiles * heads * head_dim` without the batch and reduces them for every sequence, so
+//!   each sequence of a batched step but the last attends with another's values (measured by
+//!   `teachd-bench`'s exactness section: 5-14 nats off from the second token; the CPU path is
+//!   chosen unconditionally in `attention/mod.rs`, `run_attention`). Generations therefore run
+//!   `engine.max_batch` at a time, which must be 1 on CPU.
+//! * Raw-logits (teacher forcing) sequences break it: two in one prompt batch fail
+//!   (`pipeline/response.rs`: "Raw response only supports batch size of 1"), one in the same
+//!   bucket as a generation trips `assert!(... all return raw logits, or not)` in
+//!   `engine/mod.rs` and kills the engine thread, and after its prompt step the engine sets the
+//!   finished raw sequence back to `RunningCompletion` (`engine/mod.rs`, after
+//!   `pipeline.step` for prompts), so it runs one leftover decode step that may land in a
+//!   generation's bucket. A raw request is therefore never in an engine beside anything else.
+//! * By default (`scoring_engine = "separate"`, CPU) each teacher has a second engine instance
+//!   that serves only teacher forcing, one request at a time: raw requests never wait behind
+//!   generations, at the cost of a second copy of the weights in memory. With
+//!   `scoring_engine = "shared"` (the default on CUDA, where weights are not doubled) one
+//!   engine serves both behind a fair read-write gate: generations share it, a raw request
+//!   takes it alone, and a waiting raw request stops new generations from being admitted, so
+//!   it starts as soon as the running ones end.
+//! * A raw request's engine stays closed to the next one until the engine has dropped the
+//!   sequence (its response channel closes) plus a short settle pause.
 //! * Response receivers are always drained to the end by a spawned task, never dropped early
 //!   (a dropped receiver panics the engine), even when the HTTP caller goes away.
+//! * Prefix cache off: it would hand back cached logits that differ from a fresh pass.
 //! * A closed channel (engine thread died) is retried on a fresh sender; `get_sender` reboots a
 //!   dead engine.
 
@@ -19,37 +41,110 @@ use anyhow::{anyhow, Context};
 use mistralrs_core::{
     Constraint, MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams,
 };
-use tokio::sync::{mpsc, oneshot, Mutex, OwnedMutexGuard};
+use tokio::sync::{
+    mpsc, oneshot, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, RwLock,
+    Semaphore,
+};
 
 use super::EngineError;
 
 /// How often a request is re-sent when the engine's channel closes under it.
 const MAX_ATTEMPTS: usize = 3;
 
-pub struct Backend {
+/// One mistralrs engine instance and the gate in front of it.
+struct Instance {
     mistral: Arc<MistralRs>,
-    gate: Arc<Mutex<()>>,
+    /// Generations hold it shared, raw requests alone.
+    gate: Arc<RwLock<()>>,
+}
+
+pub struct Backend {
+    generation: Arc<Instance>,
+    /// The instance teacher forcing runs on: its own, or the generation one (shared mode).
+    scoring: Arc<Instance>,
+    /// Generations running at once (the engine's batch).
+    gen_slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
     settle: Duration,
     next_id: AtomicUsize,
 }
 
-/// Exclusive use of the engine. Dropping it keeps the gate closed for the settle pause.
+enum Held {
+    Shared(
+        #[allow(dead_code)] OwnedRwLockReadGuard<()>,
+        #[allow(dead_code)] OwnedSemaphorePermit,
+    ),
+    Alone(OwnedRwLockWriteGuard<()>),
+}
+
+/// A place in the engine. Dropping a raw request's turn keeps its engine closed for the settle
+/// pause.
 pub struct EngineTurn {
-    guard: Option<OwnedMutexGuard<()>>,
+    held: Option<Held>,
     settle: Duration,
 }
 
 impl Drop for EngineTurn {
     fn drop(&mut self) {
-        if let Some(guard) = self.guard.take() {
-            let settle = self.settle;
-            tokio::spawn(async move {
-                tokio::time::sleep(settle).await;
-                drop(guard);
-            });
+        match self.held.take() {
+            Some(Held::Alone(guard)) => {
+                let settle = self.settle;
+                tokio::spawn(async move {
+                    tokio::time::sleep(settle).await;
+                    drop(guard);
+                });
+            }
+            Some(shared) => drop(shared),
+            None => {}
         }
+    }
+}
+
+/// Full-vocabulary logits of one teacher-forcing pass, `[len, vocab]` f32, held as the engine
+/// produced them (no copy when they already are contiguous f32 on the CPU).
+pub struct RawLogits {
+    tensor: mistralrs::Tensor,
+    pub vocab: usize,
+    pub rows: usize,
+}
+
+impl RawLogits {
+    fn new(chunks: Vec<mistralrs::Tensor>) -> anyhow::Result<Self> {
+        let tensor = match chunks.len() {
+            0 => anyhow::bail!("the engine returned no logits"),
+            1 => chunks.into_iter().next().expect("one chunk"),
+            _ => mistralrs::Tensor::cat(&chunks, 0)?,
+        };
+        let (rows, vocab) = tensor.dims2().context("logits are not [len, vocab]")?;
+        let tensor = if tensor.dtype() == mistralrs::DType::F32 && tensor.is_contiguous() {
+            tensor
+        } else {
+            tensor.to_dtype(mistralrs::DType::F32)?.contiguous()?
+        };
+        Ok(Self {
+            tensor,
+            vocab,
+            rows,
+        })
+    }
+
+    /// The logits as one row-major slice (row i predicts token i+1), borrowed from the tensor.
+    pub fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> anyhow::Result<R> {
+        let (storage, layout) = self.tensor.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            anyhow::bail!("logits are not in CPU memory");
+        };
+        let data = cpu.as_slice::<f32>()?;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .context("logits are not contiguous")?;
+        Ok(f(&data[start..end]))
+    }
+
+    /// A copy as a `Vec` (reference checks and tests).
+    pub fn to_vec(&self) -> anyhow::Result<Vec<f32>> {
+        self.with_slice(<[f32]>::to_vec)
     }
 }
 
@@ -57,16 +152,50 @@ impl Drop for EngineTurn {
 /// far, returns the token to emit. Runs on the engine thread.
 pub type StepFn = Arc<dyn Fn(&[f32], &[u32]) -> u32 + Send + Sync>;
 
+/// Counts a request as waiting while it exists.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Backend {
-    pub fn new(mistral: Arc<MistralRs>, max_queue: usize, settle: Duration) -> Self {
+    /// `scoring`: a second engine instance of the same model for teacher forcing, or `None` to
+    /// run it on the generation engine (behind the read-write gate).
+    pub fn new(
+        generation: Arc<MistralRs>,
+        scoring: Option<Arc<MistralRs>>,
+        max_batch: usize,
+        max_queue: usize,
+        settle: Duration,
+    ) -> Self {
+        let generation = Arc::new(Instance {
+            mistral: generation,
+            gate: Arc::new(RwLock::new(())),
+        });
+        let scoring = match scoring {
+            Some(mistral) => Arc::new(Instance {
+                mistral,
+                gate: Arc::new(RwLock::new(())),
+            }),
+            None => generation.clone(),
+        };
         Self {
-            mistral,
-            gate: Arc::new(Mutex::new(())),
+            generation,
+            scoring,
+            gen_slots: Arc::new(Semaphore::new(max_batch.max(1))),
             waiting: Arc::new(AtomicUsize::new(0)),
             max_queue,
             settle,
             next_id: AtomicUsize::new(1),
         }
+    }
+
+    /// Whether teacher forcing has an engine instance of its own.
+    pub fn separate_scoring(&self) -> bool {
+        !Arc::ptr_eq(&self.generation, &self.scoring)
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -78,22 +207,38 @@ impl Backend {
         self.queue_depth() >= self.max_queue
     }
 
-    /// Wait for exclusive use of the engine; 503 `overloaded` when too many already wait.
-    pub async fn turn(&self) -> Result<EngineTurn, EngineError> {
+    fn enqueue(&self) -> Result<Waiting, EngineError> {
         let queued = self.waiting.fetch_add(1, Ordering::SeqCst);
-        struct Dec(Arc<AtomicUsize>);
-        impl Drop for Dec {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        let _dec = Dec(self.waiting.clone());
+        let waiting = Waiting(self.waiting.clone());
         if queued >= self.max_queue {
             return Err(EngineError::Overloaded);
         }
-        let guard = self.gate.clone().lock_owned().await;
+        Ok(waiting)
+    }
+
+    /// Wait for a generation's place in the engine (one of `max_batch`); 503 `overloaded` when
+    /// too many already wait.
+    async fn generation_turn(&self) -> Result<EngineTurn, EngineError> {
+        let _waiting = self.enqueue()?;
+        let permit = self
+            .gen_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::Unavailable("engine closed".into()))?;
+        let guard = self.generation.gate.clone().read_owned().await;
         Ok(EngineTurn {
-            guard: Some(guard),
+            held: Some(Held::Shared(guard, permit)),
+            settle: self.settle,
+        })
+    }
+
+    /// Wait for the scoring engine alone; 503 `overloaded` when too many already wait.
+    async fn raw_turn(&self) -> Result<EngineTurn, EngineError> {
+        let _waiting = self.enqueue()?;
+        let guard = self.scoring.gate.clone().write_owned().await;
+        Ok(EngineTurn {
+            held: Some(Held::Alone(guard)),
             settle: self.settle,
         })
     }
@@ -108,12 +253,25 @@ impl Backend {
         let (tx, rx) = mpsc::channel(64);
         let logits_processors = processor.map(|step| {
             let f = move |logits: &mistralrs::Tensor, context: &[u32]| {
-                let values: Vec<f32> = logits.to_dtype(mistralrs::DType::F32)?.to_vec1()?;
-                let chosen = step(&values, context);
-                // Force the engine's argmax onto the token we chose.
-                let mut forced = vec![f32::NEG_INFINITY; values.len()];
+                let logits = logits.to_dtype(mistralrs::DType::F32)?;
+                let chosen = {
+                    let (storage, layout) = logits.storage_and_layout();
+                    match (&*storage, layout.contiguous_offsets()) {
+                        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+                            step(&cpu.as_slice::<f32>()?[start..end], context)
+                        }
+                        _ => {
+                            drop(storage);
+                            step(&logits.to_vec1::<f32>()?, context)
+                        }
+                    }
+                };
+                // Force the engine's argmax onto the token we chose: a one-hot bias on the
+                // logits' own device.
+                let vocab = logits.dim(0)?;
+                let mut forced = vec![f32::NEG_INFINITY; vocab];
                 forced[chosen as usize] = 0.0;
-                mistralrs::Tensor::from_vec(forced, values.len(), logits.device())
+                mistralrs::Tensor::from_vec(forced, vocab, logits.device())
             };
             vec![Arc::new(f) as Arc<dyn mistralrs_core::CustomLogitsProcessor>]
         });
@@ -137,16 +295,16 @@ impl Backend {
         (req, rx)
     }
 
-    /// Send a request and drain its responses on a spawned task that also holds `turn` until
-    /// the engine has dropped the sequence. Returns the first terminal response, or `None`
-    /// when the channel closed before one arrived.
+    /// Send a request to `instance` and drain its responses on a spawned task that also holds
+    /// `turn` until the engine has dropped the sequence. Returns the first terminal response,
+    /// or `None` when the channel closed before one arrived.
     async fn run_once(
-        &self,
+        instance: &Instance,
         req: Request,
         mut rx: mpsc::Receiver<Response>,
         turn: Arc<EngineTurn>,
     ) -> Result<Option<Response>, EngineError> {
-        let sender = self
+        let sender = instance
             .mistral
             .get_sender(None)
             .map_err(|e| EngineError::Unavailable(format!("engine sender: {e}")))?;
@@ -169,10 +327,15 @@ impl Backend {
         Ok(first_rx.await.ok())
     }
 
-    /// Teacher forcing: full-vocabulary logits for every position of `tokens`, as one
-    /// row-major `[len, vocab]` buffer. Row i predicts token i+1.
-    pub async fn raw_logits(&self, tokens: Vec<u32>) -> Result<(Vec<f32>, usize), EngineError> {
-        let turn = Arc::new(self.turn().await?);
+    /// Teacher forcing: the full-vocabulary logits for every position of `tokens`, handed to
+    /// `f` on a blocking thread. The scoring engine stays closed to the next pass until `f`
+    /// returns, so at most one `[len, vocab]` buffer per model exists at a time.
+    pub async fn with_raw_logits<R, F>(&self, tokens: Vec<u32>, f: F) -> Result<R, EngineError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&RawLogits) -> R + Send + 'static,
+    {
+        let turn = Arc::new(self.raw_turn().await?);
         for attempt in 1..=MAX_ATTEMPTS {
             let mut sampling = SamplingParams::neutral();
             sampling.max_len = Some(0);
@@ -182,12 +345,19 @@ impl Backend {
                 true,
                 None,
             );
-            match self.run_once(req, rx, turn.clone()).await? {
+            match Self::run_once(&self.scoring, req, rx, turn.clone()).await? {
                 Some(Response::Raw { logits_chunks, .. }) => {
-                    return tokio::task::spawn_blocking(move || flatten_logits(logits_chunks))
-                        .await
-                        .map_err(|e| EngineError::Internal(anyhow!(e)))?
-                        .map_err(EngineError::Internal);
+                    let held = turn.clone();
+                    return tokio::task::spawn_blocking(move || {
+                        let logits = RawLogits::new(logits_chunks)?;
+                        let out = f(&logits);
+                        drop(logits);
+                        drop(held);
+                        Ok::<_, anyhow::Error>(out)
+                    })
+                    .await
+                    .map_err(|e| EngineError::Internal(anyhow!(e)))?
+                    .map_err(EngineError::Internal);
                 }
                 Some(other) => return Err(response_error(other)),
                 None => {
@@ -216,7 +386,7 @@ impl Backend {
         abandoned: Arc<tokio::sync::Notify>,
     ) -> Result<String, EngineError> {
         let turn = tokio::select! {
-            turn = self.turn() => Arc::new(turn?),
+            turn = self.generation_turn() => Arc::new(turn?),
             _ = abandoned.notified() => return Ok("abandoned".into()),
         };
         for attempt in 1..=MAX_ATTEMPTS {
@@ -228,7 +398,7 @@ impl Backend {
                 false,
                 Some(step.clone()),
             );
-            match self.run_once(req, rx, turn.clone()).await? {
+            match Self::run_once(&self.generation, req, rx, turn.clone()).await? {
                 Some(Response::CompletionDone(done)) => {
                     return Ok(done
                         .choices
@@ -257,6 +427,7 @@ impl Backend {
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, EngineError> {
         let sender = self
+            .generation
             .mistral
             .get_sender(None)
             .map_err(|e| EngineError::Unavailable(format!("engine sender: {e}")))?;
@@ -305,16 +476,4 @@ fn response_error(resp: Response) -> EngineError {
         }
         _ => EngineError::Internal(anyhow!("unexpected engine response")),
     }
-}
-
-fn flatten_logits(chunks: Vec<mistralrs::Tensor>) -> anyhow::Result<(Vec<f32>, usize)> {
-    let mut out = Vec::new();
-    let mut vocab = 0;
-    for chunk in chunks {
-        let chunk = chunk.to_dtype(mistralrs::DType::F32)?;
-        let dims = chunk.dims().to_vec();
-        vocab = *dims.last().context("logits without dims")?;
-        out.extend(chunk.flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok((out, vocab))
 }

@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -17,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::backend::Backend;
 use super::{ModelInfo, Teacher};
-use crate::config::{DTypeSetting, EngineConfig, ModelConfig, ModelSource};
+use crate::config::{DTypeSetting, EngineConfig, ModelConfig, ModelSource, ScoringEngine};
 
 pub(super) async fn load_teacher(
     cfg: &ModelConfig,
@@ -36,12 +37,32 @@ pub(super) async fn load_teacher(
         cfg.source,
         ModelSource::Gguf { .. } | ModelSource::Hub { file: Some(_), .. }
     );
-    if on_cpu && is_gguf && cfg.dequantize_on_cpu {
-        // candle reads this once per thread (thread-local), so it is set before the loading
-        // thread starts and never unset. With F32 activations this is both the fastest CPU
-        // path (dense F32 matmuls) and exact with respect to the stored quantized weights.
-        std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+    if on_cpu && engine.max_batch > 1 {
+        bail!(
+            "model `{}`: engine.max_batch = {} on CPU: mistralrs 0.8.1 computes batched CPU decode \
+             steps wrongly (its CPU decode attention shares scratch buffers across the batch), \
+             so a CPU model runs one generation at a time; set engine.max_batch = 1",
+            cfg.id,
+            engine.max_batch
+        );
     }
+    let separate = match cfg.scoring_engine {
+        ScoringEngine::Auto => on_cpu,
+        ScoringEngine::Separate => true,
+        ScoringEngine::Shared => false,
+    };
+    // With F32 activations, dequantized weights are both the fastest CPU path for teacher
+    // forcing (dense F32 matmuls) and exact with respect to the stored quantized weights.
+    let dequantize_scoring = on_cpu && is_gguf && cfg.dequantize_on_cpu;
+    let dequantize_generation = if separate {
+        on_cpu
+            && is_gguf
+            && cfg
+                .generation_dequantize_on_cpu
+                .unwrap_or(cfg.dequantize_on_cpu)
+    } else {
+        dequantize_scoring
+    };
 
     let (loader, weight_files, quant_label): (Box<dyn Loader>, Vec<PathBuf>, Option<String>) =
         match &cfg.source {
@@ -128,22 +149,42 @@ pub(super) async fn load_teacher(
         _ => None,
     };
 
-    let load_device = device.clone();
-    let pipeline = tokio::task::spawn_blocking(move || {
-        loader.load_model_from_hf(
-            None,
-            TokenSource::None,
-            &dtype,
-            &load_device,
-            true,
-            DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
-            isq,
-            None,
-        )
-    })
-    .await
-    .context("model loading thread")?
-    .with_context(|| format!("loading model `{}`", cfg.id))?;
+    let loader: Arc<dyn Loader> = Arc::from(loader);
+    let load = |dequantize: bool| {
+        let (loader, device, dtype, isq) = (loader.clone(), device.clone(), dtype, isq);
+        let id = cfg.id.clone();
+        async move {
+            // candle decides at load whether to dequantize, from CANDLE_DEQUANTIZE_ALL read
+            // once per thread (thread-local): each instance loads on a fresh thread with the
+            // variable set for it. Loads run one after the other.
+            std::env::set_var("CANDLE_DEQUANTIZE_ALL", if dequantize { "1" } else { "0" });
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name(format!("load-{id}"))
+                .spawn(move || {
+                    let _ = tx.send(loader.load_model_from_hf(
+                        None,
+                        TokenSource::None,
+                        &dtype,
+                        &device,
+                        true,
+                        DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
+                        isq,
+                        None,
+                    ));
+                })
+                .context("model loading thread")?;
+            rx.await
+                .context("model loading thread")?
+                .with_context(|| format!("loading model `{id}`"))
+        }
+    };
+    let pipeline = load(dequantize_generation).await?;
+    let scoring_pipeline = if separate {
+        Some(load(dequantize_scoring).await?)
+    } else {
+        None
+    };
 
     let (tokenizer, max_seq_len, eos, token_bytes) = {
         let p = pipeline.lock().await;
@@ -162,17 +203,35 @@ pub(super) async fn load_teacher(
         p.name().clone()
     };
 
-    let scheduler = SchedulerConfig::DefaultScheduler {
-        method: DefaultSchedulerMethod::Fixed(NonZeroUsize::new(16).expect("non-zero")),
+    let max_batch = engine.max_batch.max(1);
+    let build = |pipeline| async move {
+        let scheduler = SchedulerConfig::DefaultScheduler {
+            method: DefaultSchedulerMethod::Fixed(NonZeroUsize::new(max_batch).expect("non-zero")),
+        };
+        MistralRsBuilder::new(pipeline, scheduler, false, None)
+            .with_no_prefix_cache(true)
+            .build()
+            .await
     };
-    let mistral = MistralRsBuilder::new(pipeline, scheduler, false, None)
-        .with_no_prefix_cache(true)
-        .build()
-        .await;
+    let mistral = build(pipeline).await;
+    let scoring = match scoring_pipeline {
+        Some(p) => Some(build(p).await),
+        None => None,
+    };
     let backend = Backend::new(
         mistral,
+        scoring,
+        max_batch,
         engine.max_queue,
         Duration::from_millis(engine.settle_ms),
+    );
+    tracing::info!(
+        model = %cfg.id,
+        scoring_engine = if separate { "separate" } else { "shared" },
+        dequantize_scoring,
+        dequantize_generation,
+        max_batch,
+        "engine instances built"
     );
 
     let hash_files = weight_files.clone();
@@ -187,8 +246,8 @@ pub(super) async fn load_teacher(
     // Warm-up pass: proves the engine answers and measures the logits width (the vocabulary
     // the model scores over, which can exceed the tokenizer's).
     let warm_token = eos.first().copied().unwrap_or(0);
-    let (_, vocab_size) = backend
-        .raw_logits(vec![warm_token, warm_token])
+    let vocab_size = backend
+        .with_raw_logits(vec![warm_token, warm_token], |l| l.vocab)
         .await
         .map_err(|e| anyhow::anyhow!("warm-up pass of `{}` failed: {e}", cfg.id))?;
 

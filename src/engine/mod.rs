@@ -223,6 +223,11 @@ impl Teacher {
         self.backend.queue_depth()
     }
 
+    /// Whether teacher forcing runs on an engine instance of its own (`scoring_engine`).
+    pub fn separate_scoring(&self) -> bool {
+        self.backend.separate_scoring()
+    }
+
     pub fn max_new_tokens(&self) -> usize {
         self.max_new_tokens
     }
@@ -274,26 +279,30 @@ impl Teacher {
                 ),
             ));
         }
-        let (logits, vocab) = self.backend.raw_logits(tokens.to_vec()).await?;
-        if vocab == 0 || logits.len() / vocab < tokens.len() - 1 {
-            return Err(EngineError::Internal(anyhow::anyhow!(
-                "engine returned {} logit rows for {} tokens",
-                logits.len() / vocab.max(1),
-                tokens.len()
-            )));
-        }
-        let tokens = tokens.to_vec();
-        let rows = tokio::task::spawn_blocking(move || {
-            (score_from..tokens.len())
-                .into_par_iter()
-                .map(|i| {
-                    let row = &logits[(i - 1) * vocab..i * vocab];
-                    math::score_position(row, tokens[i], top_k, temperature)
+        let owned = tokens.to_vec();
+        let rows = self
+            .backend
+            .with_raw_logits(tokens.to_vec(), move |logits| {
+                let (vocab, len) = (logits.vocab, owned.len());
+                if vocab == 0 || logits.rows < len - 1 {
+                    anyhow::bail!(
+                        "engine returned {} logit rows for {len} tokens",
+                        logits.rows
+                    );
+                }
+                // Scored straight from the engine's buffer: no copy of `[len, vocab]`.
+                logits.with_slice(|data| {
+                    (score_from..len)
+                        .into_par_iter()
+                        .map(|i| {
+                            let row = &data[(i - 1) * vocab..i * vocab];
+                            math::score_position(row, owned[i], top_k, temperature)
+                        })
+                        .collect::<Vec<_>>()
                 })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| EngineError::Internal(anyhow::anyhow!(e)))?;
+            })
+            .await?
+            .map_err(EngineError::Internal)?;
         Ok(ScoreResult { rows })
     }
 
@@ -302,7 +311,13 @@ impl Teacher {
     pub async fn raw_logits(&self, tokens: &[u32]) -> Result<(Vec<f32>, usize), EngineError> {
         self.check_ids(tokens, "token_ids")?;
         self.check_len(tokens.len())?;
-        self.backend.raw_logits(tokens.to_vec()).await
+        let out = self
+            .backend
+            .with_raw_logits(tokens.to_vec(), |logits| {
+                logits.to_vec().map(|v| (v, logits.vocab))
+            })
+            .await?;
+        out.map_err(EngineError::Internal)
     }
 
     /// Start a generation; tokens arrive on the returned handle as they are sampled.

@@ -899,3 +899,165 @@ async fn a_chat_batch_answers_like_the_endpoint() {
     }
     assert_eq!(got, want);
 }
+
+/// `pg_try_advisory_lock(namespace, hashtext(batch id))` on a connection of its own: what a
+/// second `teachd serve` process would try before running the batch.
+async fn other_process_claims(db: &sqlx::PgPool, id: &str) -> bool {
+    let mut conn = db.acquire().await.unwrap().detach();
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(teachd::batch::runner::CLAIM_NAMESPACE)
+        .bind(id)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_running_batch_is_claimed_by_one_process_and_released_when_done() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (_, key) = app.ready_teacher("claimed", roomy()).await;
+    let file = upload_ok(&app, &key, &many_lines(40, 16)).await;
+    let b = create_ok(&app, &key, &file, "jsonl").await;
+    let id = b["id"].as_str().unwrap().to_string();
+    loop {
+        let b = batch(&app, &key, &id).await;
+        if b["request_counts"]["completed"].as_i64().unwrap() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !other_process_claims(&app.db, &id).await,
+        "a second process could take a batch that is running"
+    );
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !other_process_claims(&app.db, &id).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the finished batch's claim was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The real binary, SIGKILLed mid-batch, then started again on the same database and data
+/// directory: the batch completes with every line exactly once.
+#[tokio::test]
+async fn a_sigkilled_server_resumes_the_batch_without_losing_or_repeating_a_line() {
+    use crate::ledger::process::{spawn_server, start_server, Server};
+    let data = tempfile::tempdir().unwrap();
+    // An empty config file: the embedded default, model included.
+    let cfg = data.path().join("teachd.toml");
+    std::fs::write(&cfg, "").unwrap();
+    let env = vec![
+        ("TEACHD_CONFIG", cfg.display().to_string()),
+        (
+            "TEACHD__BATCH__DATA_DIR",
+            data.path().join("batch").display().to_string(),
+        ),
+    ];
+    let mut first: Server = start_server(&env).await;
+    let http = reqwest::Client::new();
+    let key = first.key.clone();
+    let r = http
+        .post(format!("{}/v1/tos/accept", first.base))
+        .bearer_auth(&key)
+        .json(
+            &json!({"version": "v1", "purpose": "tests", "student_model": "none",
+                      "commercial": false}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let n = 60;
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(many_lines(n, 24).into_bytes()).file_name("in.jsonl"),
+        );
+    let f: Value = http
+        .post(format!("{}/v1/files", first.base))
+        .bearer_auth(&key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b: Value = http
+        .post(format!("{}/v1/batches", first.base))
+        .bearer_auth(&key)
+        .json(
+            &json!({"input_file_id": f["id"], "endpoint": "/v1/logprobs",
+                      "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = b["id"].as_str().unwrap().to_string();
+    let status = |base: String, key: String, id: String| async move {
+        reqwest::Client::new()
+            .get(format!("{base}/v1/batches/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    loop {
+        let b = status(first.base.clone(), key.clone(), id.clone()).await;
+        if b["request_counts"]["completed"].as_i64().unwrap() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.child.kill().unwrap(); // SIGKILL, mid-line most likely
+    first.child.wait().unwrap();
+    // Keep the database for the second life.
+    let db_name = std::mem::take(&mut first.db_name);
+    drop(first);
+    let url = format!("{}/{db_name}", crate::app::pg_server());
+    let second = spawn_server(url, db_name, &env).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let done = loop {
+        let b = status(second.base.clone(), key.clone(), id.clone()).await;
+        if b["status"] == "completed" {
+            break b;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never finished: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["request_counts"]["completed"], n, "{done}");
+    let out = http
+        .get(format!(
+            "{}/v1/files/{}/content",
+            second.base,
+            done["output_file_id"].as_str().unwrap()
+        ))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let ids: Vec<String> = jsonl(&out)
+        .iter()
+        .map(|o| o["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    assert_eq!(ids, want, "every line exactly once, in order");
+}

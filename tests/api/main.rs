@@ -5,6 +5,7 @@ mod admin;
 mod app;
 mod auth;
 mod batch;
+mod concurrency;
 mod console;
 mod console_browser;
 mod console_pages;

@@ -2,7 +2,7 @@
 
 mod audits;
 mod outage;
-mod process;
+pub mod process;
 mod rows;
 mod tamper;
 mod tos;

@@ -28,9 +28,9 @@ pub async fn start_server(env: &[(&str, String)]) -> Server {
     start_server_on(url, db_name, env).await
 }
 
-/// [`start_server`] on the database at `url` (a superuser's URL; `env` may make the server log
-/// in as another role).
-pub async fn start_server_on(url: String, db_name: String, env: &[(&str, String)]) -> Server {
+/// `teachd serve` on the database at `url` (with `env` overrides), up and listening; nothing
+/// else set up (a second life of a server on its database keeps the first one's keys).
+pub async fn spawn_server(url: String, db_name: String, env: &[(&str, String)]) -> Server {
     let bin = env!("CARGO_BIN_EXE_teachd");
     // Without a model unless the caller's config names one (the embedded default has one).
     let no_models = std::env::temp_dir().join(format!(
@@ -65,6 +65,20 @@ pub async fn start_server_on(url: String, db_name: String, env: &[(&str, String)
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };
+    Server {
+        child,
+        base: format!("http://{addr}"),
+        db_name,
+        lines,
+        key: String::new(),
+    }
+}
+
+/// [`start_server`] on the database at `url` (a superuser's URL; `env` may make the server log
+/// in as another role).
+pub async fn start_server_on(url: String, db_name: String, env: &[(&str, String)]) -> Server {
+    let bin = env!("CARGO_BIN_EXE_teachd");
+    let mut server = spawn_server(url.clone(), db_name, env).await;
     let out = Command::new(bin)
         .args(["admin", "bootstrap"])
         .env("TEACHD__DATABASE__URL", &url)
@@ -77,7 +91,7 @@ pub async fn start_server_on(url: String, db_name: String, env: &[(&str, String)
         String::from_utf8_lossy(&out.stderr)
     );
     let admin = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let base = format!("http://{addr}");
+    let base = server.base.clone();
     let http = reqwest::Client::new();
     let client: serde_json::Value = http
         .post(format!("{base}/admin/clients"))
@@ -113,13 +127,8 @@ pub async fn start_server_on(url: String, db_name: String, env: &[(&str, String)
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    Server {
-        child,
-        base,
-        db_name,
-        lines,
-        key: key["key"].as_str().unwrap().to_string(),
-    }
+    server.key = key["key"].as_str().unwrap().to_string();
+    server
 }
 
 impl Drop for Server {
