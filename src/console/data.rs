@@ -261,29 +261,61 @@ pub async fn latest_checkpoint(
     .await
 }
 
-/// A batch job's progress, for the overview.
-#[derive(Debug, sqlx::FromRow)]
-pub struct BatchRow {
-    pub id: String,
+/// A batch job's progress, for the overview: the API's own batch object (lines and token
+/// progress, rate, ETA computed in one place) and its client's name.
+#[derive(Debug)]
+pub struct BatchLine {
+    pub batch: crate::batch::store::BatchObject,
     pub client: Option<String>,
-    pub endpoint: String,
-    pub status: String,
-    pub done: i32,
-    pub total_lines: i32,
     pub created_at: DateTime<Utc>,
 }
 
+impl BatchLine {
+    pub fn lines_done(&self) -> i64 {
+        self.batch.request_counts.completed + self.batch.request_counts.failed
+    }
+
+    /// `12m 5s`-style time left, or empty when unknown or finished.
+    pub fn eta(&self) -> String {
+        match self.batch.progress.eta_s {
+            Some(s) if s.is_finite() => {
+                let s = s.round() as i64;
+                match (s / 3600, (s % 3600) / 60, s % 60) {
+                    (0, 0, sec) => format!("{sec}s"),
+                    (0, m, sec) => format!("{m}m {sec}s"),
+                    (h, m, _) => format!("{h}h {m}m"),
+                }
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct BatchWithClient {
+    #[sqlx(flatten)]
+    row: crate::batch::store::BatchRow,
+    client: Option<String>,
+}
+
 /// The most recent batch jobs of every client.
-pub async fn recent_batches(db: &PgPool, n: i64) -> Result<Vec<BatchRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT b.id, c.name AS client, b.endpoint, b.status, \
-                b.completed_lines + b.failed_lines AS done, b.total_lines, b.created_at \
+pub async fn recent_batches(db: &PgPool, n: i64) -> Result<Vec<BatchLine>, sqlx::Error> {
+    let rows: Vec<BatchWithClient> = sqlx::query_as(
+        "SELECT b.*, c.name AS client \
          FROM batches b LEFT JOIN clients c ON c.id = b.client_id \
          ORDER BY b.created_at DESC LIMIT $1",
     )
     .bind(n)
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| BatchLine {
+            batch: crate::batch::store::BatchObject::from(&r.row),
+            client: r.client,
+            created_at: r.row.created_at,
+        })
+        .collect())
 }
 
 pub async fn ledger_head(db: &PgPool) -> Result<Option<(i64, DateTime<Utc>)>, sqlx::Error> {

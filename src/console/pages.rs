@@ -101,7 +101,7 @@ struct Overview {
     /// The latest signed checkpoint: tree size, base64 root, when.
     checkpoint: Option<(i64, String, String)>,
     verifier_key: String,
-    batches: Vec<data::BatchRow>,
+    batches: Vec<data::BatchLine>,
 }
 
 fn sum(v: &[f64]) -> i64 {

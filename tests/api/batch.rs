@@ -729,6 +729,15 @@ async fn a_parquet_input_runs_with_the_batch_metadata_and_streams_its_progress()
         last["progress"]["scored_tokens"],
         last["progress"]["total_tokens"]
     );
+    // The console's overview shows the same token progress (issue 15).
+    let console = crate::console::Console::sign_in(&app).await;
+    let (status, html) = console.get("/console").await;
+    assert_eq!(status, 200);
+    let total = last["progress"]["total_tokens"].as_i64().unwrap();
+    assert!(
+        html.contains(&format!("<td class=\"tokens\">{total} / {total}</td>")),
+        "token progress on the overview: {html}"
+    );
 
     let out = jsonl(&content(&app, &key, last["output_file_id"].as_str().unwrap()).await);
     assert_eq!(out.len(), 3);
