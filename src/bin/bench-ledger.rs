@@ -63,6 +63,7 @@ fn event() -> UsageEvent {
         tos_version: Some("v1".into()),
         weights_sha256: Some("ab".repeat(32)),
         refusals: 0,
+        response_bytes: 0,
     }
 }
 

@@ -90,8 +90,8 @@ impl Window {
     }
 }
 
-/// Per bucket: requests, positions scored, tokens generated, judgments, and refusals/errors by
-/// reason (error code, or `5xx`/`4xx` without one).
+/// Per bucket: requests, positions scored, tokens generated, judgments, bytes served, and
+/// refusals/errors by reason (error code, or `5xx`/`4xx` without one).
 #[derive(Debug, Default)]
 pub struct Series {
     pub buckets: Vec<DateTime<Utc>>,
@@ -99,10 +99,11 @@ pub struct Series {
     pub scored: Vec<f64>,
     pub generated: Vec<f64>,
     pub judgments: Vec<f64>,
+    pub bytes: Vec<f64>,
     pub refusals: BTreeMap<String, Vec<f64>>,
 }
 
-type SeriesRow = (DateTime<Utc>, i16, Option<String>, i64, i64, i64, i64);
+type SeriesRow = (DateTime<Utc>, i16, Option<String>, i64, i64, i64, i64, i64);
 
 pub async fn series(
     db: &PgPool,
@@ -117,8 +118,8 @@ pub async fn series(
             .push_bind(w.from)
             .push(
                 ") AS bucket, (status / 100)::int2, error_code, sum(greatest(refusals, 1))::int8, \
-                 sum(scored_tokens)::int8, sum(generated_tokens)::int8, sum(judgments)::int8 \
-                 FROM usage_events WHERE ts >= ",
+                 sum(scored_tokens)::int8, sum(generated_tokens)::int8, sum(judgments)::int8, \
+                 sum(response_bytes)::int8 FROM usage_events WHERE ts >= ",
             )
             .push_bind(w.from)
             .push(" AND ts < ")
@@ -137,7 +138,7 @@ pub async fn series(
         let mut q = QueryBuilder::new(format!(
             "SELECT date_trunc('{unit}', hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS bucket, \
              status_class, error_code, sum(requests)::int8, sum(scored_tokens)::int8, \
-             sum(generated_tokens)::int8, sum(judgments)::int8 FROM "
+             sum(generated_tokens)::int8, sum(judgments)::int8, sum(response_bytes)::int8 FROM "
         ));
         push_source(&mut q, &w.filter(client_id), unit == "day");
         q.push(" GROUP BY 1, 2, 3");
@@ -152,10 +153,11 @@ pub async fn series(
         scored: vec![0.0; n],
         generated: vec![0.0; n],
         judgments: vec![0.0; n],
+        bytes: vec![0.0; n],
         buckets,
         ..Default::default()
     };
-    for (bucket, class, code, requests, scored, generated, judgments) in rows {
+    for (bucket, class, code, requests, scored, generated, judgments, bytes) in rows {
         // A bucket that starts before the window (its first, partial one) joins the first.
         let i = index
             .range(..=bucket)
@@ -169,6 +171,7 @@ pub async fn series(
         s.scored[i] += scored as f64;
         s.generated[i] += generated as f64;
         s.judgments[i] += judgments as f64;
+        s.bytes[i] += bytes as f64;
         if class >= 4 {
             let reason = code.unwrap_or_else(|| format!("{class}xx"));
             s.refusals.entry(reason).or_insert_with(|| vec![0.0; n])[i] += requests as f64;

@@ -71,7 +71,15 @@ pub struct Totals {
     pub scored: i64,
     pub generated: i64,
     pub judgments: i64,
+    pub bytes: i64,
     pub refused: i64,
+}
+
+impl Totals {
+    /// Bytes served, e.g. `1.50 MiB`.
+    pub fn bytes_human(&self) -> String {
+        indicatif::HumanBytes(self.bytes.max(0) as u64).to_string()
+    }
 }
 
 pub struct Engine {
@@ -108,7 +116,8 @@ fn sum(v: &[f64]) -> i64 {
     v.iter().sum::<f64>() as i64
 }
 
-/// The charts of a range's series: requests, tokens, judgments, refusals by reason.
+/// The charts of a range's series: requests, tokens, judgments, bytes served, refusals by
+/// reason.
 fn series_charts(w: &Window, s: &data::Series) -> Vec<String> {
     let labels: Vec<String> = s.buckets.iter().map(|t| w.label(*t)).collect();
     let one = |name: &str, v: &Vec<f64>| Line {
@@ -126,6 +135,7 @@ fn series_charts(w: &Window, s: &data::Series) -> Vec<String> {
             ],
         ),
         charts::lines("Judgments", &labels, &[one("judgments", &s.judgments)]),
+        charts::lines("Bytes served", &labels, &[one("response bytes", &s.bytes)]),
     ];
     let reasons: Vec<Line> = s.refusals.iter().map(|(k, v)| one(k, v)).collect();
     out.push(charts::lines(
@@ -149,6 +159,7 @@ pub async fn overview(
         scored: sum(&s.scored),
         generated: sum(&s.generated),
         judgments: sum(&s.judgments),
+        bytes: sum(&s.bytes),
         refused,
     };
     let licence_of = |model: &str| {

@@ -192,6 +192,7 @@ impl Row {
             .await
             .unwrap_or_default();
         event.response_sha256 = Sha256::digest(&bytes).into();
+        event.response_bytes = bytes.len() as i64;
         let stamp = Stamp::of(&event);
         match self.ledger.record_refusal(event).await {
             Ok(None) => Response::from_parts(parts, Body::from(bytes)),
@@ -218,6 +219,7 @@ impl Row {
                 request_id: self.request_id().to_string(),
                 row: self,
                 hasher: Sha256::new(),
+                bytes: 0,
                 sse,
             };
             return Response::from_parts(parts, stream.into_body(body));
@@ -236,6 +238,7 @@ impl Row {
         let mut closed = watch.closed().await;
         apply(&mut event, &closed.usage);
         event.response_sha256 = Sha256::digest(&response_bytes).into();
+        event.response_bytes = response_bytes.len() as i64;
         if event.status >= 400 {
             event.error_code =
                 serde_json::from_slice::<crate::error::ErrorEnvelope>(&response_bytes)
@@ -347,6 +350,8 @@ struct StreamRow {
     request_id: String,
     row: Row,
     hasher: Sha256,
+    /// Bytes hashed so far.
+    bytes: u64,
     sse: bool,
 }
 
@@ -362,6 +367,7 @@ impl StreamRow {
                     match inner.next().await {
                         Some(Ok(chunk)) => {
                             st.hasher.update(&chunk);
+                            st.bytes += chunk.len() as u64;
                             if let Some(prev) = held.replace(chunk) {
                                 return Some((Ok(prev), (st, inner, held, false)));
                             }
@@ -424,6 +430,7 @@ impl StreamRow {
             _ => {}
         }
         event.response_sha256 = std::mem::take(&mut self.hasher).finalize().into();
+        event.response_bytes = self.bytes as i64;
         event.latency_ms = ms(self.row.started);
         let stamp = Stamp::of(&event);
         match self.row.ledger.record(event, None).await {

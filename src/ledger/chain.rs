@@ -45,6 +45,8 @@ pub struct UsageEvent {
     /// For an aggregated refusal row: how many refusals of this client it stands for (the
     /// refusals past `ledger.max_refusal_rows_per_minute` in its minute). 0 for any other row.
     pub refusals: i64,
+    /// Bytes of the response body served (the bytes `response_sha256` covers).
+    pub response_bytes: i64,
 }
 
 impl UsageEvent {
@@ -81,6 +83,7 @@ impl UsageEvent {
             tos_version,
             weights_sha256: None,
             refusals: 0,
+            response_bytes: 0,
         }
     }
 }
@@ -155,6 +158,11 @@ pub fn encode(id: i64, e: &UsageEvent) -> Vec<u8> {
     if e.refusals != 0 {
         w.0.extend_from_slice(b"refusals");
         w.i64(e.refusals);
+    }
+    // Likewise (rows written before the column existed have 0 and encode as before).
+    if e.response_bytes != 0 {
+        w.0.extend_from_slice(b"response_bytes");
+        w.i64(e.response_bytes);
     }
     w.0
 }
@@ -269,6 +277,7 @@ mod tests {
             tos_version: Some("2024-01".into()),
             weights_sha256: Some("ab".into()),
             refusals: 0,
+            response_bytes: 0,
         }
     }
 
@@ -332,6 +341,8 @@ mod tests {
         push(&|e| e.response_sha256[31] ^= 1);
         push(&|e| e.tos_version = None);
         push(&|e| e.weights_sha256 = Some("ac".into()));
+        push(&|e| e.refusals = 3);
+        push(&|e| e.response_bytes = 1234);
         for v in &variants {
             assert_ne!(row_hash(&GENESIS, 1, v), h, "{v:?}");
         }

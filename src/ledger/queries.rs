@@ -10,7 +10,7 @@ use super::chain::{ChainedEvent, UsageEvent, Verifier, GENESIS};
 
 pub const EVENT_COLUMNS: &str = "id, request_id, ts, client_id, key_id, method, endpoint, model, \
     status, error_code, prompt_tokens, scored_tokens, generated_tokens, judgments, top_k, latency_ms, \
-    request_sha256, response_sha256, tos_version, weights_sha256, refusals, prev_hash, row_hash";
+    request_sha256, response_sha256, tos_version, weights_sha256, refusals, response_bytes, prev_hash, row_hash";
 
 /// Rows read per round trip when scanning (export, verify).
 pub const SCAN_CHUNK: i64 = 5_000;
@@ -116,6 +116,7 @@ struct EventRow {
     tos_version: Option<String>,
     weights_sha256: Option<String>,
     refusals: i64,
+    response_bytes: i64,
     prev_hash: Vec<u8>,
     row_hash: Vec<u8>,
 }
@@ -153,6 +154,7 @@ impl From<EventRow> for ChainedEvent {
                 tos_version: r.tos_version,
                 weights_sha256: r.weights_sha256,
                 refusals: r.refusals,
+                response_bytes: r.response_bytes,
             },
         }
     }
@@ -213,6 +215,8 @@ pub struct UsageTotals {
     pub scored_tokens: i64,
     pub generated_tokens: i64,
     pub judgments: i64,
+    /// Bytes of response bodies served.
+    pub response_bytes: i64,
 }
 
 /// Aggregates over the filtered events, grouped by `keys` (none: one total row).
@@ -255,7 +259,8 @@ pub async fn usage(
          coalesce(sum(prompt_tokens), 0)::int8 AS prompt_tokens, \
          coalesce(sum(scored_tokens), 0)::int8 AS scored_tokens, \
          coalesce(sum(generated_tokens), 0)::int8 AS generated_tokens, \
-         coalesce(sum(judgments), 0)::int8 AS judgments FROM usage_events",
+         coalesce(sum(judgments), 0)::int8 AS judgments, \
+         coalesce(sum(response_bytes), 0)::int8 AS response_bytes FROM usage_events",
         select.join(", ")
     ));
     filter.push_where(&mut q);

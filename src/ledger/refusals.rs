@@ -66,9 +66,7 @@ impl RefusalBook {
                 // Rare: a refusal of a new minute before the flush ran. Count it into the old
                 // window's aggregate rather than lose or duplicate anything.
                 let key = (event.client_id, event.status, event.error_code.clone());
-                let slot = w.suppressed.entry(key).or_insert((0, event.clone()));
-                slot.0 += 1;
-                slot.1 = event;
+                count_into(w.suppressed.entry(key).or_insert((0, event.clone())), event);
                 return Decision::Counted;
             }
         }
@@ -77,9 +75,7 @@ impl RefusalBook {
             return Decision::Record(Box::new(event));
         }
         let key = (event.client_id, event.status, event.error_code.clone());
-        let slot = w.suppressed.entry(key).or_insert((0, event.clone()));
-        slot.0 += 1;
-        slot.1 = event;
+        count_into(w.suppressed.entry(key).or_insert((0, event.clone())), event);
         Decision::Counted
     }
 
@@ -124,6 +120,7 @@ impl RefusalBook {
                     tos_version: last.tos_version,
                     weights_sha256: None,
                     refusals: count,
+                    response_bytes: last.response_bytes,
                 });
             }
             false
@@ -135,6 +132,19 @@ impl RefusalBook {
     pub fn tracked(&self) -> usize {
         self.windows.lock().len()
     }
+}
+
+/// Counts `event` into an aggregate: the latest refusal stands for the rest, its
+/// `response_bytes` becomes the sum over every refusal counted.
+fn count_into(slot: &mut (i64, UsageEvent), event: UsageEvent) {
+    let before = if slot.0 == 0 {
+        0
+    } else {
+        slot.1.response_bytes
+    };
+    slot.0 += 1;
+    slot.1 = event;
+    slot.1.response_bytes += before;
 }
 
 #[cfg(test)]
@@ -163,6 +173,7 @@ mod tests {
             tos_version: None,
             weights_sha256: None,
             refusals: 0,
+            response_bytes: 0,
         }
     }
 

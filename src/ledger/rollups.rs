@@ -91,7 +91,7 @@ fn push_dims(q: &mut QueryBuilder<'_, Postgres>, client: Option<Uuid>, f: &Event
 }
 
 const ROLLUP_COLUMNS: &str = "client_id, model, endpoint, status_class, error_code, requests, \
-    prompt_tokens, scored_tokens, generated_tokens, judgments, latency_ms_sum";
+    prompt_tokens, scored_tokens, generated_tokens, judgments, latency_ms_sum, response_bytes";
 
 /// One rollup table's rows in `[lo, hi)` (open ends unbounded), as a `UNION ALL` branch.
 fn push_rollup(
@@ -114,7 +114,8 @@ fn push_rollup(
 }
 
 /// Pushes `SELECT hour, client_id, model, endpoint, status_class, error_code, requests,
-/// prompt_tokens, scored_tokens, generated_tokens, judgments, latency_ms_sum` over the rollups
+/// prompt_tokens, scored_tokens, generated_tokens, judgments, latency_ms_sum, response_bytes`
+/// over the rollups
 /// and raw edges of `filter` (the source every aggregate here reads). With `days`, the whole
 /// UTC days of the range come from the daily rollups (their `hour` is the day's midnight: only
 /// for aggregates by day or coarser), the rest of its whole hours from the hourly ones.
@@ -147,7 +148,7 @@ pub fn push_source(q: &mut QueryBuilder<'_, Postgres>, filter: &EventFilter, day
             " UNION ALL SELECT date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', \
              client_id, model, endpoint, (status / 100)::smallint, error_code, \
              greatest(refusals, 1), prompt_tokens, scored_tokens, generated_tokens, judgments, \
-             latency_ms FROM usage_events WHERE ts >= ",
+             latency_ms, response_bytes FROM usage_events WHERE ts >= ",
         )
         .push_bind(a)
         .push(" AND ts < ")
@@ -190,7 +191,8 @@ pub async fn usage(
          coalesce(sum(prompt_tokens), 0)::int8 AS prompt_tokens, \
          coalesce(sum(scored_tokens), 0)::int8 AS scored_tokens, \
          coalesce(sum(generated_tokens), 0)::int8 AS generated_tokens, \
-         coalesce(sum(judgments), 0)::int8 AS judgments FROM ",
+         coalesce(sum(judgments), 0)::int8 AS judgments, \
+         coalesce(sum(response_bytes), 0)::int8 AS response_bytes FROM ",
         select.join(", ")
     ));
     // By hour needs hourly rows; anything coarser may read whole days from the daily rollups.

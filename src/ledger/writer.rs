@@ -400,15 +400,15 @@ async fn existing_request_ids(
 const INSERT_EVENTS: &str = "INSERT INTO usage_events (id, request_id, ts, client_id, key_id, method, \
      endpoint, model, status, error_code, prompt_tokens, scored_tokens, generated_tokens, judgments, \
      top_k, latency_ms, request_sha256, response_sha256, tos_version, weights_sha256, prev_hash, row_hash, \
-     refusals) \
+     refusals, response_bytes) \
      SELECT * FROM UNNEST($1::int8[], $2::text[], $3::timestamptz[], $4::uuid[], $5::uuid[], $6::text[], \
      $7::text[], $8::text[], $9::int2[], $10::text[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], \
      $15::int4[], $16::float8[], $17::bytea[], $18::bytea[], $19::text[], $20::text[], $21::bytea[], $22::bytea[], \
-     $23::int8[])";
+     $23::int8[], $24::int8[])";
 
 /// The batch's tree hashes, inserted by the same statement as its rows.
 const INSERT_TREE: &str = "tree AS (INSERT INTO ledger_tree (idx, hash) \
-     SELECT * FROM UNNEST($24::int8[], $25::bytea[]))";
+     SELECT * FROM UNNEST($25::int8[], $26::bytea[]))";
 
 async fn insert(
     conn: &mut PgConnection,
@@ -424,7 +424,7 @@ async fn insert(
         format!(
             "WITH {INSERT_TREE}, bodies AS (INSERT INTO usage_bodies (client_id, request_id, \
              request_body, response_body) \
-             SELECT * FROM UNNEST($26::uuid[], $27::text[], $28::bytea[], $29::bytea[])) {INSERT_EVENTS}"
+             SELECT * FROM UNNEST($27::uuid[], $28::text[], $29::bytea[], $30::bytea[])) {INSERT_EVENTS}"
         )
     };
     let mut q = sqlx::query(&sql)
@@ -454,6 +454,7 @@ async fn insert(
         .bind(links.iter().map(|l| &l.1[..]).collect::<Vec<_>>())
         .bind(links.iter().map(|l| &l.2[..]).collect::<Vec<_>>())
         .bind(ev().map(|e| e.refusals).collect::<Vec<_>>())
+        .bind(ev().map(|e| e.response_bytes).collect::<Vec<_>>())
         .bind(nodes.iter().map(|n| n.0 as i64).collect::<Vec<_>>())
         .bind(nodes.iter().map(|n| &n.1[..]).collect::<Vec<_>>());
     if !with_bodies.is_empty() {

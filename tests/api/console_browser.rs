@@ -81,7 +81,7 @@ async fn a_browser_signs_in_opens_every_page_and_issues_and_revokes_a_key() {
     ] {
         b.goto(&app.url(&format!("/console?range={range}"))).await;
         let c = charts(&b).await;
-        assert_drawn(range, &c, 5);
+        assert_drawn(range, &c, 6);
         assert!(c[0].0 > 0 && c[1].0 > 0, "{range}: {c:?}");
         let text = b.text(&b.one("#top-clients").await).await;
         assert!(text.contains("lab-alpha"), "{range}: {text}");

@@ -32,6 +32,7 @@ fn synthetic(client: Uuid, ts: DateTime<Utc>, n: i64) -> UsageEvent {
         tos_version: Some("t1".into()),
         weights_sha256: None,
         refusals: 0,
+        response_bytes: 1000 + n % 7,
     }
 }
 
@@ -102,11 +103,15 @@ async fn every_page_renders_the_seeded_data() {
         assert_eq!(status, 200, "{html}");
         assert_eq!(
             html.matches("<figure class=\"chart\"").count(),
-            5,
+            6,
             "{range}"
         );
         assert_eq!(first_points(&html), buckets(len, step), "{range}");
         assert!(html.contains("lab-alpha"), "top clients ({range})");
+        assert!(
+            html.contains("Bytes served"),
+            "bytes served chart ({range})"
+        );
         assert!(
             html.contains("rate_limit_exceeded"),
             "refusals by reason ({range})"
@@ -126,6 +131,13 @@ async fn every_page_renders_the_seeded_data() {
     );
     assert!(html.contains("id=\"batches\""));
     let (_, month) = console.get("/console?range=30d").await;
+    // The seeded rows served 1000-1006 bytes each: the total is at least some KiB.
+    let kpi = &month[month.find("id=\"kpi-bytes\">").unwrap()..];
+    let kpi = &kpi[kpi.find('>').unwrap() + 1..kpi.find("</b>").unwrap()];
+    assert!(
+        kpi.ends_with("KiB") || kpi.ends_with("MiB"),
+        "bytes served: {kpi}"
+    );
     assert!(month.contains("teacher-a") && month.contains("teacher-b"));
     assert!(month.contains("data-bars=\"2\""), "one bar per teacher");
     assert!(month.contains("id=\"latency\""));

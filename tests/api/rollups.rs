@@ -40,6 +40,7 @@ fn event(client: Uuid, ts: DateTime<Utc>, n: i64) -> UsageEvent {
         tos_version: None,
         weights_sha256: None,
         refusals,
+        response_bytes: 100 + n % 9,
     }
 }
 
@@ -75,23 +76,28 @@ async fn workload(app: &TestApp) -> Vec<Uuid> {
     vec![a, b]
 }
 
-type Recount = Vec<(
-    DateTime<Utc>,
-    Uuid,
-    String,
-    Option<String>,
-    i16,
-    Option<String>,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-)>;
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+struct RollupRow {
+    t: DateTime<Utc>,
+    client_id: Uuid,
+    endpoint: String,
+    model: Option<String>,
+    status_class: i16,
+    error_code: Option<String>,
+    events: i64,
+    requests: i64,
+    prompt_tokens: i64,
+    scored_tokens: i64,
+    generated_tokens: i64,
+    judgments: i64,
+    response_bytes: i64,
+}
 
-const ROLLUP_COLS: &str = "hour, client_id, endpoint, model, status_class, error_code, events, \
-    requests, prompt_tokens, scored_tokens, generated_tokens, judgments";
+type Recount = Vec<RollupRow>;
+
+const ROLLUP_COLS: &str =
+    "hour AS t, client_id, endpoint, model, status_class, error_code, events, \
+    requests, prompt_tokens, scored_tokens, generated_tokens, judgments, response_bytes";
 
 #[tokio::test]
 async fn rollups_equal_a_recount_of_the_raw_rows() {
@@ -111,10 +117,12 @@ async fn rollups_equal_a_recount_of_the_raw_rows() {
     .await
     .unwrap();
     let recount: Recount = sqlx::query_as(
-        "SELECT date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', client_id, endpoint,
-                model, (status / 100)::int2, error_code, count(*)::int8,
-                sum(greatest(refusals, 1))::int8, sum(prompt_tokens)::int8,
-                sum(scored_tokens)::int8, sum(generated_tokens)::int8, sum(judgments)::int8
+        "SELECT date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS t, client_id, endpoint,
+                model, (status / 100)::int2 AS status_class, error_code, count(*)::int8 AS events,
+                sum(greatest(refusals, 1))::int8 AS requests,
+                sum(prompt_tokens)::int8 AS prompt_tokens, sum(scored_tokens)::int8 AS scored_tokens,
+                sum(generated_tokens)::int8 AS generated_tokens, sum(judgments)::int8 AS judgments,
+                sum(response_bytes)::int8 AS response_bytes
          FROM usage_events GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6",
     )
     .fetch_all(&app.db)
@@ -130,10 +138,12 @@ async fn rollups_equal_a_recount_of_the_raw_rows() {
     .await
     .unwrap();
     let by_day: Recount = sqlx::query_as(
-        "SELECT date_trunc('day', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', client_id, endpoint,
-                model, (status / 100)::int2, error_code, count(*)::int8,
-                sum(greatest(refusals, 1))::int8, sum(prompt_tokens)::int8,
-                sum(scored_tokens)::int8, sum(generated_tokens)::int8, sum(judgments)::int8
+        "SELECT date_trunc('day', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS t, client_id, endpoint,
+                model, (status / 100)::int2 AS status_class, error_code, count(*)::int8 AS events,
+                sum(greatest(refusals, 1))::int8 AS requests,
+                sum(prompt_tokens)::int8 AS prompt_tokens, sum(scored_tokens)::int8 AS scored_tokens,
+                sum(generated_tokens)::int8 AS generated_tokens, sum(judgments)::int8 AS judgments,
+                sum(response_bytes)::int8 AS response_bytes
          FROM usage_events GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6",
     )
     .fetch_all(&app.db)
@@ -255,6 +265,7 @@ async fn usage_from_rollups_equals_the_raw_aggregate_for_every_grouping_and_rang
             "judgments",
             "prompt_tokens",
             "requests",
+            "response_bytes",
             "scored_tokens"
         ]
     );

@@ -52,7 +52,7 @@ pub struct ExportParams {
 
 pub const CSV_HEADER: &str = "id,request_id,ts,client_id,key_id,method,endpoint,model,status,error_code,\
 prompt_tokens,scored_tokens,generated_tokens,judgments,top_k,latency_ms,request_sha256,response_sha256,\
-tos_version,weights_sha256,refusals,prev_hash,row_hash\n";
+tos_version,weights_sha256,refusals,response_bytes,prev_hash,row_hash\n";
 
 /// One CSV cell. A cell that a spreadsheet would read as a formula (leading `=`, `+`, `-`, `@`,
 /// tab or carriage return: client-chosen request ids and error codes end up here) is prefixed
@@ -98,6 +98,7 @@ fn csv_line(out: &mut String, e: &EventView) {
         opt(&e.tos_version),
         opt(&e.weights_sha256),
         e.refusals.to_string(),
+        e.response_bytes.to_string(),
         e.prev_hash.clone(),
         e.row_hash.clone(),
     ];

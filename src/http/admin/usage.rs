@@ -60,6 +60,8 @@ pub struct UsageRow {
     pub scored_tokens: i64,
     pub generated_tokens: i64,
     pub judgments: i64,
+    /// Bytes of response bodies served.
+    pub response_bytes: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -141,6 +143,7 @@ async fn usage(
                 ("scored_tokens", r.scored_tokens),
                 ("generated_tokens", r.generated_tokens),
                 ("judgments", r.judgments),
+                ("response_bytes", r.response_bytes),
             ] {
                 m.insert(name.into(), v.into());
             }
@@ -179,6 +182,8 @@ pub struct EventView {
     pub weights_sha256: Option<String>,
     /// For an aggregated refusal row: how many refused requests it stands for (0 otherwise).
     pub refusals: i64,
+    /// Bytes of the response body served (what `response_sha256` covers).
+    pub response_bytes: i64,
     pub prev_hash: String,
     pub row_hash: String,
 }
@@ -208,6 +213,7 @@ impl From<ChainedEvent> for EventView {
             tos_version: e.tos_version,
             weights_sha256: e.weights_sha256,
             refusals: e.refusals,
+            response_bytes: e.response_bytes,
             prev_hash: hex::encode(c.prev_hash),
             row_hash: hex::encode(c.row_hash),
         }

@@ -56,6 +56,11 @@ async fn every_authenticated_request_leaves_one_row_with_its_facts() {
         e.response_sha256.to_vec(),
         Sha256::digest(&response_bytes).to_vec()
     );
+    assert_eq!(
+        e.response_bytes,
+        response_bytes.len() as i64,
+        "bytes served"
+    );
     assert_eq!(e.tos_version.as_deref(), Some("t1"));
     let digest = &app
         .state
@@ -119,14 +124,16 @@ async fn a_streamed_response_is_recorded_with_the_hash_of_every_byte() {
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let bytes = r.bytes().await.unwrap();
     assert!(!bytes.is_empty());
-    let (status, hash): (i16, Vec<u8>) =
-        sqlx::query_as("SELECT status, response_sha256 FROM usage_events WHERE request_id = $1")
-            .bind(&id)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
+    let (status, hash, served): (i16, Vec<u8>, i64) = sqlx::query_as(
+        "SELECT status, response_sha256, response_bytes FROM usage_events WHERE request_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     assert_eq!(hash, Sha256::digest(&bytes).to_vec());
+    assert_eq!(served, bytes.len() as i64, "bytes served by the stream");
 }
 
 #[tokio::test]
