@@ -22,7 +22,7 @@ use crate::AppState;
 #[schema(example = json!({"input_file_id": "file-…", "endpoint": "/v1/logprobs", "completion_window": "24h"}))]
 pub struct CreateBatch {
     pub input_file_id: String,
-    /// `/v1/logprobs`, `/v1/completions` or `/v1/chat/completions`.
+    /// `/v1/logprobs`, `/v1/completions`, `/v1/chat/completions` or `/v1/judgments`.
     pub endpoint: String,
     /// `24h` (or a shorter `<n>h`, `<n>m`, `<n>s`, up to `batch.max_completion_window_secs`).
     pub completion_window: String,

@@ -57,11 +57,14 @@ pub(super) async fn run_line(
     event.prompt_tokens = usage.prompt_tokens as i64;
     event.scored_tokens = usage.scored_tokens as i64;
     event.generated_tokens = usage.generated_tokens as i64;
+    event.judgments = usage.judgments as i64;
     // What ran is paid for, failed or not, never past the line's reservation.
     let cost = usage.billable_tokens().min(estimate);
     let ran = match result {
         Ok(body) => {
-            event.response_sha256 = Sha256::digest(serde_json::to_vec(&body)?).into();
+            let bytes = serde_json::to_vec(&body)?;
+            event.response_sha256 = Sha256::digest(&bytes).into();
+            event.response_bytes = bytes.len() as i64;
             Ran {
                 ok: true,
                 text: super::output::ok_line(&line.custom_id, &request_id, &body),
@@ -75,6 +78,7 @@ pub(super) async fn run_line(
             event.error_code = err.code().map(str::to_string);
             let envelope = serde_json::to_vec(&err.envelope(Some(request_id.clone())))?;
             event.response_sha256 = Sha256::digest(&envelope).into();
+            event.response_bytes = envelope.len() as i64;
             Ran {
                 ok: false,
                 text: super::output::error_line(
@@ -101,6 +105,7 @@ enum Body {
     Logprobs(crate::http::logprobs::LogprobsResponse),
     Completions(crate::http::completions::CompletionResponse),
     Chat(crate::http::chat::ChatResponse),
+    Judgment(crate::http::judgments::JudgmentResult),
 }
 
 /// Runs one line's job through the endpoint's own code; returns the body the endpoint would
@@ -124,6 +129,20 @@ async fn execute(job: Job) -> (Result<Body, ApiError>, Usage) {
             let (meter, _watch) = Meter::detached();
             let result = crate::http::chat::respond(checked, &meter).await;
             (result.map(Body::Chat), meter.usage())
+        }
+        Job::Judgment { teacher, planned } => {
+            match crate::http::judgments::judge_one(&teacher, planned).await {
+                Ok(r) => {
+                    let usage = Usage {
+                        prompt_tokens: r.usage.total_tokens as u64,
+                        scored_tokens: r.usage.scored_tokens as u64,
+                        judgments: 1,
+                        ..Usage::default()
+                    };
+                    (Ok(Body::Judgment(r)), usage)
+                }
+                Err(e) => (Err(e), Usage::default()),
+            }
         }
         Job::Completions { checked, .. } => {
             let (meter, _watch) = Meter::detached();

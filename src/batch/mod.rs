@@ -35,7 +35,12 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::AppState;
 
 /// The endpoints a batch may target.
-pub const ENDPOINTS: &[&str] = &["/v1/logprobs", "/v1/completions", "/v1/chat/completions"];
+pub const ENDPOINTS: &[&str] = &[
+    "/v1/logprobs",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/judgments",
+];
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

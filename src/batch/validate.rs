@@ -32,6 +32,11 @@ pub enum Job {
         teacher: Arc<Teacher>,
         checked: chat::Checked,
     },
+    /// One judgment (a line is one judgment; `items` belong in separate lines).
+    Judgment {
+        teacher: Arc<Teacher>,
+        planned: crate::http::judgments::Planned,
+    },
 }
 
 impl Job {
@@ -41,6 +46,7 @@ impl Job {
             Job::Logprobs { plan, .. } => plan.cost(),
             Job::Completions { checked, .. } => checked.cost,
             Job::Chat { checked, .. } => checked.cost,
+            Job::Judgment { planned, .. } => planned.cost() as u64,
         }
     }
 
@@ -48,7 +54,8 @@ impl Job {
         match self {
             Job::Logprobs { teacher, .. }
             | Job::Completions { teacher, .. }
-            | Job::Chat { teacher, .. } => teacher,
+            | Job::Chat { teacher, .. }
+            | Job::Judgment { teacher, .. } => teacher,
         }
     }
 
@@ -58,6 +65,7 @@ impl Job {
             Job::Logprobs { plan, .. } => Some(plan.top_k as u32),
             Job::Completions { checked, .. } => checked.top_k,
             Job::Chat { checked, .. } => checked.top_k,
+            Job::Judgment { .. } => None,
         }
     }
 }
@@ -167,6 +175,25 @@ pub async fn prepare(
             let checked = chat::plan(&teacher, req).await?;
             Ok(Job::Chat { teacher, checked })
         }
+        "/v1/judgments" => {
+            let req: crate::http::judgments::JudgmentRequest =
+                crate::http::extract::object(line.body.clone()).map_err(|e| {
+                    ApiError::BadRequest {
+                        message: format!("invalid `body`: {e}"),
+                        param: Some("body".into()),
+                        code: Some("invalid_body"),
+                    }
+                })?;
+            if req.items.is_some() {
+                return Err(ApiError::bad_param(
+                    "items",
+                    "a batch line is one judgment: put each item on a line of its own",
+                ));
+            }
+            let teacher = lookup.teacher(state, &req.model).await?;
+            let planned = crate::http::judgments::plan_one(&teacher, &req.spec).await?;
+            Ok(Job::Judgment { teacher, planned })
+        }
         other => Err(ApiError::bad_param(
             "endpoint",
             format!("batches cannot target `{other}`"),
@@ -259,7 +286,7 @@ pub async fn validate(
                         (teacher.info.id.clone(), plan.top_k, plan.temperature)
                     }
                     // Parquet is for teacher forcing only: never uniform.
-                    Job::Completions { .. } | Job::Chat { .. } => {
+                    Job::Completions { .. } | Job::Chat { .. } | Job::Judgment { .. } => {
                         (String::new(), usize::MAX, f64::NAN)
                     }
                 };

@@ -14,7 +14,7 @@ pub mod gate;
 mod generation;
 pub mod health;
 pub mod input;
-mod judgments;
+pub mod judgments;
 pub mod ledger_layer;
 pub mod logprobs;
 pub mod metrics;

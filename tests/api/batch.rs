@@ -1070,3 +1070,92 @@ async fn a_sigkilled_server_resumes_the_batch_without_losing_or_repeating_a_line
     let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
     assert_eq!(ids, want, "every line exactly once, in order");
 }
+
+#[tokio::test]
+async fn a_judgments_batch_answers_like_the_endpoint_and_refuses_bad_lines() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (client, key) = app.ready_teacher("judge", roomy()).await;
+    let absolute = json!({"model": MODEL, "mode": "absolute",
+        "instruction": "What is the capital of France?", "response": "Paris", "reference": "Paris",
+        "rubric": {"criteria": "Is the answer correct?", "scale": [1, 5]}});
+    let pairwise = json!({"model": MODEL, "mode": "pairwise", "instruction": "What is 2 + 2?",
+        "responses": ["4", "5"]});
+    let bad =
+        json!({"model": MODEL, "mode": "pairwise", "instruction": "x", "responses": ["only one"]});
+    let items = json!({"model": MODEL, "items": [absolute.clone()]});
+    let text: String = [
+        ("j-abs", &absolute),
+        ("j-pair", &pairwise),
+        ("j-bad", &bad),
+        ("j-items", &items),
+    ]
+    .iter()
+    .map(|(id, body)| {
+        json!({"custom_id": id, "method": "POST", "url": "/v1/judgments", "body": body}).to_string()
+            + "\n"
+    })
+    .collect();
+    let file = upload_ok(&app, &key, &text).await;
+    let r = app
+        .post(
+            "/v1/batches",
+            &key,
+            json!({"input_file_id": file, "endpoint": "/v1/judgments", "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request_counts"]["completed"], 2, "{done}");
+    let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
+    assert_eq!(out.len(), 2);
+    let batch_cost = crate::app::tokens_used(&app.db, client).await;
+    assert!(batch_cost > 0);
+    for (o, body) in out.iter().zip([&absolute, &pairwise]) {
+        let want: Value = app
+            .post("/v1/judgments", &key, body.clone())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(o["response"]["body"], want, "{}", o["custom_id"]);
+    }
+    // Both bad lines are in the error file with their line numbers, and cost nothing.
+    let errors = jsonl(&content(&app, &key, done["error_file_id"].as_str().unwrap()).await);
+    let bad_ids: Vec<&str> = errors
+        .iter()
+        .map(|e| e["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(bad_ids, ["j-bad", "j-items"], "{errors:?}");
+    // The two interactive calls cost what the batch's two lines cost; the bad lines nothing.
+    app.wait_tokens_used(client, 2 * batch_cost).await;
+    let judged: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(judgments), 0)::int8 FROM usage_events WHERE client_id = $1 AND request_id LIKE $2",
+    )
+    .bind(client)
+    .bind(format!("{id}:%"))
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(judged, 2, "one judgment per ledger row of the batch");
+    let unsized_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM usage_events WHERE client_id = $1 AND request_id LIKE $2 AND response_bytes = 0",
+    )
+    .bind(client)
+    .bind(format!("{id}:%"))
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        unsized_rows, 0,
+        "every batch line's row records the bytes it served"
+    );
+}

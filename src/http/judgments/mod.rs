@@ -19,7 +19,7 @@ mod plan;
 mod schema;
 mod types;
 
-use plan::{plan_one, Planned};
+pub use plan::{plan_one, Planned};
 
 pub use schema::JudgmentResponse;
 pub use types::*;
@@ -28,7 +28,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(judgments))
 }
 
-async fn judge_one(teacher: &Teacher, planned: Planned) -> Result<JudgmentResult, ApiError> {
+/// Runs one planned judgment: the endpoint's body for it (also a judgments batch line's).
+pub async fn judge_one(teacher: &Teacher, planned: Planned) -> Result<JudgmentResult, ApiError> {
     match planned {
         Planned::Absolute(plan, include_prompt) => {
             let j = teacher.judge_absolute(plan).await?;

@@ -64,13 +64,14 @@ fn required<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str, ApiError> 
 }
 
 /// One judgment, validated and tokenized: its exact cost is known before anything runs.
-pub(super) enum Planned {
+pub enum Planned {
     Absolute(AbsolutePlan, bool),
     Pairwise(PairwisePlan, bool),
 }
 
 impl Planned {
-    pub(super) fn cost(&self) -> usize {
+    /// Tokens the judgment's passes run through the teacher.
+    pub fn cost(&self) -> usize {
         match self {
             Planned::Absolute(p, _) => p.cost(),
             Planned::Pairwise(p, _) => p.cost(),
@@ -78,7 +79,8 @@ impl Planned {
     }
 }
 
-pub(super) async fn plan_one(teacher: &Teacher, spec: &JudgmentSpec) -> Result<Planned, ApiError> {
+/// Validates and tokenizes one judgment (the endpoint's and a batch line's).
+pub async fn plan_one(teacher: &Teacher, spec: &JudgmentSpec) -> Result<Planned, ApiError> {
     let instruction = required(&spec.instruction, "instruction")?;
     let include_prompt = spec.include_prompt.unwrap_or(false);
     match spec.mode.clone().unwrap_or(Mode::Absolute) {
