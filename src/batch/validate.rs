@@ -124,6 +124,15 @@ impl<'a> Lookup<'a> {
     }
 }
 
+/// The line's `body` as the endpoint's request type; 400 `invalid_body` when it is not one.
+fn body<T: serde::de::DeserializeOwned>(line: &InputLine) -> Result<T, ApiError> {
+    crate::http::extract::object(line.body.clone()).map_err(|e| ApiError::BadRequest {
+        message: format!("invalid `body`: {e}"),
+        param: Some("body".into()),
+        code: Some("invalid_body"),
+    })
+}
+
 /// The line's body made into engine work for `endpoint`.
 pub async fn prepare(
     state: &AppState,
@@ -133,25 +142,13 @@ pub async fn prepare(
 ) -> Result<Job, ApiError> {
     match endpoint {
         "/v1/logprobs" => {
-            let req: logprobs::LogprobsRequest = crate::http::extract::object(line.body.clone())
-                .map_err(|e| ApiError::BadRequest {
-                    message: format!("invalid `body`: {e}"),
-                    param: Some("body".into()),
-                    code: Some("invalid_body"),
-                })?;
+            let req: logprobs::LogprobsRequest = body(line)?;
             let teacher = lookup.teacher(state, &req.model).await?;
             let plan = logprobs::plan(&teacher, req).await?;
             Ok(Job::Logprobs { teacher, plan })
         }
         "/v1/completions" => {
-            let req: completions::CompletionRequest =
-                crate::http::extract::object(line.body.clone()).map_err(|e| {
-                    ApiError::BadRequest {
-                        message: format!("invalid `body`: {e}"),
-                        param: Some("body".into()),
-                        code: Some("invalid_body"),
-                    }
-                })?;
+            let req: completions::CompletionRequest = body(line)?;
             if req.stream == Some(true) {
                 return Err(ApiError::bad_param("stream", "batch lines cannot stream"));
             }
@@ -160,14 +157,7 @@ pub async fn prepare(
             Ok(Job::Completions { teacher, checked })
         }
         "/v1/chat/completions" => {
-            let req: chat::ChatRequest =
-                crate::http::extract::object(line.body.clone()).map_err(|e| {
-                    ApiError::BadRequest {
-                        message: format!("invalid `body`: {e}"),
-                        param: Some("body".into()),
-                        code: Some("invalid_body"),
-                    }
-                })?;
+            let req: chat::ChatRequest = body(line)?;
             if req.stream == Some(true) {
                 return Err(ApiError::bad_param("stream", "batch lines cannot stream"));
             }
@@ -176,14 +166,7 @@ pub async fn prepare(
             Ok(Job::Chat { teacher, checked })
         }
         "/v1/judgments" => {
-            let req: crate::http::judgments::JudgmentRequest =
-                crate::http::extract::object(line.body.clone()).map_err(|e| {
-                    ApiError::BadRequest {
-                        message: format!("invalid `body`: {e}"),
-                        param: Some("body".into()),
-                        code: Some("invalid_body"),
-                    }
-                })?;
+            let req: crate::http::judgments::JudgmentRequest = body(line)?;
             if req.items.is_some() {
                 return Err(ApiError::bad_param(
                     "items",

@@ -131,20 +131,26 @@ impl RawLogits {
 
     /// The logits as one row-major slice (row i predicts token i+1), borrowed from the tensor.
     pub fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> anyhow::Result<R> {
-        let (storage, layout) = self.tensor.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            anyhow::bail!("logits are not in CPU memory");
-        };
-        let data = cpu.as_slice::<f32>()?;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .context("logits are not contiguous")?;
-        Ok(f(&data[start..end]))
+        with_cpu_f32(&self.tensor, f)?.context("logits are not contiguous in CPU memory")
     }
 
     /// A copy as a `Vec` (reference checks and tests).
     pub fn to_vec(&self) -> anyhow::Result<Vec<f32>> {
         self.with_slice(<[f32]>::to_vec)
+    }
+}
+
+/// `f` over an f32 tensor's data borrowed in place; `None` when it is not contiguous CPU memory.
+fn with_cpu_f32<R>(
+    tensor: &mistralrs::Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<Option<R>> {
+    let (storage, layout) = tensor.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            Ok(Some(f(&cpu.as_slice::<f32>()?[start..end])))
+        }
+        _ => Ok(None),
     }
 }
 
@@ -254,17 +260,10 @@ impl Backend {
         let logits_processors = processor.map(|step| {
             let f = move |logits: &mistralrs::Tensor, context: &[u32]| {
                 let logits = logits.to_dtype(mistralrs::DType::F32)?;
-                let chosen = {
-                    let (storage, layout) = logits.storage_and_layout();
-                    match (&*storage, layout.contiguous_offsets()) {
-                        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
-                            step(&cpu.as_slice::<f32>()?[start..end], context)
-                        }
-                        _ => {
-                            drop(storage);
-                            step(&logits.to_vec1::<f32>()?, context)
-                        }
-                    }
+                let chosen = match with_cpu_f32(&logits, |row| step(row, context))? {
+                    Some(chosen) => chosen,
+                    // Not contiguous in CPU memory (a GPU model): copy the row out.
+                    None => step(&logits.to_vec1::<f32>()?, context),
                 };
                 // Force the engine's argmax onto the token we chose: a one-hot bias on the
                 // logits' own device.
