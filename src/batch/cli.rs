@@ -289,14 +289,30 @@ async fn follow(client: &Client, id: &str, mut batch: Value) -> anyhow::Result<V
     Ok(batch)
 }
 
-/// Saves the batch's output and error files into `out`; prints their paths.
+/// Saves the batch's output files (every shard of a sharded Parquet output) and its error file
+/// into `out`; prints their paths.
 async fn download(client: &Client, batch: &Value, out: &Path) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(out).await?;
     let id = batch["id"].as_str().unwrap_or("batch");
-    for (field, kind) in [("output_file_id", "output"), ("error_file_id", "errors")] {
-        let Some(file_id) = batch[field].as_str() else {
-            continue;
-        };
+    let mut files: Vec<(String, String)> = Vec::new();
+    let shards: Vec<&str> = batch["output_file_ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    match (shards.len(), batch["output_file_id"].as_str()) {
+        (0 | 1, Some(file_id)) => files.push((file_id.into(), format!("{id}_output"))),
+        (0 | 1, None) => {}
+        (n, _) => files.extend(
+            shards
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.to_string(), format!("{id}_output-{i:05}-of-{n:05}"))),
+        ),
+    }
+    if let Some(file_id) = batch["error_file_id"].as_str() {
+        files.push((file_id.into(), format!("{id}_errors")));
+    }
+    for (file_id, stem) in files {
         let meta = client
             .json(client.req(reqwest::Method::GET, &format!("/v1/files/{file_id}")))
             .await?;
@@ -309,7 +325,7 @@ async fn download(client: &Client, batch: &Value, out: &Path) -> anyhow::Result<
             .send()
             .await?
             .error_for_status()?;
-        let path = out.join(format!("{id}_{kind}.{ext}"));
+        let path = out.join(format!("{stem}.{ext}"));
         let mut file = tokio::fs::File::create(&path).await?;
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {

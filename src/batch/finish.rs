@@ -34,63 +34,47 @@ pub async fn finalize(state: &AppState, id: &str, end: &str, unrun: i32) -> anyh
     let out_work = super::work_path(state, id, "output");
     let err_work = super::work_path(state, id, "errors");
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let mut output_file_id = None;
+    let mut output_file_ids = Vec::new();
+    let mut shards_written = Vec::new();
     if size(&out_work) > 0 {
-        let file_id = super::new_id("file-");
-        let dest = super::file_path(state, &file_id);
-        if let Some(dir) = dest.parent() {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        let format = if row.output_format == "parquet" {
+        if row.output_format == "parquet" {
             let meta = parquet_metadata(state, &row, &out_work).await?;
             let k = meta
                 .get("top_k_columns")
                 .and_then(|k| k.parse().ok())
                 .unwrap_or(0);
-            let rows = state.config.batch.parquet_row_group_rows;
-            let (src, dst) = (out_work.clone(), dest.clone());
-            tokio::task::spawn_blocking(move || {
-                super::output::write_parquet(&src, &dst, k, meta, rows)
+            let layout = super::output::Layout {
+                row_group_rows: state.config.batch.parquet_row_group_rows,
+                shard_bytes: state.config.batch.parquet_shard_bytes,
+            };
+            let (src, work) = (out_work.clone(), out_work.clone());
+            let shards = tokio::task::spawn_blocking(move || {
+                let shard_path = |i: usize| work.with_extension(format!("shard-{i:05}.parquet"));
+                super::output::write_parquet(&src, &shard_path, k, meta, layout)
             })
             .await?
             .map_err(|e| anyhow::anyhow!("writing the Parquet output: {e}"))?;
-            Format::Parquet
+            let count = shards.len();
+            for (i, shard) in shards.iter().enumerate() {
+                let name = if count == 1 {
+                    format!("{id}_output.parquet")
+                } else {
+                    format!("{id}_output-{i:05}-of-{count:05}.parquet")
+                };
+                let file_id = publish(state, &row, &shard.path, &name, Format::Parquet).await?;
+                output_file_ids.push(file_id);
+            }
+            shards_written = shards.into_iter().map(|s| s.path).collect();
         } else {
-            link(&out_work, &dest).await?;
-            Format::Jsonl
-        };
-        let name = format!("{id}_output.{}", format.as_str());
-        super::files::insert(
-            &state.db,
-            &file_id,
-            row.client_id,
-            "batch_output",
-            &name,
-            size(&dest) as i64,
-            format,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        output_file_id = Some(file_id);
+            let name = format!("{id}_output.jsonl");
+            output_file_ids.push(publish(state, &row, &out_work, &name, Format::Jsonl).await?);
+        }
     }
+    let output_file_id = output_file_ids.first().cloned();
     let mut error_file_id = None;
     if size(&err_work) > 0 {
-        let file_id = super::new_id("file-");
-        let dest = super::file_path(state, &file_id);
-        link(&err_work, &dest).await?;
         let name = format!("{id}_errors.jsonl");
-        super::files::insert(
-            &state.db,
-            &file_id,
-            row.client_id,
-            "batch_output",
-            &name,
-            size(&dest) as i64,
-            Format::Jsonl,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        error_file_id = Some(file_id);
+        error_file_id = Some(publish(state, &row, &err_work, &name, Format::Jsonl).await?);
     }
     let at = match end {
         "completed" => "completed_at",
@@ -99,7 +83,7 @@ pub async fn finalize(state: &AppState, id: &str, end: &str, unrun: i32) -> anyh
     };
     let ended = sqlx::query(&format!(
         "UPDATE batches SET status = $2, {at} = now(), output_file_id = $3, error_file_id = $4,
-            failed_lines = failed_lines + $5, settled_tokens = reserved_tokens
+            failed_lines = failed_lines + $5, settled_tokens = reserved_tokens, output_file_ids = $6
          WHERE id = $1 AND status IN ('in_progress', 'finalizing', 'cancelling')"
     ))
     .bind(id)
@@ -107,6 +91,7 @@ pub async fn finalize(state: &AppState, id: &str, end: &str, unrun: i32) -> anyh
     .bind(&output_file_id)
     .bind(&error_file_id)
     .bind(unrun)
+    .bind(&output_file_ids)
     .execute(&state.db)
     .await?
     .rows_affected();
@@ -118,8 +103,38 @@ pub async fn finalize(state: &AppState, id: &str, end: &str, unrun: i32) -> anyh
             .await;
         let _ = tokio::fs::remove_file(&out_work).await;
         let _ = tokio::fs::remove_file(&err_work).await;
+        for shard in shards_written {
+            let _ = tokio::fs::remove_file(shard).await;
+        }
     }
     Ok(())
+}
+
+/// Makes the work file `src` the batch's output file `name` (a fresh file id, linked into the
+/// file store); returns its id.
+async fn publish(
+    state: &AppState,
+    row: &store::BatchRow,
+    src: &std::path::Path,
+    name: &str,
+    format: Format,
+) -> anyhow::Result<String> {
+    let file_id = super::new_id("file-");
+    let dest = super::file_path(state, &file_id);
+    link(src, &dest).await?;
+    let bytes = tokio::fs::metadata(&dest).await?.len() as i64;
+    super::files::insert(
+        &state.db,
+        &file_id,
+        row.client_id,
+        "batch_output",
+        name,
+        bytes,
+        format,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(file_id)
 }
 
 /// A hard link (same volume), else a copy.

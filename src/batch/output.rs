@@ -196,48 +196,103 @@ impl Columns {
 /// Largest row group kept in memory before it is written, whatever the row count.
 const MAX_ROW_GROUP_BYTES: usize = 64 << 20;
 
+/// How the Parquet dataset is laid out: rows per row group, and the size at which a shard is
+/// closed and the next one begun (a shard always holds at least one row group).
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub row_group_rows: usize,
+    pub shard_bytes: u64,
+}
+
+/// One shard written: its path, its rows, and the batch row its first row is.
+#[derive(Debug)]
+pub struct Shard {
+    pub path: std::path::PathBuf,
+    pub rows: usize,
+    pub first_row: usize,
+}
+
+/// The shard being written.
+struct ShardWriter {
+    writer: ArrowWriter<std::fs::File>,
+    schema: Arc<Schema>,
+    shard: Shard,
+}
+
 /// Writes the Parquet dataset of the output lines in `jsonl` (successful lines only: refused
-/// ones are in the error file) to `out`, with `meta` as the file's key-value metadata. Returns
-/// the number of rows.
+/// ones are in the error file) as shards at `shard_path(0)`, `shard_path(1)`, ..., with `meta`
+/// (plus `teachd.shard_index` and `teachd.shard_first_row`) as each file's key-value metadata.
+/// Streamed: one row group in memory at a time, whatever the number of lines.
 pub fn write_parquet(
     jsonl: &Path,
-    out: &Path,
+    shard_path: &dyn Fn(usize) -> std::path::PathBuf,
     k: usize,
     meta: HashMap<String, String>,
-    row_group_rows: usize,
-) -> Result<usize, String> {
+    layout: Layout,
+) -> Result<Vec<Shard>, String> {
     let mut cols = Columns::new(k);
-    let empty = cols.finish();
-    let schema = Arc::new(
-        Schema::new(
-            empty
-                .iter()
-                .map(|(name, a)| Field::new(*name, a.data_type().clone(), false))
-                .collect::<Vec<_>>(),
-        )
-        .with_metadata(meta.clone()),
-    );
-    let kv = meta.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).map_err(|e| e.to_string())?,
-        ))
-        .set_max_row_group_size(row_group_rows.max(1))
-        .set_key_value_metadata(Some(kv))
-        .build();
-    let file = std::fs::File::create(out).map_err(|e| e.to_string())?;
-    let mut writer =
-        ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| e.to_string())?;
-    let write =
-        |writer: &mut ArrowWriter<std::fs::File>, cols: &mut Columns| -> Result<(), String> {
-            let arrays = cols.finish().into_iter().map(|(_, a)| a).collect();
-            let batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| e.to_string())?;
-            writer.write(&batch).map_err(|e| e.to_string())?;
-            if writer.in_progress_size() > MAX_ROW_GROUP_BYTES {
-                writer.flush().map_err(|e| e.to_string())?;
-            }
-            Ok(())
+    let fields: Vec<Field> = cols
+        .finish()
+        .iter()
+        .map(|(name, a)| Field::new(*name, a.data_type().clone(), false))
+        .collect();
+    let open = |index: usize, first_row: usize| -> Result<ShardWriter, String> {
+        let mut meta = meta.clone();
+        meta.insert("teachd.shard_index".into(), index.to_string());
+        meta.insert("teachd.shard_first_row".into(), first_row.to_string());
+        let schema = Arc::new(Schema::new(fields.clone()).with_metadata(meta.clone()));
+        let kv = meta.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).map_err(|e| e.to_string())?,
+            ))
+            .set_max_row_group_size(layout.row_group_rows.max(1))
+            .set_key_value_metadata(Some(kv))
+            .build();
+        let path = shard_path(index);
+        let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+        let writer =
+            ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| e.to_string())?;
+        Ok(ShardWriter {
+            writer,
+            schema,
+            shard: Shard {
+                path,
+                rows: 0,
+                first_row,
+            },
+        })
+    };
+    let mut shards = Vec::new();
+    // Writes the rows in `cols`; closes the shard once it reaches the shard size.
+    let write = |current: &mut Option<ShardWriter>,
+                 cols: &mut Columns,
+                 shards: &mut Vec<Shard>,
+                 rows_before: usize|
+     -> Result<(), String> {
+        let mut w = match current.take() {
+            Some(w) => w,
+            None => open(shards.len(), rows_before)?,
         };
+        w.shard.rows += cols.rows;
+        let arrays = cols.finish().into_iter().map(|(_, a)| a).collect();
+        let batch = RecordBatch::try_new(w.schema.clone(), arrays).map_err(|e| e.to_string())?;
+        w.writer.write(&batch).map_err(|e| e.to_string())?;
+        if w.writer.in_progress_size() > MAX_ROW_GROUP_BYTES {
+            w.writer.flush().map_err(|e| e.to_string())?;
+        }
+        if w.writer.bytes_written() as u64 + w.writer.in_progress_size() as u64
+            >= layout.shard_bytes
+        {
+            w.writer.close().map_err(|e| e.to_string())?;
+            shards.push(w.shard);
+        } else {
+            *current = Some(w);
+        }
+        Ok(())
+    };
+    let mut current_slot = Some(open(0, 0)?);
+    let chunk = layout.row_group_rows.clamp(1, 64);
     let mut rows = 0;
     let reader = std::io::BufReader::new(std::fs::File::open(jsonl).map_err(|e| e.to_string())?);
     for text in reader.lines() {
@@ -249,13 +304,20 @@ pub fn write_parquet(
         };
         cols.push(&line.custom_id, &response.body)?;
         rows += 1;
-        if cols.rows >= 64 {
-            write(&mut writer, &mut cols)?;
+        if cols.rows >= chunk {
+            let before = rows - cols.rows;
+            write(&mut current_slot, &mut cols, &mut shards, before)?;
         }
     }
     if cols.rows > 0 {
-        write(&mut writer, &mut cols)?;
+        let before = rows - cols.rows;
+        write(&mut current_slot, &mut cols, &mut shards, before)?;
     }
-    writer.close().map_err(|e| e.to_string())?;
-    Ok(rows)
+    // The last shard (the only one, and empty, when no line succeeded); it is opened only
+    // when rows come for it, so it is never an empty shard after full ones.
+    if let Some(w) = current_slot {
+        w.writer.close().map_err(|e| e.to_string())?;
+        shards.push(w.shard);
+    }
+    Ok(shards)
 }

@@ -25,6 +25,7 @@ pub struct BatchRow {
     pub status: String,
     pub errors: Option<Value>,
     pub output_file_id: Option<String>,
+    pub output_file_ids: Vec<String>,
     pub error_file_id: Option<String>,
     pub created_at: DateTime<Utc>,
     pub in_progress_at: Option<DateTime<Utc>>,
@@ -104,7 +105,10 @@ pub struct BatchObject {
     pub completion_window: String,
     /// validating, failed, in_progress, finalizing, completed, expired, cancelling, cancelled.
     pub status: String,
+    /// The output (its first shard when a Parquet output is sharded).
     pub output_file_id: Option<String>,
+    /// Every output file in row order: the Parquet shards, or the one output file.
+    pub output_file_ids: Vec<String>,
     pub error_file_id: Option<String>,
     pub created_at: i64,
     pub in_progress_at: Option<i64>,
@@ -155,6 +159,7 @@ impl From<&BatchRow> for BatchObject {
             completion_window: r.completion_window.clone(),
             status: r.status.clone(),
             output_file_id: r.output_file_id.clone(),
+            output_file_ids: r.output_file_ids.clone(),
             error_file_id: r.error_file_id.clone(),
             created_at: super::unix(r.created_at),
             in_progress_at: ts(r.in_progress_at),

@@ -269,6 +269,9 @@ pub struct BatchConfig {
     /// Rows per Parquet row group: bigger groups compress better, smaller ones bound the
     /// memory of the writer and of readers.
     pub parquet_row_group_rows: usize,
+    /// A Parquet output is closed and the next shard begun once it reaches this size (each
+    /// shard holds at least one row group).
+    pub parquet_shard_bytes: u64,
     /// How often the runner looks for work it was not told about (e.g. after a restart).
     pub poll_ms: u64,
 }

@@ -251,7 +251,6 @@ pub async fn verifications(db: &PgPool, limit: i64) -> Result<Vec<Verification>,
     .await
 }
 
-/// The newest ledger row's id and time (cheap: the primary key's last entry).
 /// The latest signed checkpoint of the transparency log: (tree size, root, when).
 pub async fn latest_checkpoint(
     db: &PgPool,
@@ -321,6 +320,7 @@ pub async fn recent_batches(db: &PgPool, n: i64) -> Result<Vec<BatchLine>, sqlx:
         .collect())
 }
 
+/// The newest ledger row's id and time (cheap: the primary key's last entry).
 pub async fn ledger_head(db: &PgPool) -> Result<Option<(i64, DateTime<Utc>)>, sqlx::Error> {
     sqlx::query_as("SELECT id, ts FROM usage_events ORDER BY id DESC LIMIT 1")
         .fetch_optional(db)

@@ -152,7 +152,18 @@ pub async fn overview(
     Query(p): Query<RangeParams>,
 ) -> Page {
     let w = window(&p, Utc::now())?;
-    let s = data::series(&state.db, &w, None).await?;
+    // The page's queries are independent: run them at once, each on its own connection.
+    let db = &state.db;
+    let (s, mix, top, latency, head, last_verify, checkpoint, batches) = tokio::try_join!(
+        data::series(db, &w, None),
+        data::model_mix(db, &w),
+        data::top_clients(db, &w, 10),
+        data::latency(db, &w),
+        data::ledger_head(db),
+        data::verifications(db, 1),
+        data::latest_checkpoint(db),
+        data::recent_batches(db, 20),
+    )?;
     let refused = s.refusals.values().map(|v| sum(v)).sum();
     let totals = Totals {
         requests: sum(&s.requests),
@@ -171,7 +182,6 @@ pub async fn overview(
             .map(|m| format!("{} ({:?})", m.licence.id, m.licence.distillation))
             .unwrap_or_else(|| "not served now".into())
     };
-    let mix = data::model_mix(&state.db, &w).await?;
     let model_chart = charts::bars(
         "Requests per teacher",
         &mix.iter()
@@ -207,27 +217,23 @@ pub async fn overview(
         to: when(&w.to),
         charts: series_charts(&w, &s),
         totals,
-        top: data::top_clients(&state.db, &w, 10).await?,
+        top,
         models,
         model_chart,
         engines,
-        latency: data::latency(&state.db, &w).await?,
+        latency,
         ledger_healthy: state.ledger.is_healthy(),
-        head: data::ledger_head(&state.db)
-            .await?
-            .map(|(id, ts)| (id, when(&ts))),
-        last_verify: data::verifications(&state.db, 1).await?.into_iter().next(),
-        checkpoint: data::latest_checkpoint(&state.db)
-            .await?
-            .map(|(size, root, at)| {
-                (
-                    size,
-                    base64::Engine::encode(&base64::prelude::BASE64_STANDARD, root),
-                    when(&at),
-                )
-            }),
+        head: head.map(|(id, ts)| (id, when(&ts))),
+        last_verify: last_verify.into_iter().next(),
+        checkpoint: checkpoint.map(|(size, root, at)| {
+            (
+                size,
+                base64::Engine::encode(&base64::prelude::BASE64_STANDARD, root),
+                when(&at),
+            )
+        }),
         verifier_key: state.ledger.tlog().key.verifier_key().to_string(),
-        batches: data::recent_batches(&state.db, 20).await?,
+        batches,
     };
     render(page)
 }

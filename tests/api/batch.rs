@@ -345,6 +345,101 @@ async fn a_logprobs_batch_equals_the_interactive_endpoint_in_jsonl_and_parquet()
     app.wait_tokens_used(client, 3 * per_run).await;
 }
 
+#[tokio::test]
+async fn a_large_parquet_output_is_sharded_in_row_order() {
+    // One row per row group and a 1-byte shard size: every row is a shard of its own.
+    let app = TestApp::with_model(|c| {
+        c.batch.parquet_row_group_rows = 1;
+        c.batch.parquet_shard_bytes = 1;
+    })
+    .await;
+    let (_, key) = app.ready_teacher("sharded", roomy()).await;
+    let bodies: Vec<Value> = (0..4)
+        .map(|i| json!({"model": MODEL, "token_ids": seq(20 + i, 6 + i), "top_k": 4}))
+        .collect();
+    let text: String = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| line(&format!("s{i}"), b.clone()) + "\n")
+        .collect();
+    let file = upload_ok(&app, &key, &text).await;
+    let created = create_ok(&app, &key, &file, "parquet").await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let done = finished(&app, &key, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let shards: Vec<String> = done["output_file_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(shards.len(), 4, "{done}");
+    assert_eq!(done["output_file_id"], json!(shards[0]));
+    for (i, (shard, body)) in shards.iter().zip(&bodies).enumerate() {
+        let meta: Value = app
+            .get(&format!("/v1/files/{shard}"), Some(&key))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            meta["filename"],
+            format!("{id}_output-{i:05}-of-00004.parquet")
+        );
+        let want: Value = app
+            .post("/v1/logprobs", &key, body.clone())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let bytes = content(&app, &key, shard).await;
+        let reader =
+            parquet::file::reader::SerializedFileReader::new(bytes::Bytes::from(bytes.clone()))
+                .unwrap();
+        let kv: std::collections::HashMap<String, String> =
+            parquet::file::reader::FileReader::metadata(&reader)
+                .file_metadata()
+                .key_value_metadata()
+                .unwrap()
+                .iter()
+                .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()))
+                .collect();
+        assert_eq!(kv["teachd.shard_index"], i.to_string());
+        assert_eq!(kv["teachd.shard_first_row"], i.to_string());
+        check_parquet(bytes, &[(format!("s{i}"), want)], &id);
+    }
+    // The CLI downloads every shard.
+    let out = tempfile::tempdir().unwrap();
+    let (dir, server) = (out.path().to_path_buf(), app.url(""));
+    let (id2, key2) = (id.clone(), key.clone());
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_teachd"))
+            .args(["batch", "download", &id2, "--out"])
+            .arg(&dir)
+            .args(["--server", &server, "--key", &key2])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let mut names: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        (0..4)
+            .map(|i| format!("{id}_output-{i:05}-of-00004.parquet"))
+            .collect::<Vec<_>>()
+    );
+}
+
 fn check_parquet(bytes: Vec<u8>, want: &[(String, Value)], batch_id: &str) {
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Float32Type, UInt32Type};

@@ -16,6 +16,7 @@ mod ledger;
 mod limits;
 mod openapi;
 mod rollups;
+mod sdk;
 mod teacher;
 mod teacher_errors;
 mod webdriver;
