@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Issue 14's benchmark: a Parquet batch of N sequences x LEN tokens against the same sequences
-through /v1/logprobs one at a time from one client, through the real server binary on a fresh
-database. Prints a markdown table: scored tokens/s both ways, bytes per scored token on disk at
-each top-k, the server's peak RSS during each batch, and the latency of short interactive
-/v1/logprobs calls (32 tokens) idle and while a batch runs. Run it with nothing else busy.
-  scripts/bench-batch.py [BIN] [--n 40] [--len 512] [--k 20,128]
+"""Issue 14's benchmark: a Parquet batch of N sequences x LEN tokens at top-20, alone, against the
+same sequences through /v1/logprobs one at a time from one client, through the real server binary
+on a fresh database. Then one more batch per entry of --outputs (top-k, optionally `:BITS` for
+`top_logprobs_mantissa_bits`) over the first --bytes-n sequences, for bytes per scored token on
+disk; the short interactive /v1/logprobs calls (32 tokens) run during the last of those, and idle.
+Prints a markdown table: scored tokens/s both ways, bytes per token, the server's peak RSS during
+each batch, and the short calls' latency. Run it with nothing else busy.
+  scripts/bench-batch.py [BIN] [--n 200] [--len 512] [--outputs 20,128,128:8] [--bytes-n 40]
 BIN defaults to $CARGO_TARGET_DIR/debug/teachd (build it first: cargo build --bin teachd)."""
 import argparse, json, os, random, statistics, subprocess, sys, tempfile, threading, time, urllib.request, uuid
 
@@ -12,9 +14,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ap = argparse.ArgumentParser()
 ap.add_argument("bin", nargs="?", default=os.path.join(
     os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/teachd/target")), "debug", "teachd"))
-ap.add_argument("--n", type=int, default=40)
+ap.add_argument("--n", type=int, default=200)
 ap.add_argument("--len", type=int, default=512)
-ap.add_argument("--k", default="20,128")
+ap.add_argument("--outputs", default="20,128,128:8")
+ap.add_argument("--bytes-n", type=int, default=40)
 args = ap.parse_args()
 MODEL_PATH = subprocess.check_output(["bash", os.path.join(HERE, "fetch-model.sh")]).decode().strip()
 MODEL = "smollm2-135m-instruct"
@@ -98,19 +101,21 @@ def main():
             call("POST", "/v1/logprobs", key, {"model": MODEL, "token_ids": ids, "top_k": 20})
             idle.append((time.perf_counter() - t) * 1000)
         during = None
-        batch_rate = None
-        for i, k in enumerate(int(x) for x in args.k.split(",")):
+
+        def run_batch(seqs, k, bits, with_calls):
             text = "".join(json.dumps({"custom_id": f"s{j}", "method": "POST", "url": "/v1/logprobs",
                                        "body": {"model": MODEL, "token_ids": s, "top_k": k}}) + "\n"
                            for j, s in enumerate(seqs))
             f = upload(key, text)
             open(f"/proc/{srv.pid}/clear_refs", "w").write("5")
-            b = call("POST", "/v1/batches", key, {"input_file_id": f["id"], "endpoint": "/v1/logprobs",
-                                                  "completion_window": "24h", "output_format": "parquet"})
+            body = {"input_file_id": f["id"], "endpoint": "/v1/logprobs",
+                    "completion_window": "24h", "output_format": "parquet"}
+            if bits is not None:
+                body["top_logprobs_mantissa_bits"] = bits
+            b = call("POST", "/v1/batches", key, body)
             lat, stop = [], threading.Event()
-            th = None
-            if i == 0:
-                th = threading.Thread(target=short_calls, args=(key, stop, lat))
+            th = threading.Thread(target=short_calls, args=(key, stop, lat)) if with_calls else None
+            if th:
                 th.start()
             while b["status"] not in ("completed", "failed", "expired", "cancelled"):
                 time.sleep(0.5)
@@ -118,32 +123,45 @@ def main():
             stop.set()
             if th:
                 th.join()
-                during = lat
             assert b["status"] == "completed", b
             secs = b["completed_at"] - b["in_progress_at"]
             scored = b["progress"]["scored_tokens"]
-            size = call("GET", f"/v1/files/{b['output_file_id']}", key)["bytes"]
-            rows.append((k, scored, secs, size, status_kib(srv.pid, "VmHWM:") / 1024))
-            if i == 0:
-                batch_rate = scored / secs
+            size = sum(call("GET", f"/v1/files/{fid}", key)["bytes"] for fid in b["output_file_ids"])
+            rss = status_kib(srv.pid, "VmHWM:") / 1024
+            return (len(seqs), k, bits, scored, secs, size, rss), lat
+
+        # The throughput run: top-20 over all N sequences, nothing else running.
+        first, _ = run_batch(seqs, 20, None, False)
+        rows.append(first)
+        batch_rate = first[3] / first[4]
+        outputs = [o.split(":") for o in args.outputs.split(",")]
+        for i, o in enumerate(outputs):
+            last = i == len(outputs) - 1
+            row, lat = run_batch(seqs[:args.bytes_n], int(o[0]), int(o[1]) if len(o) > 1 else None, last)
+            rows.append(row)
+            if last:
+                during = (row, lat)
         t = time.perf_counter()
         scored = 0
         for s in seqs:
             r = call("POST", "/v1/logprobs", key, {"model": MODEL, "token_ids": s, "top_k": 20})
             scored += len(r["token_logprobs"])
         one_by_one = scored / (time.perf_counter() - t)
-        print(f"{args.n} sequences x {args.len} tokens, default model, {args.bin}\n")
+        print(f"{args.n} sequences x {args.len} tokens (random ids), default model, {args.bin}\n")
         print("| measurement | value |")
         print("|---|---|")
-        print(f"| /v1/logprobs one at a time, top-20 | {one_by_one:.0f} scored tok/s |")
-        for k, scored, secs, size, rss in rows:
-            print(f"| Parquet batch, top-{k} | {scored / secs:.0f} scored tok/s ({scored} tokens in {secs} s, "
-                  f"whole seconds); {size / scored:.1f} bytes per scored token on disk; server peak RSS {rss:.0f} MiB |")
-        print(f"| batch / one at a time (top-20) | {batch_rate / one_by_one:.2f}x |")
+        print(f"| /v1/logprobs one at a time, top-20, {args.n} sequences | {one_by_one:.0f} scored tok/s |")
+        for n, k, bits, scored, secs, size, rss in rows:
+            rounding = "" if bits is None else f", top_logprobs rounded to {bits} mantissa bits"
+            print(f"| Parquet batch, {n} sequences, top-{k}{rounding} | {scored / secs:.0f} scored tok/s "
+                  f"({scored} tokens in {secs} s, whole seconds); {size / scored:.1f} bytes per scored token "
+                  f"on disk; server peak RSS {rss:.0f} MiB |")
+        print(f"| batch / one at a time (top-20, {args.n} sequences) | {batch_rate / one_by_one:.2f}x |")
         print(f"| 32-token /v1/logprobs idle | p50 {statistics.median(idle):.0f} ms, p99 {pct(idle, 99):.0f} ms ({len(idle)} calls) |")
-        if during:
-            print(f"| 32-token /v1/logprobs during the top-20 batch | p50 {statistics.median(during):.0f} ms, "
-                  f"p99 {pct(during, 99):.0f} ms ({len(during)} calls) |")
+        if during and during[1]:
+            (n, k, bits, *_), lat = during
+            print(f"| 32-token /v1/logprobs during the last batch (top-{k}) | p50 {statistics.median(lat):.0f} ms, "
+                  f"p99 {pct(lat, 99):.0f} ms ({len(lat)} calls) |")
     finally:
         srv.terminate()
         srv.wait(timeout=60)

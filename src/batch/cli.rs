@@ -28,6 +28,10 @@ pub enum BatchCommand {
         /// `jsonl` or `parquet`.
         #[arg(long, default_value = "jsonl")]
         format: String,
+        /// Parquet: round `top_logprobs` to this many mantissa bits (1-23; 8 is about bf16's
+        /// precision, a smaller file); `token_logprobs` stay exact.
+        #[arg(long)]
+        top_logprobs_mantissa_bits: Option<u8>,
         #[arg(long, default_value = ".")]
         out: PathBuf,
         #[command(flatten)]
@@ -119,11 +123,19 @@ pub async fn run(cmd: BatchCommand) -> anyhow::Result<i32> {
             top_k,
             model,
             format,
+            top_logprobs_mantissa_bits,
             out,
             conn,
         } => {
             let client = Client::new(&conn)?;
-            let batch = submit(&client, &file, &endpoint, top_k, model, &format).await?;
+            let opts = Submit {
+                endpoint,
+                top_k,
+                model,
+                format,
+                top_logprobs_mantissa_bits,
+            };
+            let batch = submit(&client, &file, &opts).await?;
             let id = batch["id"].as_str().unwrap_or_default().to_string();
             eprintln!("batch {id}: {}", batch["status"].as_str().unwrap_or(""));
             let batch = follow(&client, &id, batch).await?;
@@ -165,15 +177,25 @@ fn exit_code(batch: &Value) -> i32 {
     }
 }
 
-/// Uploads the file (JSONL lines get `top_k` set when given) and creates the batch.
-async fn submit(
-    client: &Client,
-    file: &Path,
-    endpoint: &str,
+/// What `teachd batch submit` asks for.
+struct Submit {
+    endpoint: String,
     top_k: Option<usize>,
     model: Option<String>,
-    format: &str,
-) -> anyhow::Result<Value> {
+    format: String,
+    top_logprobs_mantissa_bits: Option<u8>,
+}
+
+/// Uploads the file (JSONL lines get `top_k` set when given) and creates the batch.
+async fn submit(client: &Client, file: &Path, opts: &Submit) -> anyhow::Result<Value> {
+    let Submit {
+        endpoint,
+        top_k,
+        model,
+        format,
+        top_logprobs_mantissa_bits,
+    } = opts;
+    let top_k = *top_k;
     let mut bytes = tokio::fs::read(file)
         .await
         .with_context(|| format!("reading {}", file.display()))?;
@@ -219,8 +241,11 @@ async fn submit(
             metadata.insert("model".into(), json!(m));
         }
     }
-    let body = json!({"input_file_id": uploaded["id"], "endpoint": endpoint,
+    let mut body = json!({"input_file_id": uploaded["id"], "endpoint": endpoint,
         "completion_window": "24h", "output_format": format, "metadata": metadata});
+    if let Some(bits) = top_logprobs_mantissa_bits {
+        body["top_logprobs_mantissa_bits"] = json!(bits);
+    }
     let batch = client
         .json(client.req(reqwest::Method::POST, "/v1/batches").json(&body))
         .await?;

@@ -33,6 +33,12 @@ pub struct CreateBatch {
     /// `jsonl` (default) or `parquet` (teacher forcing only).
     #[serde(default)]
     pub output_format: Option<String>,
+    /// Parquet only: `top_logprobs` rounded to this many f32 mantissa bits (1-23; default 23,
+    /// every bit kept). A value `x` is stored within `|x| * 2^-(bits+1)` of itself (8 bits: about
+    /// bf16's precision), which shrinks the file; `token_logprobs` are never rounded.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 23)]
+    pub top_logprobs_mantissa_bits: Option<i64>,
 }
 
 /// `24h` -> seconds.
@@ -92,6 +98,16 @@ pub async fn create(
             "`output_format` is `jsonl`, or `parquet` for `/v1/logprobs`",
         ));
     }
+    let mantissa_bits = match req.top_logprobs_mantissa_bits {
+        None => 23,
+        Some(b) if (1..=23).contains(&b) && output_format == "parquet" => b as i16,
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "top_logprobs_mantissa_bits",
+                "`top_logprobs_mantissa_bits` is 1 to 23, with `output_format: parquet`",
+            ))
+        }
+    };
     let metadata = req.metadata.as_ref();
     if metadata
         .is_some_and(|m| m.len() > 16 || m.iter().any(|(k, v)| k.len() > 64 || v.len() > 512))
@@ -141,6 +157,7 @@ pub async fn create(
         ctx: &ctx,
         req: &req,
         output_format: &output_format,
+        mantissa_bits,
         metadata,
         expires_at: now + chrono::Duration::seconds(window as i64),
     };
@@ -173,6 +190,7 @@ struct NewBatch<'a> {
     ctx: &'a ClientCtx,
     req: &'a CreateBatch,
     output_format: &'a str,
+    mantissa_bits: i16,
     metadata: Option<Value>,
     expires_at: chrono::DateTime<Utc>,
 }
@@ -194,8 +212,9 @@ async fn insert_failed(
         .collect();
     sqlx::query_as(
         "INSERT INTO batches (id, client_id, key_id, endpoint, input_file_id, completion_window,
-            output_format, metadata, status, errors, failed_at, expires_at, total_lines, quota_day)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'failed', $9, now(), $10, $11, current_date)
+            output_format, metadata, status, errors, failed_at, expires_at, total_lines, quota_day,
+            top_logprobs_mantissa_bits)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'failed', $9, now(), $10, $11, current_date, $12)
          RETURNING *",
     )
     .bind(b.id)
@@ -209,6 +228,7 @@ async fn insert_failed(
     .bind(json!(errors))
     .bind(b.expires_at)
     .bind(v.total as i32)
+    .bind(b.mantissa_bits)
     .fetch_one(&state.db)
     .await
     .map_err(super::files::db_error)
@@ -237,9 +257,10 @@ async fn insert_running(
     sqlx::query_as(
         "INSERT INTO batches (id, client_id, key_id, endpoint, input_file_id, completion_window,
             output_format, metadata, status, in_progress_at, expires_at, total_lines, failed_lines,
-            invalid_lines, error_offset, total_tokens, reserved_tokens, quota_day)
+            invalid_lines, error_offset, total_tokens, reserved_tokens, quota_day,
+            top_logprobs_mantissa_bits)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'in_progress', now(), $9, $10, $11, $12, $13,
-            $14, $14, $15)
+            $14, $14, $15, $16)
          RETURNING *",
     )
     .bind(b.id)
@@ -257,6 +278,7 @@ async fn insert_running(
     .bind(errors.len() as i64)
     .bind(v.total_tokens as i64)
     .bind(day)
+    .bind(b.mantissa_bits)
     .fetch_one(&state.db)
     .await
     .map_err(super::files::db_error)

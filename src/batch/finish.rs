@@ -46,6 +46,7 @@ pub async fn finalize(state: &AppState, id: &str, end: &str, unrun: i32) -> anyh
             let layout = super::output::Layout {
                 row_group_rows: state.config.batch.parquet_row_group_rows,
                 shard_bytes: state.config.batch.parquet_shard_bytes,
+                top_logprobs_mantissa_bits: row.top_logprobs_mantissa_bits as u32,
             };
             let (src, work) = (out_work.clone(), out_work.clone());
             let shards = tokio::task::spawn_blocking(move || {
@@ -198,6 +199,10 @@ async fn parquet_metadata(
         ("top_k".into(), body.top_k.to_string()),
         ("top_k_columns".into(), k.to_string()),
         ("temperature".into(), body.temperature.to_string()),
+        (
+            "top_logprobs_mantissa_bits".into(),
+            row.top_logprobs_mantissa_bits.to_string(),
+        ),
         ("score_from".into(), "per row: column score_from".into()),
         ("ledger_first_id".into(), ledger(row.first_ledger_id)),
         ("ledger_last_id".into(), ledger(row.last_ledger_id)),

