@@ -96,6 +96,7 @@ def logprobs_batch(client, server, key, model):
     assert progress.get("scored_tokens") == progress.get("total_tokens") > 0, progress
     assert b.id in [x.id for x in client.batches.list(limit=100)], "batch not listed"
 
+    assert b.output_file_ids == [b.output_file_id], b  # one shard at this size
     table = pq.read_table(io.BytesIO(client.files.content(b.output_file_id).read()))
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     assert meta["teachd.batch_id"] == b.id and meta["model"] == model, meta
