@@ -48,10 +48,10 @@ pub async fn finalize(state: &AppState, id: &str, end: &str, unrun: i32) -> anyh
                 shard_bytes: state.config.batch.parquet_shard_bytes,
                 top_logprobs_mantissa_bits: row.top_logprobs_mantissa_bits as u32,
             };
-            let (src, work) = (out_work.clone(), out_work.clone());
+            let work = out_work.clone();
             let shards = tokio::task::spawn_blocking(move || {
                 let shard_path = |i: usize| work.with_extension(format!("shard-{i:05}.parquet"));
-                super::output::write_parquet(&src, &shard_path, k, meta, layout)
+                super::output::write_parquet(&work, &shard_path, k, meta, layout)
             })
             .await?
             .map_err(|e| anyhow::anyhow!("writing the Parquet output: {e}"))?;

@@ -262,28 +262,27 @@ struct ShardWriter {
     shard: Shard,
 }
 
-/// Writes the Parquet dataset of the output lines in `jsonl` (successful lines only: refused
-/// ones are in the error file) as shards at `shard_path(0)`, `shard_path(1)`, ..., with `meta`
-/// (plus `teachd.shard_index` and `teachd.shard_first_row`) as each file's key-value metadata.
-/// Streamed: one row group in memory at a time, whatever the number of lines.
-pub fn write_parquet(
-    jsonl: &Path,
-    shard_path: &dyn Fn(usize) -> std::path::PathBuf,
-    k: usize,
+/// The shards of one output: the one being written (opened when rows come for it) and those
+/// already closed.
+struct Shards<'a> {
+    fields: Vec<Field>,
     meta: HashMap<String, String>,
     layout: Layout,
-) -> Result<Vec<Shard>, String> {
-    let mut cols = Columns::new(k, layout.top_logprobs_mantissa_bits);
-    let fields: Vec<Field> = cols
-        .finish()
-        .iter()
-        .map(|(name, a)| Field::new(*name, a.data_type().clone(), false))
-        .collect();
-    let open = |index: usize, first_row: usize| -> Result<ShardWriter, String> {
-        let mut meta = meta.clone();
+    shard_path: &'a dyn Fn(usize) -> std::path::PathBuf,
+    current: Option<ShardWriter>,
+    closed: Vec<Shard>,
+    /// Rows written so far, over all shards.
+    rows: usize,
+}
+
+impl Shards<'_> {
+    /// The next shard, its metadata saying where it stands in the output.
+    fn open(&self) -> Result<ShardWriter, String> {
+        let (index, first_row) = (self.closed.len(), self.rows);
+        let mut meta = self.meta.clone();
         meta.insert("teachd.shard_index".into(), index.to_string());
         meta.insert("teachd.shard_first_row".into(), first_row.to_string());
-        let schema = Arc::new(Schema::new(fields.clone()).with_metadata(meta.clone()));
+        let schema = Arc::new(Schema::new(self.fields.clone()).with_metadata(meta.clone()));
         let kv = meta.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
         let props = numeric_encodings(
             &schema,
@@ -291,11 +290,11 @@ pub fn write_parquet(
                 .set_compression(Compression::ZSTD(
                     ZstdLevel::try_new(3).map_err(|e| e.to_string())?,
                 ))
-                .set_max_row_group_size(layout.row_group_rows.max(1))
+                .set_max_row_group_size(self.layout.row_group_rows.max(1))
                 .set_key_value_metadata(Some(kv)),
         )?
         .build();
-        let path = shard_path(index);
+        let path = (self.shard_path)(index);
         let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
         let writer =
             ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| e.to_string())?;
@@ -308,38 +307,72 @@ pub fn write_parquet(
                 first_row,
             },
         })
-    };
-    let mut shards = Vec::new();
-    // Writes the rows in `cols`; closes the shard once it reaches the shard size.
-    let write = |current: &mut Option<ShardWriter>,
-                 cols: &mut Columns,
-                 shards: &mut Vec<Shard>,
-                 rows_before: usize|
-     -> Result<(), String> {
-        let mut w = match current.take() {
+    }
+
+    /// Writes the rows in `cols`; closes the shard once it reaches the shard size.
+    fn write(&mut self, cols: &mut Columns) -> Result<(), String> {
+        let mut w = match self.current.take() {
             Some(w) => w,
-            None => open(shards.len(), rows_before)?,
+            None => self.open()?,
         };
         w.shard.rows += cols.rows;
+        self.rows += cols.rows;
         let arrays = cols.finish().into_iter().map(|(_, a)| a).collect();
         let batch = RecordBatch::try_new(w.schema.clone(), arrays).map_err(|e| e.to_string())?;
         w.writer.write(&batch).map_err(|e| e.to_string())?;
         if w.writer.in_progress_size() > MAX_ROW_GROUP_BYTES {
             w.writer.flush().map_err(|e| e.to_string())?;
         }
-        if w.writer.bytes_written() as u64 + w.writer.in_progress_size() as u64
-            >= layout.shard_bytes
-        {
+        let size = w.writer.bytes_written() as u64 + w.writer.in_progress_size() as u64;
+        if size >= self.layout.shard_bytes {
             w.writer.close().map_err(|e| e.to_string())?;
-            shards.push(w.shard);
+            self.closed.push(w.shard);
         } else {
-            *current = Some(w);
+            self.current = Some(w);
         }
         Ok(())
+    }
+
+    /// Closes the last shard; an output with no rows is one empty shard.
+    fn finish(mut self) -> Result<Vec<Shard>, String> {
+        if self.current.is_none() && self.closed.is_empty() {
+            self.current = Some(self.open()?);
+        }
+        if let Some(w) = self.current.take() {
+            w.writer.close().map_err(|e| e.to_string())?;
+            self.closed.push(w.shard);
+        }
+        Ok(self.closed)
+    }
+}
+
+/// Writes the Parquet dataset of the output lines in `jsonl` (successful lines only: refused
+/// ones are in the error file) as shards at `shard_path(0)`, `shard_path(1)`, ..., with `meta`
+/// (plus `teachd.shard_index` and `teachd.shard_first_row`) as each file's key-value metadata.
+/// Streamed: one row group in memory at a time, whatever the number of lines.
+pub fn write_parquet(
+    jsonl: &Path,
+    shard_path: &dyn Fn(usize) -> std::path::PathBuf,
+    k: usize,
+    meta: HashMap<String, String>,
+    layout: Layout,
+) -> Result<Vec<Shard>, String> {
+    let mut cols = Columns::new(k, layout.top_logprobs_mantissa_bits);
+    let fields = cols
+        .finish()
+        .iter()
+        .map(|(name, a)| Field::new(*name, a.data_type().clone(), false))
+        .collect();
+    let mut shards = Shards {
+        fields,
+        meta,
+        layout,
+        shard_path,
+        current: None,
+        closed: Vec::new(),
+        rows: 0,
     };
-    let mut current_slot = Some(open(0, 0)?);
     let chunk = layout.row_group_rows.clamp(1, 64);
-    let mut rows = 0;
     let reader = std::io::BufReader::new(std::fs::File::open(jsonl).map_err(|e| e.to_string())?);
     for text in reader.lines() {
         let text = text.map_err(|e| e.to_string())?;
@@ -349,23 +382,14 @@ pub fn write_parquet(
             continue;
         };
         cols.push(&line.custom_id, &response.body)?;
-        rows += 1;
         if cols.rows >= chunk {
-            let before = rows - cols.rows;
-            write(&mut current_slot, &mut cols, &mut shards, before)?;
+            shards.write(&mut cols)?;
         }
     }
     if cols.rows > 0 {
-        let before = rows - cols.rows;
-        write(&mut current_slot, &mut cols, &mut shards, before)?;
+        shards.write(&mut cols)?;
     }
-    // The last shard (the only one, and empty, when no line succeeded); it is opened only
-    // when rows come for it, so it is never an empty shard after full ones.
-    if let Some(w) = current_slot {
-        w.writer.close().map_err(|e| e.to_string())?;
-        shards.push(w.shard);
-    }
-    Ok(shards)
+    shards.finish()
 }
 
 #[cfg(test)]

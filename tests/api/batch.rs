@@ -13,9 +13,13 @@ fn roomy() -> Value {
     json!({"rpm": 100000, "tpm": 100000000, "max_concurrent": 64, "daily_tokens": 1000000000i64})
 }
 
+/// A batch input line for `url` (no newline).
+fn line_to(url: &str, custom_id: &str, body: &Value) -> String {
+    json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).to_string()
+}
+
 fn line(custom_id: &str, body: Value) -> String {
-    json!({"custom_id": custom_id, "method": "POST", "url": "/v1/logprobs", "body": body})
-        .to_string()
+    line_to("/v1/logprobs", custom_id, &body)
 }
 
 fn seq(i: u32, len: u32) -> Vec<u32> {
@@ -47,22 +51,46 @@ async fn upload_ok(app: &TestApp, key: &str, text: &str) -> String {
         .to_string()
 }
 
+async fn post_batch(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
+    app.post("/v1/batches", key, body).send().await.unwrap()
+}
+
+/// Creates the batch `body` asks for (200 asserted); its batch object.
+async fn started(app: &TestApp, key: &str, body: Value) -> Value {
+    let r = post_batch(app, key, body).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    r.json().await.unwrap()
+}
+
+/// Starts a batch of `file` for `endpoint` with a 24 h window; its id.
+async fn started_id(app: &TestApp, key: &str, file: &str, endpoint: &str) -> String {
+    let b = started(
+        app,
+        key,
+        json!({"input_file_id": file, "endpoint": endpoint, "completion_window": "24h"}),
+    )
+    .await;
+    b["id"].as_str().unwrap().to_string()
+}
+
 async fn create(app: &TestApp, key: &str, file: &str, format: &str) -> reqwest::Response {
-    app.post(
-        "/v1/batches",
+    post_batch(
+        app,
         key,
         json!({"input_file_id": file, "endpoint": "/v1/logprobs", "completion_window": "24h",
                "output_format": format}),
     )
-    .send()
     .await
-    .unwrap()
 }
 
 async fn create_ok(app: &TestApp, key: &str, file: &str, format: &str) -> Value {
-    let r = create(app, key, file, format).await;
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    r.json().await.unwrap()
+    started(
+        app,
+        key,
+        json!({"input_file_id": file, "endpoint": "/v1/logprobs", "completion_window": "24h",
+               "output_format": format}),
+    )
+    .await
 }
 
 async fn batch(app: &TestApp, key: &str, id: &str) -> Value {
@@ -397,17 +425,7 @@ async fn a_large_parquet_output_is_sharded_in_row_order() {
             .await
             .unwrap();
         let bytes = content(&app, &key, shard).await;
-        let reader =
-            parquet::file::reader::SerializedFileReader::new(bytes::Bytes::from(bytes.clone()))
-                .unwrap();
-        let kv: std::collections::HashMap<String, String> =
-            parquet::file::reader::FileReader::metadata(&reader)
-                .file_metadata()
-                .key_value_metadata()
-                .unwrap()
-                .iter()
-                .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()))
-                .collect();
+        let (_, kv) = parquet_reader(bytes.clone());
         assert_eq!(kv["teachd.shard_index"], i.to_string());
         assert_eq!(kv["teachd.shard_first_row"], i.to_string());
         check_parquet(bytes, &[(format!("s{i}"), want)], &id);
@@ -440,13 +458,13 @@ async fn a_large_parquet_output_is_sharded_in_row_order() {
     );
 }
 
-/// The numbers of a Parquet output: (token_logprobs, top_ids, top_logprobs) of every row.
-type Numbers = Vec<(Vec<f32>, Vec<Vec<u32>>, Vec<Vec<f32>>)>;
-
-fn parquet_numbers(bytes: Vec<u8>) -> (Numbers, std::collections::HashMap<String, String>) {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::{Float32Type, UInt32Type};
-    use arrow_array::Array;
+/// A Parquet file's reader and its key-value metadata.
+fn parquet_reader(
+    bytes: Vec<u8>,
+) -> (
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder<bytes::Bytes>,
+    std::collections::HashMap<String, String>,
+) {
     let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
         bytes::Bytes::from(bytes),
     )
@@ -459,6 +477,17 @@ fn parquet_numbers(bytes: Vec<u8>) -> (Numbers, std::collections::HashMap<String
         .iter()
         .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()))
         .collect();
+    (builder, kv)
+}
+
+/// The numbers of a Parquet output: (token_logprobs, top_ids, top_logprobs) of every row.
+type Numbers = Vec<(Vec<f32>, Vec<Vec<u32>>, Vec<Vec<f32>>)>;
+
+fn parquet_numbers(bytes: Vec<u8>) -> (Numbers, std::collections::HashMap<String, String>) {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float32Type, UInt32Type};
+    use arrow_array::Array;
+    let (builder, kv) = parquet_reader(bytes);
     let mut out = Vec::new();
     for b in builder.build().unwrap() {
         let b = b.unwrap();
@@ -501,19 +530,14 @@ async fn rounded_top_logprobs_make_a_smaller_parquet_and_keep_the_token_logprobs
     let file = upload_ok(&app, &key, &text).await;
     let mut runs = Vec::new();
     for bits in [23, 8] {
-        let r = app
-            .post(
-                "/v1/batches",
-                &key,
-                json!({"input_file_id": file, "endpoint": "/v1/logprobs",
-                       "completion_window": "24h", "output_format": "parquet",
-                       "top_logprobs_mantissa_bits": bits}),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let created: Value = r.json().await.unwrap();
+        let created = started(
+            &app,
+            &key,
+            json!({"input_file_id": file, "endpoint": "/v1/logprobs",
+                   "completion_window": "24h", "output_format": "parquet",
+                   "top_logprobs_mantissa_bits": bits}),
+        )
+        .await;
         assert_eq!(created["top_logprobs_mantissa_bits"], bits);
         let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
         assert_eq!(done["status"], "completed", "{done}");
@@ -541,17 +565,14 @@ async fn rounded_top_logprobs_make_a_smaller_parquet_and_keep_the_token_logprobs
     }
     // Only for Parquet outputs, and only 1 to 23 bits.
     for (format, bits) in [("jsonl", 8), ("parquet", 0), ("parquet", 24)] {
-        let r = app
-            .post(
-                "/v1/batches",
-                &key,
-                json!({"input_file_id": file, "endpoint": "/v1/logprobs",
-                       "completion_window": "24h", "output_format": format,
-                       "top_logprobs_mantissa_bits": bits}),
-            )
-            .send()
-            .await
-            .unwrap();
+        let r = post_batch(
+            &app,
+            &key,
+            json!({"input_file_id": file, "endpoint": "/v1/logprobs",
+                   "completion_window": "24h", "output_format": format,
+                   "top_logprobs_mantissa_bits": bits}),
+        )
+        .await;
         let e = error_of(r, 400, "invalid_request_error").await;
         assert_eq!(e["param"], "top_logprobs_mantissa_bits", "{e}");
     }
@@ -561,18 +582,7 @@ fn check_parquet(bytes: Vec<u8>, want: &[(String, Value)], batch_id: &str) {
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Float32Type, UInt32Type};
     use arrow_array::Array;
-    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-        bytes::Bytes::from(bytes),
-    )
-    .unwrap();
-    let kv: std::collections::HashMap<String, String> = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .unwrap()
-        .iter()
-        .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()))
-        .collect();
+    let (builder, kv) = parquet_reader(bytes);
     assert_eq!(kv["teachd.batch_id"], batch_id);
     assert_eq!(kv["model"], MODEL);
     assert_eq!(kv["top_k"], "4");
@@ -847,21 +857,8 @@ async fn the_cli_submits_follows_and_downloads() {
         .next()
         .expect("the CLI prints the output's path");
     assert!(path.ends_with("_output.parquet"), "{printed}");
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-        std::fs::File::open(path).unwrap(),
-    )
-    .unwrap();
-    let kv = reader
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .unwrap()
-        .clone();
-    assert!(
-        kv.iter()
-            .any(|kv| kv.key == "top_k" && kv.value.as_deref() == Some("3")),
-        "--top-k applied"
-    );
+    let (reader, kv) = parquet_reader(std::fs::read(path).unwrap());
+    assert_eq!(kv["top_k"], "3", "--top-k applied");
     let rows: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
     assert_eq!(rows, 3);
 }
@@ -895,18 +892,13 @@ async fn a_parquet_input_runs_with_the_batch_metadata_and_streams_its_progress()
     assert_eq!(r.status(), 200);
     let f: Value = r.json().await.unwrap();
     assert_eq!(f["format"], "parquet");
-    let r = app
-        .post(
-            "/v1/batches",
-            &key,
-            json!({"input_file_id": f["id"], "endpoint": "/v1/logprobs", "completion_window": "24h",
-                   "metadata": {"model": MODEL, "top_k": "3", "score_from": "2"}}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let created: Value = r.json().await.unwrap();
+    let created = started(
+        &app,
+        &key,
+        json!({"input_file_id": f["id"], "endpoint": "/v1/logprobs", "completion_window": "24h",
+               "metadata": {"model": MODEL, "top_k": "3", "score_from": "2"}}),
+    )
+    .await;
     let id = created["id"].as_str().unwrap();
 
     // Live progress: batch objects as they change, ending with the completed one.
@@ -976,20 +968,13 @@ async fn lines_not_run_within_the_completion_window_expire() {
     let app = TestApp::with_model(|_| {}).await;
     let (client, key) = app.ready_teacher("late", roomy()).await;
     let file = upload_ok(&app, &key, &many_lines(400, 32)).await;
-    let r = app
-        .post(
-            "/v1/batches",
-            &key,
-            json!({"input_file_id": file, "endpoint": "/v1/logprobs", "completion_window": "1s"}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let created = started(
+        &app,
+        &key,
+        json!({"input_file_id": file, "endpoint": "/v1/logprobs", "completion_window": "1s"}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_string();
     let done = finished(&app, &key, &id).await;
     assert_eq!(done["status"], "expired", "{done}");
     let counts = &done["request_counts"];
@@ -1019,27 +1004,10 @@ async fn a_completions_batch_answers_like_the_endpoint_and_bills_what_ran() {
     let text: String = bodies
         .iter()
         .enumerate()
-        .map(|(i, b)| {
-            json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/completions", "body": b})
-                .to_string()
-                + "\n"
-        })
+        .map(|(i, b)| line_to("/v1/completions", &format!("c{i}"), b) + "\n")
         .collect();
     let file = upload_ok(&app, &key, &text).await;
-    let r = app
-        .post(
-            "/v1/batches",
-            &key,
-            json!({"input_file_id": file, "endpoint": "/v1/completions", "completion_window": "24h"}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = started_id(&app, &key, &file, "/v1/completions").await;
     let done = finished(&app, &key, &id).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
@@ -1083,23 +1051,9 @@ async fn a_chat_batch_answers_like_the_endpoint() {
     let (client, key) = app.ready_teacher("chatty", roomy()).await;
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}],
                       "max_tokens": 5, "temperature": 0, "logprobs": true, "top_logprobs": 2});
-    let text = json!({"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions", "body": body})
-        .to_string();
+    let text = line_to("/v1/chat/completions", "chat-1", &body);
     let file = upload_ok(&app, &key, &text).await;
-    let r = app
-        .post(
-            "/v1/batches",
-            &key,
-            json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = started_id(&app, &key, &file, "/v1/chat/completions").await;
     let done = finished(&app, &key, &id).await;
     assert_eq!(done["request_counts"]["completed"], 1, "{done}");
     let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
@@ -1302,26 +1256,10 @@ async fn a_judgments_batch_answers_like_the_endpoint_and_refuses_bad_lines() {
         ("j-items", &items),
     ]
     .iter()
-    .map(|(id, body)| {
-        json!({"custom_id": id, "method": "POST", "url": "/v1/judgments", "body": body}).to_string()
-            + "\n"
-    })
+    .map(|(id, body)| line_to("/v1/judgments", id, body) + "\n")
     .collect();
     let file = upload_ok(&app, &key, &text).await;
-    let r = app
-        .post(
-            "/v1/batches",
-            &key,
-            json!({"input_file_id": file, "endpoint": "/v1/judgments", "completion_window": "24h"}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = started_id(&app, &key, &file, "/v1/judgments").await;
     let done = finished(&app, &key, &id).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["request_counts"]["completed"], 2, "{done}");

@@ -116,18 +116,10 @@ async fn rollups_equal_a_recount_of_the_raw_rows() {
     .fetch_all(&app.db)
     .await
     .unwrap();
-    let recount: Recount = sqlx::query_as(
-        "SELECT date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS t, client_id, endpoint,
-                model, (status / 100)::int2 AS status_class, error_code, count(*)::int8 AS events,
-                sum(greatest(refusals, 1))::int8 AS requests,
-                sum(prompt_tokens)::int8 AS prompt_tokens, sum(scored_tokens)::int8 AS scored_tokens,
-                sum(generated_tokens)::int8 AS generated_tokens, sum(judgments)::int8 AS judgments,
-                sum(response_bytes)::int8 AS response_bytes
-         FROM usage_events GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6",
-    )
-    .fetch_all(&app.db)
-    .await
-    .unwrap();
+    let recount: Recount = sqlx::query_as(&recount_sql("hour"))
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
     assert!(rollups.len() > 50, "{} rollup rows", rollups.len());
     assert_eq!(rollups, recount);
     let daily: Recount = sqlx::query_as(&format!(
@@ -137,18 +129,10 @@ async fn rollups_equal_a_recount_of_the_raw_rows() {
     .fetch_all(&app.db)
     .await
     .unwrap();
-    let by_day: Recount = sqlx::query_as(
-        "SELECT date_trunc('day', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS t, client_id, endpoint,
-                model, (status / 100)::int2 AS status_class, error_code, count(*)::int8 AS events,
-                sum(greatest(refusals, 1))::int8 AS requests,
-                sum(prompt_tokens)::int8 AS prompt_tokens, sum(scored_tokens)::int8 AS scored_tokens,
-                sum(generated_tokens)::int8 AS generated_tokens, sum(judgments)::int8 AS judgments,
-                sum(response_bytes)::int8 AS response_bytes
-         FROM usage_events GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6",
-    )
-    .fetch_all(&app.db)
-    .await
-    .unwrap();
+    let by_day: Recount = sqlx::query_as(&recount_sql("day"))
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
     assert!(daily.len() < rollups.len());
     assert_eq!(daily, by_day);
 
@@ -269,4 +253,17 @@ async fn usage_from_rollups_equals_the_raw_aggregate_for_every_grouping_and_rang
             "scored_tokens"
         ]
     );
+}
+
+/// The rollup columns recounted from the raw rows, per `unit` ('hour' or 'day').
+fn recount_sql(unit: &str) -> String {
+    format!(
+        "SELECT date_trunc('{unit}', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS t, client_id,
+                endpoint, model, (status / 100)::int2 AS status_class, error_code,
+                count(*)::int8 AS events, sum(greatest(refusals, 1))::int8 AS requests,
+                sum(prompt_tokens)::int8 AS prompt_tokens, sum(scored_tokens)::int8 AS scored_tokens,
+                sum(generated_tokens)::int8 AS generated_tokens, sum(judgments)::int8 AS judgments,
+                sum(response_bytes)::int8 AS response_bytes
+         FROM usage_events GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6"
+    )
 }
