@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""Issue 14's benchmark: a Parquet batch of N sequences x LEN tokens at top-20, alone, against the
-same sequences through /v1/logprobs one at a time from one client, through the real server binary
-on a fresh database. Then one more batch per entry of --outputs (top-k, optionally `:BITS` for
-`top_logprobs_mantissa_bits`) over the first --bytes-n sequences, for bytes per scored token on
-disk; the short interactive /v1/logprobs calls (32 tokens) run during the last of those, and idle.
+"""Issue 14's benchmark: N sequences x LEN tokens at top-20 as Parquet batches, against the same
+sequences through /v1/logprobs one at a time from one client, through the real server binary on a
+fresh database. The N sequences are cut into --rounds chunks; each chunk runs once as a batch and
+once as the loop, alternating which goes first (ABBA), so that a drift of this shared machine's
+speed over the run weighs on both sides alike (a single batch between two halves of the loop
+measured a loop 264 tok/s before and 224 after). Each batch is timed from its creation (validation
+included) to its completion, to the microsecond (from Postgres), and followed as `teachd batch submit` follows it, on its
+/events stream, not by polling. Then one more batch per entry of --outputs (top-k, optionally
+`:BITS` for `top_logprobs_mantissa_bits`) over the first --bytes-n sequences, for bytes per scored
+token on disk; the short interactive /v1/logprobs calls (32 tokens) run during the last of those, and idle.
 Prints a markdown table: scored tokens/s both ways, bytes per token, the server's peak RSS during
 each batch, and the short calls' latency. Run it with nothing else busy.
-  scripts/bench-batch.py [BIN] [--n 200] [--len 512] [--outputs 20,128,128:8] [--bytes-n 40]
+  scripts/bench-batch.py [BIN] [--n 200] [--len 512] [--rounds 10] [--outputs 20,128,128:8] [--bytes-n 40]
 BIN defaults to $CARGO_TARGET_DIR/debug/teachd (build it first: cargo build --bin teachd)."""
 import argparse, json, os, random, statistics, subprocess, sys, tempfile, threading, time, urllib.request, uuid
 
@@ -16,6 +21,7 @@ ap.add_argument("bin", nargs="?", default=os.path.join(
     os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/teachd/target")), "debug", "teachd"))
 ap.add_argument("--n", type=int, default=200)
 ap.add_argument("--len", type=int, default=512)
+ap.add_argument("--rounds", type=int, default=10)
 ap.add_argument("--outputs", default="20,128,128:8")
 ap.add_argument("--bytes-n", type=int, default=40)
 args = ap.parse_args()
@@ -42,6 +48,27 @@ def upload(key, text):
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n"
             "Content-Type: application/jsonl\r\n\r\n").encode() + text.encode() + f"\r\n--{boundary}--\r\n".encode()
     return call("POST", "/v1/files", key, raw=body, ctype=f"multipart/form-data; boundary={boundary}")
+
+
+def follow(key, batch_id):
+    """Reads the batch's event stream to its end; returns the final batch object."""
+    req = urllib.request.Request(f"{BASE}/v1/batches/{batch_id}/events",
+                                 headers={"authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        for line in r:
+            if line.strip() == b"data: [DONE]":
+                break
+    return call("GET", f"/v1/batches/{batch_id}", key)
+
+
+def one_at_a_time(key, seqs):
+    """Scored tokens and seconds of `seqs` through /v1/logprobs, one call after the other."""
+    t = time.perf_counter()
+    scored = 0
+    for s in seqs:
+        r = call("POST", "/v1/logprobs", key, {"model": MODEL, "token_ids": s, "top_k": 20})
+        scored += len(r["token_logprobs"])
+    return scored, time.perf_counter() - t
 
 
 def status_kib(pid, field):
@@ -117,23 +144,43 @@ def main():
             th = threading.Thread(target=short_calls, args=(key, stop, lat)) if with_calls else None
             if th:
                 th.start()
-            while b["status"] not in ("completed", "failed", "expired", "cancelled"):
-                time.sleep(0.5)
-                b = call("GET", f"/v1/batches/{b['id']}", key)
+            b = follow(key, b["id"])
             stop.set()
             if th:
                 th.join()
             assert b["status"] == "completed", b
-            secs = b["completed_at"] - b["in_progress_at"]
+            secs = float(subprocess.check_output(
+                ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-qtA", "-c",
+                 f"SELECT extract(epoch FROM completed_at - created_at) FROM batches WHERE id = '{b['id']}'"]))
             scored = b["progress"]["scored_tokens"]
             size = sum(call("GET", f"/v1/files/{fid}", key)["bytes"] for fid in b["output_file_ids"])
             rss = status_kib(srv.pid, "VmHWM:") / 1024
             return (len(seqs), k, bits, scored, secs, size, rss), lat
 
-        # The throughput run: top-20 over all N sequences, nothing else running.
-        first, _ = run_batch(seqs, 20, None, False)
-        rows.append(first)
-        batch_rate = first[3] / first[4]
+        # The throughput run: top-20 over all N sequences in chunks, each chunk as a batch and as
+        # the loop, alternating which goes first; nothing else running.
+        per = -(-args.n // args.rounds)
+        batch_tok = batch_secs = loop_tok = loop_secs = 0.0
+        ratios, peak = [], 0.0
+        for r in range(args.rounds):
+            chunk = seqs[r * per:(r + 1) * per]
+            if not chunk:
+                break
+            for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+                if side == 0:
+                    row, _ = run_batch(chunk, 20, None, False)
+                    batch_tok += row[3]
+                    batch_secs += row[4]
+                    peak = max(peak, row[6])
+                    b_rate = row[3] / row[4]
+                else:
+                    tok, secs = one_at_a_time(key, chunk)
+                    loop_tok += tok
+                    loop_secs += secs
+                    l_rate = tok / secs
+            ratios.append(b_rate / l_rate)
+        one_by_one = loop_tok / loop_secs
+        batch_rate = batch_tok / batch_secs
         outputs = [o.split(":") for o in args.outputs.split(",")]
         for i, o in enumerate(outputs):
             last = i == len(outputs) - 1
@@ -141,22 +188,20 @@ def main():
             rows.append(row)
             if last:
                 during = (row, lat)
-        t = time.perf_counter()
-        scored = 0
-        for s in seqs:
-            r = call("POST", "/v1/logprobs", key, {"model": MODEL, "token_ids": s, "top_k": 20})
-            scored += len(r["token_logprobs"])
-        one_by_one = scored / (time.perf_counter() - t)
         print(f"{args.n} sequences x {args.len} tokens (random ids), default model, {args.bin}\n")
         print("| measurement | value |")
         print("|---|---|")
         print(f"| /v1/logprobs one at a time, top-20, {args.n} sequences | {one_by_one:.0f} scored tok/s |")
+        print(f"| Parquet batches, top-20, the same {args.n} sequences in {len(ratios)} batches of {per} | "
+              f"{batch_rate:.0f} scored tok/s ({int(batch_tok)} tokens in {batch_secs:.1f} s); "
+              f"server peak RSS {peak:.0f} MiB |")
+        print(f"| batch / one at a time, top-20, {args.n} sequences | {batch_rate / one_by_one:.3f}x "
+              f"(per round: median {statistics.median(ratios):.3f}, {min(ratios):.3f} to {max(ratios):.3f}) |")
         for n, k, bits, scored, secs, size, rss in rows:
             rounding = "" if bits is None else f", top_logprobs rounded to {bits} mantissa bits"
             print(f"| Parquet batch, {n} sequences, top-{k}{rounding} | {scored / secs:.0f} scored tok/s "
-                  f"({scored} tokens in {secs} s, whole seconds); {size / scored:.1f} bytes per scored token "
+                  f"({scored} tokens in {secs:.1f} s); {size / scored:.1f} bytes per scored token "
                   f"on disk; server peak RSS {rss:.0f} MiB |")
-        print(f"| batch / one at a time (top-20, {args.n} sequences) | {batch_rate / one_by_one:.2f}x |")
         print(f"| 32-token /v1/logprobs idle | p50 {statistics.median(idle):.0f} ms, p99 {pct(idle, 99):.0f} ms ({len(idle)} calls) |")
         if during and during[1]:
             (n, k, bits, *_), lat = during

@@ -232,9 +232,10 @@ pub struct TlogConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
-    /// Pause after each engine request before the next is admitted. mistralrs 0.8.1 may run one
-    /// leftover decode step after a request finishes; batching that step with the next request
-    /// panics its engine thread. ~2 decode steps of the CPU default model.
+    /// Pause after the engine dropped a raw request's sequence before the next is admitted
+    /// (it passes while the caller scores the logits). mistralrs 0.8.1 may run one leftover
+    /// decode step after a request finishes; batching that step with the next request panics
+    /// its engine thread. ~2 decode steps of the CPU default model.
     pub settle_ms: u64,
     /// Requests waiting for one model's engine before new ones get 503 `overloaded`.
     pub max_queue: usize,

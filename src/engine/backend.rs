@@ -26,7 +26,8 @@
 //!   takes it alone, and a waiting raw request stops new generations from being admitted, so
 //!   it starts as soon as the running ones end.
 //! * A raw request's engine stays closed to the next one until the engine has dropped the
-//!   sequence (its response channel closes) plus a short settle pause.
+//!   sequence (its response channel closes) plus a short settle pause, and until the caller
+//!   has scored its logits; the pause runs while the caller scores.
 //! * Response receivers are always drained to the end by a spawned task, never dropped early
 //!   (a dropped receiver panics the engine), even when the HTTP caller goes away.
 //! * Prefix cache off: it would hand back cached logits that differ from a fresh pass.
@@ -75,28 +76,23 @@ enum Held {
         #[allow(dead_code)] OwnedRwLockReadGuard<()>,
         #[allow(dead_code)] OwnedSemaphorePermit,
     ),
-    Alone(OwnedRwLockWriteGuard<()>),
+    Alone(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
 }
 
-/// A place in the engine. Dropping a raw request's turn keeps its engine closed for the settle
-/// pause.
+/// A place in the engine, held by the request and by the task that drains its responses;
+/// the engine opens to the next request when the last holder lets go.
 pub struct EngineTurn {
-    held: Option<Held>,
+    held: Held,
     settle: Duration,
 }
 
-impl Drop for EngineTurn {
-    fn drop(&mut self) {
-        match self.held.take() {
-            Some(Held::Alone(guard)) => {
-                let settle = self.settle;
-                tokio::spawn(async move {
-                    tokio::time::sleep(settle).await;
-                    drop(guard);
-                });
-            }
-            Some(shared) => drop(shared),
-            None => {}
+impl EngineTurn {
+    /// The pause after the engine dropped a sequence before the next raw request may start
+    /// (none after a generation). Counted from the drop, so it passes while the caller still
+    /// scores the logits rather than after.
+    async fn settle_after_drop(&self) {
+        if matches!(self.held, Held::Alone(_)) {
+            tokio::time::sleep(self.settle).await;
         }
     }
 }
@@ -234,7 +230,7 @@ impl Backend {
             .map_err(|_| EngineError::Unavailable("engine closed".into()))?;
         let guard = self.generation.gate.clone().read_owned().await;
         Ok(EngineTurn {
-            held: Some(Held::Shared(guard, permit)),
+            held: Held::Shared(guard, permit),
             settle: self.settle,
         })
     }
@@ -244,7 +240,7 @@ impl Backend {
         let _waiting = self.enqueue()?;
         let guard = self.scoring.gate.clone().write_owned().await;
         Ok(EngineTurn {
-            held: Some(Held::Alone(guard)),
+            held: Held::Alone(guard),
             settle: self.settle,
         })
     }
@@ -295,7 +291,7 @@ impl Backend {
     }
 
     /// Send a request to `instance` and drain its responses on a spawned task that also holds
-    /// `turn` until the engine has dropped the sequence. Returns the first terminal response,
+    /// `turn` until the engine has dropped the sequence (and the settle pause after). Returns the first terminal response,
     /// or `None` when the channel closed before one arrived.
     async fn run_once(
         instance: &Instance,
@@ -320,7 +316,9 @@ impl Backend {
                     }
                 }
             }
-            // The engine dropped the sequence: only now may the next request start.
+            // The engine dropped the sequence: only now, and after the settle pause, may the
+            // next request start.
+            turn.settle_after_drop().await;
             drop(turn);
         });
         Ok(first_rx.await.ok())
