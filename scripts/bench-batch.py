@@ -4,11 +4,12 @@ sequences through /v1/logprobs one at a time from one client, through the real s
 fresh database. The N sequences are cut into --rounds chunks; each chunk runs once as a batch and
 once as the loop, alternating which goes first (ABBA), so that a drift of this shared machine's
 speed over the run weighs on both sides alike (a single batch between two halves of the loop
-measured a loop 264 tok/s before and 224 after). Each batch is timed from its creation (validation
-included) to its completion, to the microsecond (from Postgres), and followed as `teachd batch submit` follows it, on its
-/events stream, not by polling. Then one more batch per entry of --outputs (top-k, optionally
-`:BITS` for `top_logprobs_mantissa_bits`) over the first --bytes-n sequences, for bytes per scored
-token on disk; the short interactive /v1/logprobs calls (32 tokens) run during the last of those, and idle.
+measured a loop 264 tok/s before and 224 after). A batch is timed as its create call (which
+validates every line) plus its row's creation to completion, to the microsecond (from Postgres),
+and followed as `teachd batch submit` follows it, on its /events stream, not by polling. Then one
+more batch per entry of --outputs (top-k, optionally `:BITS` for `top_logprobs_mantissa_bits`)
+over the first --bytes-n sequences, for bytes per scored token on disk; the short interactive
+/v1/logprobs calls (32 tokens) run during the last of those, and idle.
 Prints a markdown table: scored tokens/s both ways, bytes per token, the server's peak RSS during
 each batch, and the short calls' latency. Run it with nothing else busy.
   scripts/bench-batch.py [BIN] [--n 200] [--len 512] [--rounds 10] [--outputs 20,128,128:8] [--bytes-n 40]
@@ -139,7 +140,9 @@ def main():
                     "completion_window": "24h", "output_format": "parquet"}
             if bits is not None:
                 body["top_logprobs_mantissa_bits"] = bits
+            t = time.perf_counter()
             b = call("POST", "/v1/batches", key, body)
+            create_secs = time.perf_counter() - t
             lat, stop = [], threading.Event()
             th = threading.Thread(target=short_calls, args=(key, stop, lat)) if with_calls else None
             if th:
@@ -149,7 +152,7 @@ def main():
             if th:
                 th.join()
             assert b["status"] == "completed", b
-            secs = float(subprocess.check_output(
+            secs = create_secs + float(subprocess.check_output(
                 ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-qtA", "-c",
                  f"SELECT extract(epoch FROM completed_at - created_at) FROM batches WHERE id = '{b['id']}'"]))
             scored = b["progress"]["scored_tokens"]
@@ -160,25 +163,22 @@ def main():
         # The throughput run: top-20 over all N sequences in chunks, each chunk as a batch and as
         # the loop, alternating which goes first; nothing else running.
         per = -(-args.n // args.rounds)
-        batch_tok = batch_secs = loop_tok = loop_secs = 0.0
+        batch_tok = loop_tok = 0
+        batch_secs = loop_secs = 0.0
         ratios, peak = [], 0.0
         for r in range(args.rounds):
             chunk = seqs[r * per:(r + 1) * per]
             if not chunk:
                 break
-            for side in ((0, 1) if r % 2 == 0 else (1, 0)):
-                if side == 0:
-                    row, _ = run_batch(chunk, 20, None, False)
-                    batch_tok += row[3]
-                    batch_secs += row[4]
-                    peak = max(peak, row[6])
-                    b_rate = row[3] / row[4]
-                else:
-                    tok, secs = one_at_a_time(key, chunk)
-                    loop_tok += tok
-                    loop_secs += secs
-                    l_rate = tok / secs
-            ratios.append(b_rate / l_rate)
+            if r % 2:
+                tok, secs = one_at_a_time(key, chunk)
+            row, _ = run_batch(chunk, 20, None, False)
+            if not r % 2:
+                tok, secs = one_at_a_time(key, chunk)
+            loop_tok, loop_secs = loop_tok + tok, loop_secs + secs
+            batch_tok, batch_secs = batch_tok + row[3], batch_secs + row[4]
+            peak = max(peak, row[6])
+            ratios.append((row[3] / row[4]) / (tok / secs))
         one_by_one = loop_tok / loop_secs
         batch_rate = batch_tok / batch_secs
         outputs = [o.split(":") for o in args.outputs.split(",")]
@@ -193,7 +193,7 @@ def main():
         print("|---|---|")
         print(f"| /v1/logprobs one at a time, top-20, {args.n} sequences | {one_by_one:.0f} scored tok/s |")
         print(f"| Parquet batches, top-20, the same {args.n} sequences in {len(ratios)} batches of {per} | "
-              f"{batch_rate:.0f} scored tok/s ({int(batch_tok)} tokens in {batch_secs:.1f} s); "
+              f"{batch_rate:.0f} scored tok/s ({batch_tok} tokens in {batch_secs:.1f} s); "
               f"server peak RSS {peak:.0f} MiB |")
         print(f"| batch / one at a time, top-20, {args.n} sequences | {batch_rate / one_by_one:.3f}x "
               f"(per round: median {statistics.median(ratios):.3f}, {min(ratios):.3f} to {max(ratios):.3f}) |")

@@ -71,30 +71,22 @@ pub struct Backend {
     next_id: AtomicUsize,
 }
 
+/// The guards of a turn, held only to be dropped.
+#[allow(dead_code)]
 enum Held {
-    Shared(
-        #[allow(dead_code)] OwnedRwLockReadGuard<()>,
-        #[allow(dead_code)] OwnedSemaphorePermit,
-    ),
-    Alone(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
+    Shared(OwnedRwLockReadGuard<()>, OwnedSemaphorePermit),
+    Alone(OwnedRwLockWriteGuard<()>),
 }
 
 /// A place in the engine, held by the request and by the task that drains its responses;
 /// the engine opens to the next request when the last holder lets go.
 pub struct EngineTurn {
+    #[allow(dead_code)] // held for its drop
     held: Held,
-    settle: Duration,
-}
-
-impl EngineTurn {
-    /// The pause after the engine dropped a sequence before the next raw request may start
-    /// (none after a generation). Counted from the drop, so it passes while the caller still
+    /// How long the drain task keeps holding the turn after the engine dropped the sequence
+    /// (zero for generations). Counted from the drop, so it passes while the caller still
     /// scores the logits rather than after.
-    async fn settle_after_drop(&self) {
-        if matches!(self.held, Held::Alone(_)) {
-            tokio::time::sleep(self.settle).await;
-        }
-    }
+    settle: Duration,
 }
 
 /// Full-vocabulary logits of one teacher-forcing pass, `[len, vocab]` f32, held as the engine
@@ -231,7 +223,7 @@ impl Backend {
         let guard = self.generation.gate.clone().read_owned().await;
         Ok(EngineTurn {
             held: Held::Shared(guard, permit),
-            settle: self.settle,
+            settle: Duration::ZERO,
         })
     }
 
@@ -291,8 +283,9 @@ impl Backend {
     }
 
     /// Send a request to `instance` and drain its responses on a spawned task that also holds
-    /// `turn` until the engine has dropped the sequence (and the settle pause after). Returns the first terminal response,
-    /// or `None` when the channel closed before one arrived.
+    /// `turn` until the engine has dropped the sequence and the turn's settle pause has
+    /// passed. Returns the first terminal response, or `None` when the channel closed before
+    /// one arrived.
     async fn run_once(
         instance: &Instance,
         req: Request,
@@ -318,7 +311,9 @@ impl Backend {
             }
             // The engine dropped the sequence: only now, and after the settle pause, may the
             // next request start.
-            turn.settle_after_drop().await;
+            if !turn.settle.is_zero() {
+                tokio::time::sleep(turn.settle).await;
+            }
             drop(turn);
         });
         Ok(first_rx.await.ok())
