@@ -13,6 +13,7 @@
 //! 9. rate-limit headers, then the row is committed (see [`crate::http::ledger_layer`]). The
 //!    client's concurrency slot and the server slot are held until the body has been sent.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -208,7 +209,18 @@ fn body_limit(state: &AppState, parts: &axum::http::request::Parts) -> usize {
     }
 }
 
+/// How much of an oversized body is read and thrown away before the 413 is sent (see
+/// [`read_body`]): at least this much, or the limit itself when that is larger.
+const DRAIN_MIN_BYTES: usize = 16 * 1024 * 1024;
+
 /// The body, bounded in size and in time (a slow upload cannot hold a slot for long).
+///
+/// An oversized body is refused with 413 without being kept, but its remaining bytes are
+/// still read and thrown away (up to `max(limit, 16 MiB)`, within the same time limit) before
+/// the answer goes out. Otherwise the server would close the connection with the client's
+/// bytes unread, the kernel would answer them with a reset, and a client still writing its
+/// body would see a broken pipe instead of the 413 (the lingering close that nginx does for the
+/// same reason). A body past the drain cap still ends in a closed connection.
 async fn read_body(
     state: &AppState,
     limit: usize,
@@ -223,16 +235,21 @@ async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
+    // Set once the body is known to be too large; then a timeout while draining is a 413 too.
+    let oversized = std::sync::atomic::AtomicBool::new(declared.is_some_and(|n| n > limit as u64));
     let read = async {
         let mut stream = body.into_data_stream();
+        if oversized.load(Relaxed) {
+            drain(&mut stream, limit.max(DRAIN_MIN_BYTES)).await;
+            return Err(too_large());
+        }
         let mut buf = bytes::BytesMut::new();
         while let Some(chunk) = stream.next().await {
             let chunk =
                 chunk.map_err(|_| ApiError::bad_request("could not read the request body"))?;
             if buf.len() + chunk.len() > limit {
+                oversized.store(true, Relaxed);
+                drain(&mut stream, limit.max(DRAIN_MIN_BYTES)).await;
                 return Err(too_large());
             }
             buf.extend_from_slice(&chunk);
@@ -240,14 +257,26 @@ async fn read_body(
         Ok(buf.freeze())
     };
     let timeout = Duration::from_secs(state.config.server.body_read_timeout_secs);
-    tokio::time::timeout(timeout, read)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ApiError::RequestTimeout(format!(
-                "the request body was not received within {} s",
-                timeout.as_secs()
-            )))
-        })
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        // An oversized body still draining when the time is up is answered as too large.
+        Err(_) if oversized.load(Relaxed) => Err(too_large()),
+        Err(_) => Err(ApiError::RequestTimeout(format!(
+            "the request body was not received within {} s",
+            timeout.as_secs()
+        ))),
+    }
+}
+
+/// Reads and discards what is left of a body, up to `cap` bytes.
+async fn drain(stream: &mut axum::body::BodyDataStream, cap: usize) {
+    let mut seen = 0usize;
+    while seen < cap {
+        match stream.next().await {
+            Some(Ok(chunk)) => seen += chunk.len(),
+            _ => break,
+        }
+    }
 }
 
 /// Keeps the client's concurrency slot and the server slot until the body is sent: a streamed

@@ -122,19 +122,98 @@ async fn malformed_and_oversized_bodies_get_the_envelope() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
 
+    // Three times the 4 MiB limit, more than the kernel's socket buffers hold: a server that
+    // answered without reading the rest would close on unread bytes, and the client, still
+    // writing, would get a reset instead of the 413 (the flaky failure this test once had).
     let huge = format!(
         "{{\"model\":\"{MODEL}\",\"prompt\":\"{}\"}}",
-        "a".repeat(5 * 1024 * 1024)
+        "a".repeat(12 * 1024 * 1024)
     );
+    // Declared with content-length: refused before reading, the rest drained.
     let resp = with_auth(client().post(s.url("/v1/logprobs")))
         .header("content-type", "application/json")
-        .body(huge)
+        .body(huge.clone())
         .send()
         .await
-        .unwrap();
+        .expect("the client gets an answer, not a broken connection");
     assert_eq!(resp.status(), 413);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], "body_too_large");
+
+    // Chunked, with no length: found too large while reading, the rest drained.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = huge
+        .into_bytes()
+        .chunks(256 * 1024)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let resp = with_auth(client().post(s.url("/v1/logprobs")))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .expect("the client gets an answer, not a broken connection");
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "body_too_large");
+
+    // A plain HTTP/1.1 client that sends its whole body before it reads (as curl and most
+    // SDKs do): every byte must be accepted, then the 413 read. A server that closed on unread
+    // bytes resets the connection, and the writes or the read below fail.
+    let (status, body) = send_whole_then_read(&s.addr.to_string(), 12 * 1024 * 1024).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("body_too_large"), "{body}");
+
+    // The server still serves.
+    let (status, _) = post_json(
+        "/v1/logprobs",
+        json!({"model": MODEL, "token_ids": [1, 2, 3]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+/// POSTs a `len`-byte JSON body to `/v1/logprobs` over a raw connection, writing all of it
+/// before reading anything; returns the status and the response text.
+async fn send_whole_then_read(addr: &str, len: usize) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/logprobs HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {len}\r\n\r\n",
+        shared().teacher_key
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b' '; 64 * 1024];
+    let mut sent = 0;
+    while sent < len {
+        let n = chunk.len().min(len - sent);
+        conn.write_all(&chunk[..n])
+            .await
+            .unwrap_or_else(|e| panic!("the server reset the upload after {sent} bytes: {e}"));
+        sent += n;
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    // Up to the end of the JSON body (the server keeps the connection open after draining).
+    loop {
+        let n = conn
+            .read(&mut buf)
+            .await
+            .unwrap_or_else(|e| panic!("reading the answer failed: {e}"));
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if n == 0 || text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, text)
 }
 
 #[tokio::test]
