@@ -11,6 +11,7 @@ use tokio::io::AsyncWriteExt;
 use super::input::InputLine;
 use super::runner::Work;
 use super::validate::{self, Job};
+use crate::engine::SpareTurn;
 use crate::error::ApiError;
 use crate::ledger::{LedgerError, UsageEvent};
 use crate::usage::{Meter, Usage};
@@ -25,11 +26,39 @@ struct Ran {
     event: UsageEvent,
 }
 
-pub(super) async fn run_line(
-    state: &AppState,
-    work: &mut Work,
+/// A line checked and ready to run: its job prepared (or the reason it cannot run) and its
+/// ledger row begun.
+pub(super) struct Prepared {
     line: InputLine,
-) -> anyhow::Result<()> {
+    request_id: String,
+    started: Instant,
+    event: UsageEvent,
+    job: Result<Job, ApiError>,
+    estimate: u64,
+}
+
+impl Prepared {
+    /// A [`SpareTurn`] for this line, if it is teacher forcing and its teacher's generation
+    /// engine is idle (see [`crate::engine::SpareTurn`]).
+    pub(super) async fn spare(&self) -> Option<SpareTurn> {
+        match &self.job {
+            Ok(Job::Logprobs { teacher, plan }) => teacher.spare(plan.ids.len()).await,
+            _ => None,
+        }
+    }
+
+    /// Counts its latency from now (a line that waited for the one before it).
+    pub(super) fn restart_clock(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// The input line it was prepared from.
+    pub(super) fn into_line(self) -> InputLine {
+        self.line
+    }
+}
+
+pub(super) async fn prepare(state: &AppState, work: &mut Work, line: InputLine) -> Prepared {
     let row = &work.row;
     let request_id = format!("{}:{}", row.id, line.line);
     let started = Instant::now();
@@ -45,12 +74,74 @@ pub(super) async fn run_line(
     event.request_sha256 = Sha256::digest(line.body.to_string().as_bytes()).into();
     let job = validate::prepare(state, &mut work.lookup, &row.endpoint, &line).await;
     let estimate = job.as_ref().map_or(0, Job::cost);
+    Prepared {
+        line,
+        request_id,
+        started,
+        event,
+        job,
+        estimate,
+    }
+}
+
+/// Runs one line and commits it (see the module notes).
+pub(super) async fn run_line(
+    state: &AppState,
+    work: &mut Work,
+    line: Prepared,
+) -> anyhow::Result<()> {
+    let (index, ran, started) = run(line, None).await?;
+    commit(state, work, index, ran, started).await
+}
+
+/// Runs `first`, and `second` beside it on the teacher's generation engine if that engine is
+/// (or within its settle pause becomes) idle; commits them in order (the second is not
+/// committed if the first fails to commit, and runs again later). Returns `second` unrun when
+/// it found no idle engine: it runs next.
+pub(super) async fn run_pair(
+    state: &AppState,
+    work: &mut Work,
+    first: Prepared,
+    second: Prepared,
+) -> anyhow::Result<Option<Prepared>> {
+    let beside = async {
+        match second.spare().await {
+            Some(spare) => Ok(run(second, Some(spare)).await),
+            None => Err(second),
+        }
+    };
+    let (a, b) = tokio::join!(run(first, None), beside);
+    let (index, ran, started) = a?;
+    commit(state, work, index, ran, started).await?;
+    match b {
+        Ok(b) => {
+            let (index, ran, started) = b?;
+            commit(state, work, index, ran, started).await?;
+            Ok(None)
+        }
+        Err(second) => Ok(Some(second)),
+    }
+}
+
+/// Runs a prepared line; returns its index, what it produced and when it began.
+async fn run(
+    prepared: Prepared,
+    spare: Option<SpareTurn>,
+) -> anyhow::Result<(usize, Ran, Instant)> {
+    let Prepared {
+        line,
+        request_id,
+        started,
+        mut event,
+        job,
+        estimate,
+    } = prepared;
     let (result, usage) = match job {
         Ok(job) => {
             event.model = Some(job.teacher().info.id.clone());
             event.weights_sha256 = Some(job.teacher().info.weights_sha256.clone());
             event.top_k = job.top_k().map(|k| k as i32);
-            execute(job).await
+            execute(job, spare).await
         }
         Err(e) => (Err(e), Usage::default()),
     };
@@ -93,7 +184,7 @@ pub(super) async fn run_line(
             }
         }
     };
-    commit(state, work, line.index, ran, started).await
+    Ok((line.index, ran, started))
 }
 
 /// A line's response body, serialised exactly as its endpoint serialises it. One per line,
@@ -110,10 +201,10 @@ enum Body {
 
 /// Runs one line's job through the endpoint's own code; returns the body the endpoint would
 /// answer and what the engine ran (recorded on a meter of its own, as the endpoint records it).
-async fn execute(job: Job) -> (Result<Body, ApiError>, Usage) {
+async fn execute(job: Job, spare: Option<SpareTurn>) -> (Result<Body, ApiError>, Usage) {
     match job {
         Job::Logprobs { teacher, plan } => {
-            match crate::http::logprobs::execute(&teacher, plan).await {
+            match crate::http::logprobs::execute(&teacher, plan, spare).await {
                 Ok(body) => {
                     let usage = Usage {
                         prompt_tokens: body.usage.prompt_tokens as u64,

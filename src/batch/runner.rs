@@ -184,6 +184,8 @@ pub(super) struct Work {
     pub(super) lookup: Lookup<'static>,
     /// Next 0-based line index to run.
     pub(super) next: usize,
+    /// A line prepared to run beside the previous one that found no idle engine: it runs next.
+    pending: Option<super::line::Prepared>,
 }
 
 async fn open_work(state: &AppState, id: &str) -> anyhow::Result<Option<Work>> {
@@ -210,6 +212,7 @@ async fn open_work(state: &AppState, id: &str) -> anyhow::Result<Option<Work>> {
         out,
         err,
         lookup: Lookup::unchecked(),
+        pending: None,
     }))
 }
 
@@ -260,24 +263,46 @@ async fn step(
         finish(state, open, id, end).await?;
         return Ok(false);
     }
-    // The next line to run (lines before the resume point were done in an earlier life).
-    let line = loop {
-        match work.items.recv().await {
+    let first = match work.pending.take() {
+        Some(mut prepared) => {
+            prepared.restart_clock();
+            prepared
+        }
+        None => match next_line(work).await? {
+            Some(line) => super::line::prepare(state, work, line).await,
             None => {
                 finish(state, open, id, "completed").await?;
                 return Ok(false);
             }
+        },
+    };
+    // A second line runs beside it when it is teacher forcing and its teacher's generation
+    // engine is idle (the first takes the scoring engine); otherwise it runs next.
+    match next_line(work).await? {
+        Some(line) => {
+            let second = super::line::prepare(state, work, line).await;
+            work.pending = super::line::run_pair(state, work, first, second).await?;
+        }
+        None => super::line::run_line(state, work, first).await?,
+    }
+    Ok(true)
+}
+
+/// The next line to run: lines before the resume point (done in an earlier life) and lines
+/// found invalid at validation are passed over. `None` at the end of the input.
+async fn next_line(work: &mut Work) -> anyhow::Result<Option<input::InputLine>> {
+    loop {
+        match work.items.recv().await {
+            None => return Ok(None),
             Some(Item::Malformed(e)) => anyhow::bail!("input no longer readable: {}", e.message),
             Some(Item::Line(line)) if line.index < work.next => continue,
             Some(Item::Line(line)) if work.invalid.contains(&(line.line as i32)) => {
                 work.next = line.index + 1;
                 continue;
             }
-            Some(Item::Line(line)) => break line,
+            Some(Item::Line(line)) => return Ok(Some(line)),
         }
-    };
-    super::line::run_line(state, work, line).await?;
-    Ok(true)
+    }
 }
 
 /// Ends batch `id` as `end` (completed, cancelled or expired): unrun lines of an expired batch
@@ -294,8 +319,17 @@ async fn finish(
     };
     let mut unrun = 0;
     if end == "expired" {
-        while let Some(item) = work.items.recv().await {
-            let Item::Line(line) = item else { continue };
+        // A line prepared to run next was already taken from the input: it comes first.
+        let mut pending = work.pending.take().map(super::line::Prepared::into_line);
+        loop {
+            let line = match pending.take() {
+                Some(line) => line,
+                None => match work.items.recv().await {
+                    Some(Item::Line(line)) => line,
+                    Some(Item::Malformed(_)) => continue,
+                    None => break,
+                },
+            };
             if line.index < work.next || work.invalid.contains(&(line.line as i32)) {
                 continue;
             }

@@ -25,6 +25,12 @@
 //!   engine serves both behind a fair read-write gate: generations share it, a raw request
 //!   takes it alone, and a waiting raw request stops new generations from being admitted, so
 //!   it starts as soon as the running ones end.
+//! * A batch line of teacher forcing of at most `engine.spare_max_tokens` tokens may run on
+//!   the generation engine instead, alone, when a [`SpareTurn`] could be taken there: no
+//!   generation holds or waits for a slot and nothing else holds the engine. The batch runner
+//!   takes one for a second line while the first runs on the scoring engine, so a batch runs
+//!   two lines at once on an otherwise idle machine; a generation that arrives meanwhile waits
+//!   for that one pass at most, as an interactive call waits for one batch line.
 //! * A raw request's engine stays closed to the next one until the engine has dropped the
 //!   sequence (its response channel closes) plus a short settle pause, and until the caller
 //!   has scored its logits; the pause runs while the caller scores.
@@ -34,7 +40,7 @@
 //! * A closed channel (engine thread died) is retried on a fresh sender; `get_sender` reboots a
 //!   dead engine.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,8 +74,19 @@ pub struct Backend {
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
     settle: Duration,
+    /// Longest raw request a [`SpareTurn`] is given for (0: never).
+    spare_max_tokens: usize,
+    /// Slots of `gen_slots` (to tell whether a generation holds or waits for one).
+    gen_slot_count: usize,
+    /// Raw passes run: on the scoring engine (or the one engine when shared), and on a spare
+    /// turn of the generation engine.
+    raw_passes: [AtomicU64; 2],
     next_id: AtomicUsize,
 }
+
+/// The generation engine, taken alone for one raw request while it was idle (see the module
+/// notes). Dropping it unused gives the engine back at once.
+pub struct SpareTurn(EngineTurn);
 
 /// The guards of a turn, held only to be dropped.
 #[allow(dead_code)]
@@ -164,6 +181,7 @@ impl Backend {
         max_batch: usize,
         max_queue: usize,
         settle: Duration,
+        spare_max_tokens: usize,
     ) -> Self {
         let generation = Arc::new(Instance {
             mistral: generation,
@@ -180,9 +198,12 @@ impl Backend {
             generation,
             scoring,
             gen_slots: Arc::new(Semaphore::new(max_batch.max(1))),
+            gen_slot_count: max_batch.max(1),
             waiting: Arc::new(AtomicUsize::new(0)),
             max_queue,
             settle,
+            spare_max_tokens,
+            raw_passes: Default::default(),
             next_id: AtomicUsize::new(1),
         }
     }
@@ -190,6 +211,14 @@ impl Backend {
     /// Whether teacher forcing has an engine instance of its own.
     pub fn separate_scoring(&self) -> bool {
         !Arc::ptr_eq(&self.generation, &self.scoring)
+    }
+
+    /// Raw passes started: (on the scoring engine, on spare turns of the generation engine).
+    pub fn raw_passes(&self) -> (u64, u64) {
+        (
+            self.raw_passes[0].load(Ordering::Relaxed),
+            self.raw_passes[1].load(Ordering::Relaxed),
+        )
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -235,6 +264,27 @@ impl Backend {
             held: Held::Alone(guard),
             settle: self.settle,
         })
+    }
+
+    /// The generation engine alone for one raw request of `len` tokens, if it is idle: a
+    /// separate scoring engine exists, `len <= spare_max_tokens`, and no generation holds or
+    /// waits for a slot (a generation takes its slot before the gate). The gate can then be
+    /// held only by an earlier spare pass that is ending (its leftover decode step and settle
+    /// pause), which this waits out for up to a second; it gives up if a generation took a
+    /// slot meanwhile.
+    pub async fn spare(&self, len: usize) -> Option<SpareTurn> {
+        let idle = || self.gen_slots.available_permits() == self.gen_slot_count;
+        if !self.separate_scoring() || len > self.spare_max_tokens || !idle() {
+            return None;
+        }
+        let wait = self.settle + Duration::from_secs(1);
+        let guard = tokio::time::timeout(wait, self.generation.gate.clone().write_owned())
+            .await
+            .ok()?;
+        idle().then_some(SpareTurn(EngineTurn {
+            held: Held::Alone(guard),
+            settle: self.settle,
+        }))
     }
 
     fn request(
@@ -322,12 +372,25 @@ impl Backend {
     /// Teacher forcing: the full-vocabulary logits for every position of `tokens`, handed to
     /// `f` on a blocking thread. The scoring engine stays closed to the next pass until `f`
     /// returns, so at most one `[len, vocab]` buffer per model exists at a time.
-    pub async fn with_raw_logits<R, F>(&self, tokens: Vec<u32>, f: F) -> Result<R, EngineError>
+    ///
+    /// With a [`SpareTurn`], the pass runs on the generation engine it holds instead of waiting
+    /// for the scoring engine.
+    pub async fn with_raw_logits<R, F>(
+        &self,
+        tokens: Vec<u32>,
+        spare: Option<SpareTurn>,
+        f: F,
+    ) -> Result<R, EngineError>
     where
         R: Send + 'static,
         F: FnOnce(&RawLogits) -> R + Send + 'static,
     {
-        let turn = Arc::new(self.raw_turn().await?);
+        let (turn, instance, counter) = match spare {
+            Some(SpareTurn(turn)) => (turn, &self.generation, &self.raw_passes[1]),
+            None => (self.raw_turn().await?, &self.scoring, &self.raw_passes[0]),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let turn = Arc::new(turn);
         for attempt in 1..=MAX_ATTEMPTS {
             let mut sampling = SamplingParams::neutral();
             sampling.max_len = Some(0);
@@ -337,7 +400,7 @@ impl Backend {
                 true,
                 None,
             );
-            match Self::run_once(&self.scoring, req, rx, turn.clone()).await? {
+            match Self::run_once(instance, req, rx, turn.clone()).await? {
                 Some(Response::Raw { logits_chunks, .. }) => {
                     let held = turn.clone();
                     return tokio::task::spawn_blocking(move || {

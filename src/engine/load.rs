@@ -224,6 +224,13 @@ pub(super) async fn load_teacher(
         max_batch,
         engine.max_queue,
         Duration::from_millis(engine.settle_ms),
+        // Batch lines may use an idle generation engine only where it computes the same
+        // logits: the same weights, dequantized alike.
+        if dequantize_generation == dequantize_scoring {
+            engine.spare_max_tokens
+        } else {
+            0
+        },
     );
     tracing::info!(
         model = %cfg.id,
@@ -247,7 +254,7 @@ pub(super) async fn load_teacher(
     // the model scores over, which can exceed the tokenizer's).
     let warm_token = eos.first().copied().unwrap_or(0);
     let vocab_size = backend
-        .with_raw_logits(vec![warm_token, warm_token], |l| l.vocab)
+        .with_raw_logits(vec![warm_token, warm_token], None, |l| l.vocab)
         .await
         .map_err(|e| anyhow::anyhow!("warm-up pass of `{}` failed: {e}", cfg.id))?;
 

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::config::{EngineConfig, LicenceConfig, ModelConfig};
 
+pub use backend::SpareTurn;
 pub use generate::{FinishReason, GenEvent, GenHandle, GenToken, GenerateParams};
 pub use judge::{
     AbsoluteJudgment, AbsolutePlan, PairwiseJudgment, PairwiseOrder, PairwisePlan, Rubric,
@@ -268,6 +269,31 @@ impl Teacher {
         top_k: usize,
         temperature: f64,
     ) -> Result<ScoreResult, EngineError> {
+        self.score_on(tokens, score_from, top_k, temperature, None)
+            .await
+    }
+
+    /// Teacher-forcing passes started: (on the scoring engine, on spare turns of the
+    /// generation engine).
+    pub fn raw_passes(&self) -> (u64, u64) {
+        self.backend.raw_passes()
+    }
+
+    /// The generation engine for one teacher-forcing pass of `len` tokens, if it is idle
+    /// (batch lines; see [`SpareTurn`]).
+    pub async fn spare(&self, len: usize) -> Option<SpareTurn> {
+        self.backend.spare(len).await
+    }
+
+    /// [`Teacher::score`], on the generation engine when given a [`SpareTurn`].
+    pub async fn score_on(
+        &self,
+        tokens: &[u32],
+        score_from: usize,
+        top_k: usize,
+        temperature: f64,
+        spare: Option<SpareTurn>,
+    ) -> Result<ScoreResult, EngineError> {
         self.check_ids(tokens, "token_ids")?;
         self.check_len(tokens.len())?;
         if score_from == 0 || score_from >= tokens.len() {
@@ -282,7 +308,7 @@ impl Teacher {
         let owned = tokens.to_vec();
         let rows = self
             .backend
-            .with_raw_logits(tokens.to_vec(), move |logits| {
+            .with_raw_logits(tokens.to_vec(), spare, move |logits| {
                 let (vocab, len) = (logits.vocab, owned.len());
                 if vocab == 0 || logits.rows < len - 1 {
                     anyhow::bail!(
@@ -313,7 +339,7 @@ impl Teacher {
         self.check_len(tokens.len())?;
         let out = self
             .backend
-            .with_raw_logits(tokens.to_vec(), |logits| {
+            .with_raw_logits(tokens.to_vec(), None, |logits| {
                 logits.to_vec().map(|v| (v, logits.vocab))
             })
             .await?;

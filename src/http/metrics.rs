@@ -69,6 +69,22 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             t.queue_depth()
         );
     }
+    out.push_str(
+        "# HELP teachd_engine_raw_passes_total Teacher-forcing passes started, by engine: \
+         `scoring` (the scoring engine, or the one engine when shared) or `generation` (batch \
+         lines on an idle generation engine).\n",
+    );
+    out.push_str("# TYPE teachd_engine_raw_passes_total counter\n");
+    for t in state.models.iter() {
+        let (scoring, spare) = t.raw_passes();
+        for (engine, n) in [("scoring", scoring), ("generation", spare)] {
+            let _ = writeln!(
+                out,
+                "teachd_engine_raw_passes_total{{model=\"{}\",engine=\"{engine}\"}} {n}",
+                t.info.id
+            );
+        }
+    }
     out.push_str("# HELP teachd_ledger_healthy 1 while the usage ledger commits.\n");
     out.push_str("# TYPE teachd_ledger_healthy gauge\n");
     let _ = writeln!(

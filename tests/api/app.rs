@@ -203,6 +203,9 @@ pub struct Options {
     pub extra: Option<Extra>,
     /// Serve the models (loaded once per test binary).
     pub model: bool,
+    /// Serve the models from a registry of this app's own, loaded for it (its engines are
+    /// used by no other test).
+    pub own_models: bool,
     /// Reach Postgres through this `host:port` (e.g. a [`ChaosProxy`]).
     pub via: Option<String>,
 }
@@ -268,7 +271,15 @@ impl TestApp {
     }
 
     async fn start(config: Config, options: Options, db_name: String) -> TestApp {
-        let registry = if options.model {
+        let registry = if options.own_models {
+            on_server(async {
+                let config = config_from(&format!("{}\n", models_toml()), &[]);
+                ModelRegistry::load(&config.models, &config.engine)
+                    .await
+                    .expect("load the test models")
+            })
+            .await
+        } else if options.model {
             models().await
         } else {
             ModelRegistry::empty()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::app::{error_of, TestApp, MODEL, MODEL_PROHIBITED};
+use crate::app::{error_of, Options, TestApp, MODEL, MODEL_PROHIBITED};
 
 fn roomy() -> Value {
     json!({"rpm": 100000, "tpm": 100000000, "max_concurrent": 64, "daily_tokens": 1000000000i64})
@@ -371,6 +371,137 @@ async fn a_logprobs_batch_equals_the_interactive_endpoint_in_jsonl_and_parquet()
         .map(|(_, r)| r["usage"]["prompt_tokens"].as_i64().unwrap())
         .sum();
     app.wait_tokens_used(client, 3 * per_run).await;
+}
+
+/// `teachd_engine_raw_passes_total` of the test model: (scoring engine, generation engine).
+async fn raw_passes(app: &TestApp) -> (u64, u64) {
+    let text = app
+        .get("/metrics", None)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |engine: &str| {
+        let series =
+            format!("teachd_engine_raw_passes_total{{model=\"{MODEL}\",engine=\"{engine}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
+            .parse()
+            .unwrap()
+    };
+    (count("scoring"), count("generation"))
+}
+
+/// With the generation engine idle, a batch runs two lines at once, the second on the
+/// generation engine; the numbers are the same either way, and a chat that arrives meanwhile
+/// still gets exactly what it gets alone.
+#[tokio::test]
+async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
+    // Engines of its own: no other test's generation keeps the generation engine busy.
+    let app = TestApp::spawn_opts(
+        Options {
+            own_models: true,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let (_, key) = app.ready_teacher("pairs", roomy()).await;
+    let bodies: Vec<Value> = (0..6)
+        .map(|i| json!({"model": MODEL, "token_ids": seq(40 + i, 24 + 8 * i), "top_k": 5}))
+        .collect();
+    let text: String = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| line(&format!("p{i}"), b.clone()) + "\n")
+        .collect();
+    let file = upload_ok(&app, &key, &text).await;
+    let before = raw_passes(&app).await;
+    let created = create_ok(&app, &key, &file, "jsonl").await;
+    let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let after = raw_passes(&app).await;
+    // Lines (1, 2), (3, 4), (5, 6): the second of each pair on the generation engine.
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (3, 3),
+        "raw passes (scoring, generation) before {before:?}, after {after:?}"
+    );
+    let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
+    assert_eq!(out.len(), 6);
+    for (i, (o, body)) in out.iter().zip(&bodies).enumerate() {
+        assert_eq!(o["custom_id"], format!("p{i}"));
+        let want: Value = app
+            .post("/v1/logprobs", &key, body.clone())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            o["response"]["body"],
+            want,
+            "line {i} (on the {} engine) differs from /v1/logprobs",
+            if i % 2 == 1 { "generation" } else { "scoring" }
+        );
+    }
+
+    // A chat sent while a batch holds the generation engine waits for that pass, then is
+    // answered as it is alone (greedy, so the same tokens and logprobs).
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}],
+                      "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let alone: Value = app
+        .post("/v1/chat/completions", &key, chat.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text: String = (0..12)
+        .map(|i| {
+            line(
+                &format!("q{i}"),
+                json!({"model": MODEL, "token_ids": seq(90 + i, 200), "top_k": 5}),
+            ) + "\n"
+        })
+        .collect();
+    let file = upload_ok(&app, &key, &text).await;
+    let created = create_ok(&app, &key, &file, "jsonl").await;
+    let mut beside = Vec::new();
+    for _ in 0..4 {
+        let r: Value = app
+            .post("/v1/chat/completions", &key, chat.clone())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        beside.push(r);
+    }
+    let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request_counts"]["completed"], 12, "{done}");
+    for r in beside {
+        assert_eq!(
+            r["choices"][0]["message"], alone["choices"][0]["message"],
+            "{r}"
+        );
+        assert_eq!(
+            r["choices"][0]["logprobs"], alone["choices"][0]["logprobs"],
+            "{r}"
+        );
+    }
+    let last = raw_passes(&app).await;
+    assert!(
+        last.1 > after.1,
+        "no line of the second batch paired: {last:?}"
+    );
 }
 
 #[tokio::test]
