@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use super::input::InputLine;
 use super::runner::Work;
 use super::validate::{self, Job};
-use crate::engine::SpareTurn;
+use crate::engine::{Lane, SpareTurn};
 use crate::error::ApiError;
 use crate::ledger::{LedgerError, UsageEvent};
 use crate::usage::{Meter, Usage};
@@ -90,7 +90,7 @@ pub(super) async fn run_line(
     work: &mut Work,
     line: Prepared,
 ) -> anyhow::Result<()> {
-    let (index, ran, started) = run(line, None).await?;
+    let (index, ran, started) = run(line, Lane::Background).await?;
     commit(state, work, index, ran, started).await
 }
 
@@ -106,11 +106,11 @@ pub(super) async fn run_pair(
 ) -> anyhow::Result<Option<Prepared>> {
     let beside = async {
         match second.spare().await {
-            Some(spare) => Ok(run(second, Some(spare)).await),
+            Some(spare) => Ok(run(second, Lane::Spare(spare)).await),
             None => Err(second),
         }
     };
-    let (a, b) = tokio::join!(run(first, None), beside);
+    let (a, b) = tokio::join!(run(first, Lane::Background), beside);
     let (index, ran, started) = a?;
     commit(state, work, index, ran, started).await?;
     match b {
@@ -124,10 +124,7 @@ pub(super) async fn run_pair(
 }
 
 /// Runs a prepared line; returns its index, what it produced and when it began.
-async fn run(
-    prepared: Prepared,
-    spare: Option<SpareTurn>,
-) -> anyhow::Result<(usize, Ran, Instant)> {
+async fn run(prepared: Prepared, lane: Lane) -> anyhow::Result<(usize, Ran, Instant)> {
     let Prepared {
         line,
         request_id,
@@ -141,7 +138,7 @@ async fn run(
             event.model = Some(job.teacher().info.id.clone());
             event.weights_sha256 = Some(job.teacher().info.weights_sha256.clone());
             event.top_k = job.top_k().map(|k| k as i32);
-            execute(job, spare).await
+            execute(job, lane).await
         }
         Err(e) => (Err(e), Usage::default()),
     };
@@ -201,10 +198,10 @@ enum Body {
 
 /// Runs one line's job through the endpoint's own code; returns the body the endpoint would
 /// answer and what the engine ran (recorded on a meter of its own, as the endpoint records it).
-async fn execute(job: Job, spare: Option<SpareTurn>) -> (Result<Body, ApiError>, Usage) {
+async fn execute(job: Job, lane: Lane) -> (Result<Body, ApiError>, Usage) {
     match job {
         Job::Logprobs { teacher, plan } => {
-            match crate::http::logprobs::execute(&teacher, plan, spare).await {
+            match crate::http::logprobs::execute(&teacher, plan, lane).await {
                 Ok(body) => {
                     let usage = Usage {
                         prompt_tokens: body.usage.prompt_tokens as u64,

@@ -7,7 +7,7 @@
 //! - [`store`]: the `batches` table: state, resume point, progress;
 //! - [`create`]: `POST /v1/batches`: validation and the quota reservation up front;
 //! - [`api`]: the other `/v1/batches` routes and the SSE progress stream;
-//! - [`runner`]: the background task that runs lines one at a time and resumes after a
+//! - [`runner`]: the background task that runs lines (two at once on an idle machine) and resumes after a
 //!   restart; `line`: one line run, recorded in the ledger, settled and committed;
 //! - [`output`]: output lines (JSONL) and the Parquet dataset of a logprobs batch;
 //! - [`finish`]: the end of a batch: output files, final status, the unused quota refunded;

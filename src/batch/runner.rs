@@ -1,10 +1,16 @@
 //! The batch runner: one background task per process that runs the lines of every active
-//! batch, one line at a time, taking the active batches in turn (one line of each per round,
-//! so a long batch does not hold up a short one).
+//! batch, taking the active batches in turn (a step of each per round, so a long batch does
+//! not hold up a short one).
+//!
+//! **Two lines at once when the machine allows.** A step runs a batch's next line on the
+//! scoring engine and, if the line after it is teacher forcing and the model's generation
+//! engine is idle ([`crate::engine::SpareTurn`]), that one beside it on the generation engine;
+//! otherwise the second line runs first in the next step. The two are committed in order.
 //!
 //! **Priority.** Each line is one engine request in the model's queue, like an interactive
-//! request: an interactive call waits at most for the line in progress, never behind a whole
-//! batch.
+//! request: an interactive `/v1/logprobs` call waits at most for the line in progress on the
+//! scoring engine, and a generation at most for the one line a spare turn runs, never behind
+//! a whole batch.
 //!
 //! **One ledger row per line**, recorded like an interactive request's (endpoint, model,
 //! status, tokens, top_k, body hashes, ToS version, weights) under the request id
@@ -27,7 +33,7 @@
 //!
 //! **Limits.** Interactive rpm/tpm do not apply line by line: the job's whole cost was reserved
 //! against the daily quota when it was created, `batch.max_active_per_client` bounds a
-//! client's unfinished batches, and lines run one at a time.
+//! client's unfinished batches, and a batch runs at most two lines at once.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -27,7 +27,9 @@
 //!   it starts as soon as the running ones end.
 //! * A batch line of teacher forcing of at most `engine.spare_max_tokens` tokens may run on
 //!   the generation engine instead, alone, when a [`SpareTurn`] could be taken there: no
-//!   generation holds or waits for a slot and nothing else holds the engine. The batch runner
+//!   generation holds or waits for a slot, nothing else holds the engine, and no interactive
+//!   request came within `engine.spare_quiet_ms` (while interactive callers are about, the
+//!   batch leaves the CPU to them). The batch runner
 //!   takes one for a second line while the first runs on the scoring engine, so a batch runs
 //!   two lines at once on an otherwise idle machine; a generation that arrives meanwhile waits
 //!   for that one pass at most, as an interactive call waits for one batch line.
@@ -81,12 +83,30 @@ pub struct Backend {
     /// Raw passes run: on the scoring engine (or the one engine when shared), and on a spare
     /// turn of the generation engine.
     raw_passes: [AtomicU64; 2],
+    /// No spare turn within this long of the last interactive request (generation or
+    /// foreground teacher forcing).
+    spare_quiet: Duration,
+    /// When the backend was made, and 1 + the milliseconds since then of the last interactive
+    /// request (0: none yet).
+    born: std::time::Instant,
+    last_foreground_ms: AtomicU64,
     next_id: AtomicUsize,
 }
 
 /// The generation engine, taken alone for one raw request while it was idle (see the module
 /// notes). Dropping it unused gives the engine back at once.
 pub struct SpareTurn(EngineTurn);
+
+/// Where a teacher-forcing pass runs, and for whom.
+pub enum Lane {
+    /// An interactive request, on the scoring engine. It marks the model as in interactive use,
+    /// which keeps spare turns away for `engine.spare_quiet_ms`.
+    Foreground,
+    /// Background work (a batch line), on the scoring engine.
+    Background,
+    /// Background work on the generation engine the spare turn holds.
+    Spare(SpareTurn),
+}
 
 /// The guards of a turn, held only to be dropped.
 #[allow(dead_code)]
@@ -182,6 +202,7 @@ impl Backend {
         max_queue: usize,
         settle: Duration,
         spare_max_tokens: usize,
+        spare_quiet: Duration,
     ) -> Self {
         let generation = Arc::new(Instance {
             mistral: generation,
@@ -204,6 +225,9 @@ impl Backend {
             settle,
             spare_max_tokens,
             raw_passes: Default::default(),
+            spare_quiet,
+            born: std::time::Instant::now(),
+            last_foreground_ms: AtomicU64::new(0),
             next_id: AtomicUsize::new(1),
         }
     }
@@ -219,6 +243,23 @@ impl Backend {
             self.raw_passes[0].load(Ordering::Relaxed),
             self.raw_passes[1].load(Ordering::Relaxed),
         )
+    }
+
+    /// Records an interactive request (it keeps spare turns away for a while).
+    fn mark_foreground(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        self.last_foreground_ms.store(now + 1, Ordering::Relaxed);
+    }
+
+    /// Whether no interactive request came within `spare_quiet`.
+    fn quiet(&self) -> bool {
+        match self.last_foreground_ms.load(Ordering::Relaxed) {
+            0 => true,
+            last => {
+                let since = self.born.elapsed().as_millis() as u64 - (last - 1);
+                since >= self.spare_quiet.as_millis() as u64
+            }
+        }
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -242,6 +283,7 @@ impl Backend {
     /// Wait for a generation's place in the engine (one of `max_batch`); 503 `overloaded` when
     /// too many already wait.
     async fn generation_turn(&self) -> Result<EngineTurn, EngineError> {
+        self.mark_foreground();
         let _waiting = self.enqueue()?;
         let permit = self
             .gen_slots
@@ -267,21 +309,23 @@ impl Backend {
     }
 
     /// The generation engine alone for one raw request of `len` tokens, if it is idle: a
-    /// separate scoring engine exists, `len <= spare_max_tokens`, and no generation holds or
-    /// waits for a slot (a generation takes its slot before the gate). The gate can then be
+    /// separate scoring engine exists, `len <= spare_max_tokens`, no interactive request came
+    /// within `spare_quiet` (a spare pass shares the CPU with the scoring engine's, so it would
+    /// make an interactive caller wait longer for the line in progress), and no generation
+    /// holds or waits for a slot (a generation takes its slot before the gate). The gate can then be
     /// held only by an earlier spare pass that is ending (its leftover decode step and settle
     /// pause), which this waits out for up to a second; it gives up if a generation took a
     /// slot meanwhile.
     pub async fn spare(&self, len: usize) -> Option<SpareTurn> {
         let idle = || self.gen_slots.available_permits() == self.gen_slot_count;
-        if !self.separate_scoring() || len > self.spare_max_tokens || !idle() {
+        if !self.separate_scoring() || len > self.spare_max_tokens || !self.quiet() || !idle() {
             return None;
         }
         let wait = self.settle + Duration::from_secs(1);
         let guard = tokio::time::timeout(wait, self.generation.gate.clone().write_owned())
             .await
             .ok()?;
-        idle().then_some(SpareTurn(EngineTurn {
+        (idle() && self.quiet()).then_some(SpareTurn(EngineTurn {
             held: Held::Alone(guard),
             settle: self.settle,
         }))
@@ -373,21 +417,26 @@ impl Backend {
     /// `f` on a blocking thread. The scoring engine stays closed to the next pass until `f`
     /// returns, so at most one `[len, vocab]` buffer per model exists at a time.
     ///
-    /// With a [`SpareTurn`], the pass runs on the generation engine it holds instead of waiting
-    /// for the scoring engine.
+    /// On the [`Lane`]'s engine: the scoring engine, or the generation engine a spare turn
+    /// holds.
     pub async fn with_raw_logits<R, F>(
         &self,
         tokens: Vec<u32>,
-        spare: Option<SpareTurn>,
+        lane: Lane,
         f: F,
     ) -> Result<R, EngineError>
     where
         R: Send + 'static,
         F: FnOnce(&RawLogits) -> R + Send + 'static,
     {
-        let (turn, instance, counter) = match spare {
-            Some(SpareTurn(turn)) => (turn, &self.generation, &self.raw_passes[1]),
-            None => (self.raw_turn().await?, &self.scoring, &self.raw_passes[0]),
+        let (turn, instance, counter) = match lane {
+            Lane::Spare(SpareTurn(turn)) => (turn, &self.generation, &self.raw_passes[1]),
+            Lane::Foreground | Lane::Background => {
+                if matches!(lane, Lane::Foreground) {
+                    self.mark_foreground();
+                }
+                (self.raw_turn().await?, &self.scoring, &self.raw_passes[0])
+            }
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let turn = Arc::new(turn);

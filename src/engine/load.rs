@@ -16,7 +16,7 @@ use mistralrs_core::{
 };
 use sha2::{Digest, Sha256};
 
-use super::backend::Backend;
+use super::backend::{Backend, Lane};
 use super::{ModelInfo, Teacher};
 use crate::config::{DTypeSetting, EngineConfig, ModelConfig, ModelSource, ScoringEngine};
 
@@ -231,6 +231,7 @@ pub(super) async fn load_teacher(
         } else {
             0
         },
+        Duration::from_millis(engine.spare_quiet_ms),
     );
     tracing::info!(
         model = %cfg.id,
@@ -254,7 +255,7 @@ pub(super) async fn load_teacher(
     // the model scores over, which can exceed the tokenizer's).
     let warm_token = eos.first().copied().unwrap_or(0);
     let vocab_size = backend
-        .with_raw_logits(vec![warm_token, warm_token], None, |l| l.vocab)
+        .with_raw_logits(vec![warm_token, warm_token], Lane::Background, |l| l.vocab)
         .await
         .map_err(|e| anyhow::anyhow!("warm-up pass of `{}` failed: {e}", cfg.id))?;
 

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::config::{EngineConfig, LicenceConfig, ModelConfig};
 
-pub use backend::SpareTurn;
+pub use backend::{Lane, SpareTurn};
 pub use generate::{FinishReason, GenEvent, GenHandle, GenToken, GenerateParams};
 pub use judge::{
     AbsoluteJudgment, AbsolutePlan, PairwiseJudgment, PairwiseOrder, PairwisePlan, Rubric,
@@ -269,7 +269,7 @@ impl Teacher {
         top_k: usize,
         temperature: f64,
     ) -> Result<ScoreResult, EngineError> {
-        self.score_on(tokens, score_from, top_k, temperature, None)
+        self.score_on(tokens, score_from, top_k, temperature, Lane::Foreground)
             .await
     }
 
@@ -285,14 +285,15 @@ impl Teacher {
         self.backend.spare(len).await
     }
 
-    /// [`Teacher::score`], on the generation engine when given a [`SpareTurn`].
+    /// [`Teacher::score`] on a [`Lane`] (batch lines run in the background, or on a spare turn
+    /// of the generation engine).
     pub async fn score_on(
         &self,
         tokens: &[u32],
         score_from: usize,
         top_k: usize,
         temperature: f64,
-        spare: Option<SpareTurn>,
+        lane: Lane,
     ) -> Result<ScoreResult, EngineError> {
         self.check_ids(tokens, "token_ids")?;
         self.check_len(tokens.len())?;
@@ -308,7 +309,7 @@ impl Teacher {
         let owned = tokens.to_vec();
         let rows = self
             .backend
-            .with_raw_logits(tokens.to_vec(), spare, move |logits| {
+            .with_raw_logits(tokens.to_vec(), lane, move |logits| {
                 let (vocab, len) = (logits.vocab, owned.len());
                 if vocab == 0 || logits.rows < len - 1 {
                     anyhow::bail!(
@@ -339,7 +340,7 @@ impl Teacher {
         self.check_len(tokens.len())?;
         let out = self
             .backend
-            .with_raw_logits(tokens.to_vec(), None, |logits| {
+            .with_raw_logits(tokens.to_vec(), Lane::Foreground, |logits| {
                 logits.to_vec().map(|v| (v, logits.vocab))
             })
             .await?;

@@ -395,9 +395,10 @@ async fn raw_passes(app: &TestApp) -> (u64, u64) {
     (count("scoring"), count("generation"))
 }
 
-/// With the generation engine idle, a batch runs two lines at once, the second on the
-/// generation engine; the numbers are the same either way, and a chat that arrives meanwhile
-/// still gets exactly what it gets alone.
+/// With the generation engine idle and no interactive caller about, a batch runs two lines at
+/// once, the second on the generation engine; the numbers are the same either way; right
+/// after interactive calls it runs one line at a time; and a chat that arrives meanwhile still
+/// gets exactly what it gets alone.
 #[tokio::test]
 async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
     // Engines of its own: no other test's generation keeps the generation engine busy.
@@ -450,8 +451,26 @@ async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
         );
     }
 
-    // A chat sent while a batch holds the generation engine waits for that pass, then is
-    // answered as it is alone (greedy, so the same tokens and logprobs).
+    // Interactive calls were just made: for `engine.spare_quiet_ms` (5 s) the batch leaves the
+    // generation engine alone and runs one line at a time.
+    let file = upload_ok(&app, &key, &text).await;
+    let quiet_before = raw_passes(&app).await;
+    let created = create_ok(&app, &key, &file, "jsonl").await;
+    let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let quiet_after = raw_passes(&app).await;
+    assert_eq!(
+        (
+            quiet_after.0 - quiet_before.0,
+            quiet_after.1 - quiet_before.1
+        ),
+        (6, 0),
+        "right after interactive calls: raw passes (scoring, generation)"
+    );
+
+    // A chat sent while a batch may hold the generation engine waits for that pass, then is
+    // answered as it is alone (greedy, so the same tokens and logprobs); once the interactive
+    // calls stop, the batch pairs its lines again.
     let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}],
                       "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 3});
     let alone: Value = app
@@ -462,7 +481,7 @@ async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
         .json()
         .await
         .unwrap();
-    let text: String = (0..12)
+    let text: String = (0..30)
         .map(|i| {
             line(
                 &format!("q{i}"),
@@ -486,7 +505,7 @@ async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
     }
     let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "completed", "{done}");
-    assert_eq!(done["request_counts"]["completed"], 12, "{done}");
+    assert_eq!(done["request_counts"]["completed"], 30, "{done}");
     for r in beside {
         assert_eq!(
             r["choices"][0]["message"], alone["choices"][0]["message"],

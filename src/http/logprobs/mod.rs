@@ -16,7 +16,7 @@ use super::access;
 use super::gate;
 use super::input::{self, f, Message};
 use crate::auth::ClientCtx;
-use crate::engine::{ScoreResult, SpareTurn, Teacher};
+use crate::engine::{Lane, ScoreResult, Teacher};
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::Json;
 use crate::usage::Meter;
@@ -167,7 +167,7 @@ pub async fn logprobs(
     // A started pass runs to its end and is paid for, even if the client leaves meanwhile.
     let t = teacher.clone();
     let body = gate::detached(&meter, move |m| async move {
-        let body = execute(&t, plan, None).await?;
+        let body = execute(&t, plan, Lane::Foreground).await?;
         m.record(|u| {
             u.prompt_tokens += body.usage.prompt_tokens as u64;
             u.scored_tokens += body.usage.scored_tokens as u64;
@@ -249,11 +249,12 @@ pub async fn plan(teacher: &Arc<Teacher>, req: LogprobsRequest) -> Result<Plan, 
 }
 
 /// Runs a plan through the teacher: the response body `/v1/logprobs` answers. With a
-/// [`SpareTurn`] (batch lines) it runs on the generation engine that turn holds.
+/// [`Lane`]: interactive calls run in the foreground, batch lines in the background or on a
+/// spare turn of the generation engine.
 pub async fn execute(
     teacher: &Arc<Teacher>,
     plan: Plan,
-    spare: Option<SpareTurn>,
+    lane: Lane,
 ) -> Result<LogprobsResponse, ApiError> {
     let result = teacher
         .score_on(
@@ -261,7 +262,7 @@ pub async fn execute(
             plan.score_from,
             plan.top_k,
             plan.temperature,
-            spare,
+            lane,
         )
         .await?;
     Ok(build_response(
