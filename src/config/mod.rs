@@ -250,7 +250,7 @@ pub struct EngineConfig {
     /// With a separate scoring engine: batch lines of teacher forcing of at most this many
     /// tokens may also run on the generation engine while it is idle (no generation running or
     /// waiting), so a batch runs two lines at once. A generation arriving meanwhile waits for
-    /// that one pass (a 512-token line beside another took ~4.4 s on the 2-core CI machine). 0 turns it off; it is off
+    /// that one pass (not measured; a 32-token call waited ~4.4 s p50 behind paired 512-token lines on the 2-core CI machine). 0 turns it off; it is off
     /// anyway when the two engines' weights differ (`generation_dequantize_on_cpu = false`).
     pub spare_max_tokens: usize,
     /// No batch line takes the idle generation engine within this long of the model's last

@@ -44,7 +44,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use mistralrs_core::{
@@ -80,16 +80,15 @@ pub struct Backend {
     spare_max_tokens: usize,
     /// Slots of `gen_slots` (to tell whether a generation holds or waits for one).
     gen_slot_count: usize,
-    /// Raw passes run: on the scoring engine (or the one engine when shared), and on a spare
-    /// turn of the generation engine.
-    raw_passes: [AtomicU64; 2],
+    /// Raw passes started on the scoring engine (or the one engine when shared).
+    scoring_passes: AtomicU64,
+    /// Raw passes started on spare turns of the generation engine.
+    spare_passes: AtomicU64,
     /// No spare turn within this long of the last interactive request (generation or
     /// foreground teacher forcing).
     spare_quiet: Duration,
-    /// When the backend was made, and 1 + the milliseconds since then of the last interactive
-    /// request (0: none yet).
-    born: std::time::Instant,
-    last_foreground_ms: AtomicU64,
+    /// When the last interactive request came.
+    last_foreground: parking_lot::Mutex<Option<Instant>>,
     next_id: AtomicUsize,
 }
 
@@ -224,10 +223,10 @@ impl Backend {
             max_queue,
             settle,
             spare_max_tokens,
-            raw_passes: Default::default(),
+            scoring_passes: AtomicU64::new(0),
+            spare_passes: AtomicU64::new(0),
             spare_quiet,
-            born: std::time::Instant::now(),
-            last_foreground_ms: AtomicU64::new(0),
+            last_foreground: parking_lot::Mutex::new(None),
             next_id: AtomicUsize::new(1),
         }
     }
@@ -240,26 +239,21 @@ impl Backend {
     /// Raw passes started: (on the scoring engine, on spare turns of the generation engine).
     pub fn raw_passes(&self) -> (u64, u64) {
         (
-            self.raw_passes[0].load(Ordering::Relaxed),
-            self.raw_passes[1].load(Ordering::Relaxed),
+            self.scoring_passes.load(Ordering::Relaxed),
+            self.spare_passes.load(Ordering::Relaxed),
         )
     }
 
     /// Records an interactive request (it keeps spare turns away for a while).
     fn mark_foreground(&self) {
-        let now = self.born.elapsed().as_millis() as u64;
-        self.last_foreground_ms.store(now + 1, Ordering::Relaxed);
+        *self.last_foreground.lock() = Some(Instant::now());
     }
 
     /// Whether no interactive request came within `spare_quiet`.
     fn quiet(&self) -> bool {
-        match self.last_foreground_ms.load(Ordering::Relaxed) {
-            0 => true,
-            last => {
-                let since = self.born.elapsed().as_millis() as u64 - (last - 1);
-                since >= self.spare_quiet.as_millis() as u64
-            }
-        }
+        self.last_foreground
+            .lock()
+            .is_none_or(|at| at.elapsed() >= self.spare_quiet)
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -429,14 +423,12 @@ impl Backend {
         R: Send + 'static,
         F: FnOnce(&RawLogits) -> R + Send + 'static,
     {
+        if matches!(lane, Lane::Foreground) {
+            self.mark_foreground();
+        }
         let (turn, instance, counter) = match lane {
-            Lane::Spare(SpareTurn(turn)) => (turn, &self.generation, &self.raw_passes[1]),
-            Lane::Foreground | Lane::Background => {
-                if matches!(lane, Lane::Foreground) {
-                    self.mark_foreground();
-                }
-                (self.raw_turn().await?, &self.scoring, &self.raw_passes[0])
-            }
+            Lane::Spare(SpareTurn(turn)) => (turn, &self.generation, &self.spare_passes),
+            _ => (self.raw_turn().await?, &self.scoring, &self.scoring_passes),
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let turn = Arc::new(turn);

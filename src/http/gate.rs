@@ -13,7 +13,6 @@
 //! 9. rate-limit headers, then the row is committed (see [`crate::http::ledger_layer`]). The
 //!    client's concurrency slot and the server slot are held until the body has been sent.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -235,45 +234,46 @@ async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    // Set once the body is known to be too large; then a timeout while draining is a 413 too.
-    let oversized = std::sync::atomic::AtomicBool::new(declared.is_some_and(|n| n > limit as u64));
-    let read = async {
-        let mut stream = body.into_data_stream();
-        if oversized.load(Relaxed) {
-            drain(&mut stream, limit.max(DRAIN_MIN_BYTES)).await;
+    let timeout = Duration::from_secs(state.config.server.body_read_timeout_secs);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let drain_cap = limit.max(DRAIN_MIN_BYTES);
+    let mut stream = body.into_data_stream();
+    if declared.is_some_and(|n| n > limit as u64) {
+        drain(&mut stream, drain_cap, deadline).await;
+        return Err(too_large());
+    }
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(chunk)) => {
+                chunk.map_err(|_| ApiError::bad_request("could not read the request body"))?
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(_) => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body was not received within {} s",
+                    timeout.as_secs()
+                )))
+            }
+        };
+        if buf.len() + chunk.len() > limit {
+            drain(&mut stream, drain_cap, deadline).await;
             return Err(too_large());
         }
-        let mut buf = bytes::BytesMut::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|_| ApiError::bad_request("could not read the request body"))?;
-            if buf.len() + chunk.len() > limit {
-                oversized.store(true, Relaxed);
-                drain(&mut stream, limit.max(DRAIN_MIN_BYTES)).await;
-                return Err(too_large());
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok(buf.freeze())
-    };
-    let timeout = Duration::from_secs(state.config.server.body_read_timeout_secs);
-    match tokio::time::timeout(timeout, read).await {
-        Ok(result) => result,
-        // An oversized body still draining when the time is up is answered as too large.
-        Err(_) if oversized.load(Relaxed) => Err(too_large()),
-        Err(_) => Err(ApiError::RequestTimeout(format!(
-            "the request body was not received within {} s",
-            timeout.as_secs()
-        ))),
+        buf.extend_from_slice(&chunk);
     }
 }
 
-/// Reads and discards what is left of a body, up to `cap` bytes.
-async fn drain(stream: &mut axum::body::BodyDataStream, cap: usize) {
+/// Reads and discards what is left of a body, up to `cap` bytes or until `deadline`.
+async fn drain(
+    stream: &mut axum::body::BodyDataStream,
+    cap: usize,
+    deadline: tokio::time::Instant,
+) {
     let mut seen = 0usize;
     while seen < cap {
-        match stream.next().await {
-            Some(Ok(chunk)) => seen += chunk.len(),
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(chunk))) => seen += chunk.len(),
             _ => break,
         }
     }

@@ -105,18 +105,18 @@ fn models_toml() -> String {
 /// The models, loaded once on the server runtime.
 pub async fn models() -> ModelRegistry {
     static MODELS: tokio::sync::OnceCell<ModelRegistry> = tokio::sync::OnceCell::const_new();
-    MODELS
-        .get_or_init(|| async {
-            on_server(async {
-                let config = config_from(&format!("{}\n", models_toml()), &[]);
-                ModelRegistry::load(&config.models, &config.engine)
-                    .await
-                    .expect("load the test models")
-            })
+    MODELS.get_or_init(load_models).await.clone()
+}
+
+/// The test models, freshly loaded on the server runtime (engines of their own).
+async fn load_models() -> ModelRegistry {
+    on_server(async {
+        let config = config_from(&format!("{}\n", models_toml()), &[]);
+        ModelRegistry::load(&config.models, &config.engine)
             .await
-        })
-        .await
-        .clone()
+            .expect("load the test models")
+    })
+    .await
 }
 
 /// Creates a fresh database; returns (url, name).
@@ -272,13 +272,7 @@ impl TestApp {
 
     async fn start(config: Config, options: Options, db_name: String) -> TestApp {
         let registry = if options.own_models {
-            on_server(async {
-                let config = config_from(&format!("{}\n", models_toml()), &[]);
-                ModelRegistry::load(&config.models, &config.engine)
-                    .await
-                    .expect("load the test models")
-            })
-            .await
+            load_models().await
         } else if options.model {
             models().await
         } else {
@@ -375,6 +369,20 @@ impl TestApp {
             Some(key) => rb.bearer_auth(key),
             None => rb,
         }
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics_text(&self) -> String {
+        let r = self.get("/metrics", None).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+
+    /// POSTs `body` with `key`; the answer must be 200, and is returned as JSON.
+    pub async fn post_ok(&self, path: &str, key: &str, body: Value) -> Value {
+        let r = self.post(path, key, body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.json().await.unwrap()
     }
 
     pub fn post(&self, path: &str, key: &str, body: Value) -> reqwest::RequestBuilder {

@@ -375,14 +375,7 @@ async fn a_logprobs_batch_equals_the_interactive_endpoint_in_jsonl_and_parquet()
 
 /// `teachd_engine_raw_passes_total` of the test model: (scoring engine, generation engine).
 async fn raw_passes(app: &TestApp) -> (u64, u64) {
-    let text = app
-        .get("/metrics", None)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let count = |engine: &str| {
         let series =
             format!("teachd_engine_raw_passes_total{{model=\"{MODEL}\",engine=\"{engine}\"}} ");
@@ -393,6 +386,18 @@ async fn raw_passes(app: &TestApp) -> (u64, u64) {
             .unwrap()
     };
     (count("scoring"), count("generation"))
+}
+
+/// Runs the batch file `text` to completion; returns the finished batch and the raw passes it
+/// added on each engine (scoring, generation), read from `/metrics`.
+async fn run_counting(app: &TestApp, key: &str, text: &str) -> (Value, (u64, u64)) {
+    let file = upload_ok(app, key, text).await;
+    let before = raw_passes(app).await;
+    let created = create_ok(app, key, &file, "jsonl").await;
+    let done = finished(app, key, created["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let after = raw_passes(app).await;
+    (done, (after.0 - before.0, after.1 - before.1))
 }
 
 /// With the generation engine idle and no interactive caller about, a batch runs two lines at
@@ -419,30 +424,14 @@ async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
         .enumerate()
         .map(|(i, b)| line(&format!("p{i}"), b.clone()) + "\n")
         .collect();
-    let file = upload_ok(&app, &key, &text).await;
-    let before = raw_passes(&app).await;
-    let created = create_ok(&app, &key, &file, "jsonl").await;
-    let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
-    assert_eq!(done["status"], "completed", "{done}");
-    let after = raw_passes(&app).await;
+    let (done, passes) = run_counting(&app, &key, &text).await;
     // Lines (1, 2), (3, 4), (5, 6): the second of each pair on the generation engine.
-    assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (3, 3),
-        "raw passes (scoring, generation) before {before:?}, after {after:?}"
-    );
+    assert_eq!(passes, (3, 3), "raw passes (scoring, generation)");
     let out = jsonl(&content(&app, &key, done["output_file_id"].as_str().unwrap()).await);
     assert_eq!(out.len(), 6);
     for (i, (o, body)) in out.iter().zip(&bodies).enumerate() {
         assert_eq!(o["custom_id"], format!("p{i}"));
-        let want: Value = app
-            .post("/v1/logprobs", &key, body.clone())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let want = app.post_ok("/v1/logprobs", &key, body.clone()).await;
         assert_eq!(
             o["response"]["body"],
             want,
@@ -453,17 +442,9 @@ async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
 
     // Interactive calls were just made: for `engine.spare_quiet_ms` (5 s) the batch leaves the
     // generation engine alone and runs one line at a time.
-    let file = upload_ok(&app, &key, &text).await;
-    let quiet_before = raw_passes(&app).await;
-    let created = create_ok(&app, &key, &file, "jsonl").await;
-    let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
-    assert_eq!(done["status"], "completed", "{done}");
-    let quiet_after = raw_passes(&app).await;
+    let (_, passes) = run_counting(&app, &key, &text).await;
     assert_eq!(
-        (
-            quiet_after.0 - quiet_before.0,
-            quiet_after.1 - quiet_before.1
-        ),
+        passes,
         (6, 0),
         "right after interactive calls: raw passes (scoring, generation)"
     );
@@ -473,35 +454,18 @@ async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
     // calls stop, the batch pairs its lines again.
     let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}],
                       "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 3});
-    let alone: Value = app
-        .post("/v1/chat/completions", &key, chat.clone())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let text: String = (0..30)
-        .map(|i| {
-            line(
-                &format!("q{i}"),
-                json!({"model": MODEL, "token_ids": seq(90 + i, 200), "top_k": 5}),
-            ) + "\n"
-        })
-        .collect();
-    let file = upload_ok(&app, &key, &text).await;
+    let alone = app
+        .post_ok("/v1/chat/completions", &key, chat.clone())
+        .await;
+    let file = upload_ok(&app, &key, &many_lines(30, 200)).await;
+    let paired_before = raw_passes(&app).await.1;
     let created = create_ok(&app, &key, &file, "jsonl").await;
     let mut beside = Vec::new();
     for _ in 0..4 {
-        let r: Value = app
-            .post("/v1/chat/completions", &key, chat.clone())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        beside.push(r);
+        beside.push(
+            app.post_ok("/v1/chat/completions", &key, chat.clone())
+                .await,
+        );
     }
     let done = finished(&app, &key, created["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "completed", "{done}");
@@ -516,11 +480,8 @@ async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
             "{r}"
         );
     }
-    let last = raw_passes(&app).await;
-    assert!(
-        last.1 > after.1,
-        "no line of the second batch paired: {last:?}"
-    );
+    let paired = raw_passes(&app).await.1 - paired_before;
+    assert!(paired > 0, "no line paired after the chats stopped");
 }
 
 #[tokio::test]

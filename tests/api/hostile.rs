@@ -362,14 +362,7 @@ async fn junk_paths_do_not_grow_the_metrics() {
     }
     let after = app.state.metrics.series();
     assert!(after <= before + 2, "{before} -> {after} label sets");
-    let text = app
-        .get("/metrics", None)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     assert!(text.contains("route=\"unmatched\""), "{text}");
 }
 

@@ -130,32 +130,14 @@ async fn malformed_and_oversized_bodies_get_the_envelope() {
         "a".repeat(12 * 1024 * 1024)
     );
     // Declared with content-length: refused before reading, the rest drained.
-    let resp = with_auth(client().post(s.url("/v1/logprobs")))
-        .header("content-type", "application/json")
-        .body(huge.clone())
-        .send()
-        .await
-        .expect("the client gets an answer, not a broken connection");
-    assert_eq!(resp.status(), 413);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["type"], "invalid_request_error");
-    assert_eq!(body["error"]["code"], "body_too_large");
-
+    assert_too_large(reqwest::Body::from(huge.clone())).await;
     // Chunked, with no length: found too large while reading, the rest drained.
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = huge
         .into_bytes()
         .chunks(256 * 1024)
         .map(|c| Ok(c.to_vec()))
         .collect();
-    let resp = with_auth(client().post(s.url("/v1/logprobs")))
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
-        .await
-        .expect("the client gets an answer, not a broken connection");
-    assert_eq!(resp.status(), 413);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "body_too_large");
+    assert_too_large(reqwest::Body::wrap_stream(futures::stream::iter(chunks))).await;
 
     // A plain HTTP/1.1 client that sends its whole body before it reads (as curl and most
     // SDKs do): every byte must be accepted, then the 413 read. A server that closed on unread
@@ -171,6 +153,21 @@ async fn malformed_and_oversized_bodies_get_the_envelope() {
     )
     .await;
     assert_eq!(status, 200);
+}
+
+/// POSTs `body` to `/v1/logprobs`; the client must get the 413 envelope, not a broken
+/// connection.
+async fn assert_too_large(body: reqwest::Body) {
+    let resp = with_auth(client().post(shared().url("/v1/logprobs")))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("the client gets an answer, not a broken connection");
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], "body_too_large");
 }
 
 /// POSTs a `len`-byte JSON body to `/v1/logprobs` over a raw connection, writing all of it
