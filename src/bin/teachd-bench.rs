@@ -136,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
     let model_cfg = &config.models[0];
 
     println!(
-        "model: {} ({}, {}), threads: {}, load: {:.1} s, rss after load: {:.0} MiB, engine: {}, max_batch: {}, dequantize (scoring/generation): {}/{}",
+        "model: {} ({}, {}), threads: {}, load: {:.1} s, rss after load: {:.0} MiB, engine: {}, generations: {} ({} at once), dequantize (scoring/generation): {}/{}",
         teacher.info.id,
         teacher.info.architecture,
         teacher.info.quantization,
@@ -144,7 +144,8 @@ async fn main() -> anyhow::Result<()> {
         load.as_secs_f64(),
         status_kib("VmRSS:") / 1024.0,
         if teacher.separate_scoring() { "separate scoring instance" } else { "one shared instance" },
-        config.engine.max_batch,
+        teacher.generation_engine().0,
+        teacher.generation_engine().1,
         model_cfg.dequantize_on_cpu,
         model_cfg.generation_dequantize_on_cpu.unwrap_or(model_cfg.dequantize_on_cpu),
     );

@@ -239,12 +239,17 @@ pub struct EngineConfig {
     pub settle_ms: u64,
     /// Requests waiting for one model's engine before new ones get 503 `overloaded`.
     pub max_queue: usize,
-    /// Generations one model's engine runs at once (mistralrs batches their decode steps);
-    /// more wait their turn. Must be 1 for a CPU model: mistralrs 0.8.1's CPU decode attention
-    /// (`flash_attn_cpu_single_q`) shares its scratch buffers across the batch, so every
-    /// sequence of a batched step but the last gets another sequence's attention (measured:
-    /// logprobs off by 5-14 nats from token 2 on). teachd refuses a larger value on CPU.
+    /// Generations one model's mistralrs generation engine runs at once (mistralrs batches
+    /// their decode steps); more wait their turn. Must be 1 for a CPU model on mistralrs:
+    /// mistralrs 0.8.1's CPU decode attention (`flash_attn_cpu_single_q`) shares its scratch
+    /// buffers across the batch, so every sequence of a batched step but the last gets another
+    /// sequence's attention (measured: logprobs off by 5-14 nats from token 2 on). teachd
+    /// refuses a larger value there. CPU models on the native engine use `native_max_batch`.
     pub max_batch: usize,
+    /// Generations the native CPU engine (`generation_engine = "native"`) batches into one
+    /// decode step; more wait their turn. Each holds a key/value cache of up to its context
+    /// (46 KiB per token for the default model: 30 layers x 2 x 192 floats).
+    pub native_max_batch: usize,
     /// Longest generation allowed (`max_tokens` cap).
     pub max_new_tokens: usize,
     /// With a separate scoring engine: batch lines of teacher forcing of at most this many
@@ -318,6 +323,14 @@ pub struct ModelConfig {
     /// the README's performance section). Defaults to `dequantize_on_cpu`.
     #[serde(default)]
     pub generation_dequantize_on_cpu: Option<bool>,
+    /// What runs generations. `native`: teachd's own CPU decoder on candle (llama-architecture
+    /// GGUF files, dequantized F32 weights), which batches up to `engine.native_max_batch`
+    /// generations per decode step. `mistralrs`: the mistralrs engine (one generation at a
+    /// time on CPU). `auto`: native where it applies (CPU, a local llama GGUF file, F32,
+    /// dequantized generation weights), mistralrs otherwise. Teacher forcing always runs on
+    /// mistralrs.
+    #[serde(default)]
+    pub generation_engine: GenerationEngine,
     pub licence: LicenceConfig,
     /// Cap on `top_k` / `top_logprobs` / `prompt_logprobs`.
     #[serde(default = "default_max_top_k")]
@@ -345,6 +358,15 @@ pub enum DTypeSetting {
     F32,
     F16,
     Bf16,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GenerationEngine {
+    #[default]
+    Auto,
+    Native,
+    Mistralrs,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

@@ -69,6 +69,9 @@ struct Instance {
 
 pub struct Backend {
     generation: Arc<Instance>,
+    /// teachd's own batched CPU decoder: runs the generations instead of the generation
+    /// instance, which then serves only spare turns and chat templating.
+    native: Option<super::native::Native>,
     /// The instance teacher forcing runs on: its own, or the generation one (shared mode).
     scoring: Arc<Instance>,
     /// Generations running at once (the engine's batch).
@@ -197,6 +200,7 @@ impl Backend {
     pub fn new(
         generation: Arc<MistralRs>,
         scoring: Option<Arc<MistralRs>>,
+        native: Option<super::native::Native>,
         max_batch: usize,
         max_queue: usize,
         settle: Duration,
@@ -216,6 +220,7 @@ impl Backend {
         };
         Self {
             generation,
+            native,
             scoring,
             gen_slots: Arc::new(Semaphore::new(max_batch.max(1))),
             gen_slot_count: max_batch.max(1),
@@ -234,6 +239,16 @@ impl Backend {
     /// Whether teacher forcing has an engine instance of its own.
     pub fn separate_scoring(&self) -> bool {
         !Arc::ptr_eq(&self.generation, &self.scoring)
+    }
+
+    /// What runs generations (`native` or `mistralrs`) and how many at once.
+    pub fn generation_engine(&self) -> (&'static str, usize) {
+        let name = if self.native.is_some() {
+            "native"
+        } else {
+            "mistralrs"
+        };
+        (name, self.gen_slot_count)
     }
 
     /// Raw passes started: (on the scoring engine, on spare turns of the generation engine).
@@ -485,6 +500,10 @@ impl Backend {
             turn = self.generation_turn() => Arc::new(turn?),
             _ = abandoned.notified() => return Ok("abandoned".into()),
         };
+        if let Some(native) = &self.native {
+            // Holds the turn (a place among `native_max_batch`) until the generation ends.
+            return native.generate(prompt, max_new_tokens, step).await;
+        }
         for attempt in 1..=MAX_ATTEMPTS {
             let mut sampling = SamplingParams::neutral();
             sampling.max_len = Some(max_new_tokens);

@@ -17,8 +17,11 @@ use mistralrs_core::{
 use sha2::{Digest, Sha256};
 
 use super::backend::{Backend, Lane};
+use super::native::{self, Native};
 use super::{ModelInfo, Teacher};
-use crate::config::{DTypeSetting, EngineConfig, ModelConfig, ModelSource, ScoringEngine};
+use crate::config::{
+    DTypeSetting, EngineConfig, GenerationEngine, ModelConfig, ModelSource, ScoringEngine,
+};
 
 pub(super) async fn load_teacher(
     cfg: &ModelConfig,
@@ -37,15 +40,6 @@ pub(super) async fn load_teacher(
         cfg.source,
         ModelSource::Gguf { .. } | ModelSource::Hub { file: Some(_), .. }
     );
-    if on_cpu && engine.max_batch > 1 {
-        bail!(
-            "model `{}`: engine.max_batch = {} on CPU: mistralrs 0.8.1 computes batched CPU decode \
-             steps wrongly (its CPU decode attention shares scratch buffers across the batch), \
-             so a CPU model runs one generation at a time; set engine.max_batch = 1",
-            cfg.id,
-            engine.max_batch
-        );
-    }
     let separate = match cfg.scoring_engine {
         ScoringEngine::Auto => on_cpu,
         ScoringEngine::Separate => true,
@@ -63,6 +57,18 @@ pub(super) async fn load_teacher(
     } else {
         dequantize_scoring
     };
+
+    let native_path = native_generation(cfg, on_cpu, dtype, dequantize_generation)?;
+    if on_cpu && native_path.is_none() && engine.max_batch > 1 {
+        bail!(
+            "model `{}`: engine.max_batch = {} on CPU with generation_engine = mistralrs: \
+             mistralrs 0.8.1 computes batched CPU decode steps wrongly (its CPU decode attention \
+             shares scratch buffers across the batch), so it runs one generation at a time; set \
+             engine.max_batch = 1, or use the native engine (engine.native_max_batch)",
+            cfg.id,
+            engine.max_batch
+        );
+    }
 
     let (loader, weight_files, quant_label): (Box<dyn Loader>, Vec<PathBuf>, Option<String>) =
         match &cfg.source {
@@ -203,7 +209,23 @@ pub(super) async fn load_teacher(
         p.name().clone()
     };
 
+    let native = match native_path {
+        Some(path) => {
+            let (eos, id) = (eos.clone(), cfg.id.clone());
+            let native = tokio::task::spawn_blocking(move || Native::start(&path, eos, &id))
+                .await
+                .context("native engine loading thread")?
+                .with_context(|| format!("loading the native generation engine of `{}`", cfg.id))?;
+            Some(native)
+        }
+        None => None,
+    };
     let max_batch = engine.max_batch.max(1);
+    let generations_at_once = if native.is_some() {
+        engine.native_max_batch.max(1)
+    } else {
+        max_batch
+    };
     let build = |pipeline| async move {
         let scheduler = SchedulerConfig::DefaultScheduler {
             method: DefaultSchedulerMethod::Fixed(NonZeroUsize::new(max_batch).expect("non-zero")),
@@ -218,10 +240,12 @@ pub(super) async fn load_teacher(
         Some(p) => Some(build(p).await),
         None => None,
     };
+    let native_engine = native.is_some();
     let backend = Backend::new(
         mistral,
         scoring,
-        max_batch,
+        native,
+        generations_at_once,
         engine.max_queue,
         Duration::from_millis(engine.settle_ms),
         // Batch lines may use an idle generation engine only where it computes the same
@@ -238,7 +262,8 @@ pub(super) async fn load_teacher(
         scoring_engine = if separate { "separate" } else { "shared" },
         dequantize_scoring,
         dequantize_generation,
-        max_batch,
+        generation_engine = if native_engine { "native" } else { "mistralrs" },
+        generations_at_once,
         "engine instances built"
     );
 
@@ -305,6 +330,41 @@ pub(super) async fn load_teacher(
         eos,
         max_new_tokens: engine.max_new_tokens,
     })
+}
+
+/// The GGUF file the native generation engine runs, if this model uses it (see
+/// `ModelConfig::generation_engine`).
+fn native_generation(
+    cfg: &ModelConfig,
+    on_cpu: bool,
+    dtype: ModelDType,
+    dequantize_generation: bool,
+) -> anyhow::Result<Option<PathBuf>> {
+    let path = match &cfg.source {
+        ModelSource::Gguf { path } => Some(path),
+        _ => None,
+    };
+    let f32_activations = matches!(dtype, ModelDType::F32);
+    let llama = |p: &Path| p.is_file() && native::model::supports(p).unwrap_or(false);
+    let why_not = if !on_cpu {
+        Some("it runs on CPU only")
+    } else if !path.is_some_and(|p| llama(p)) {
+        Some("it needs a local llama-architecture GGUF file")
+    } else if !f32_activations {
+        Some("it computes in F32 (dtype = f32 or auto)")
+    } else if !dequantize_generation {
+        Some("it runs dequantized weights (generation_dequantize_on_cpu = true)")
+    } else {
+        None
+    };
+    match (cfg.generation_engine, why_not) {
+        (GenerationEngine::Mistralrs, _) => Ok(None),
+        (GenerationEngine::Auto, Some(_)) => Ok(None),
+        (GenerationEngine::Native, Some(why)) => {
+            bail!("model `{}`: generation_engine = native, but {why}", cfg.id)
+        }
+        (_, None) => Ok(path.cloned()),
+    }
 }
 
 fn parse_device(spec: &str) -> anyhow::Result<mistralrs::Device> {

@@ -6,6 +6,7 @@ mod generate;
 mod judge;
 mod load;
 pub mod math;
+mod native;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -227,6 +228,11 @@ impl Teacher {
     /// Whether teacher forcing runs on an engine instance of its own (`scoring_engine`).
     pub fn separate_scoring(&self) -> bool {
         self.backend.separate_scoring()
+    }
+
+    /// What runs generations (`native` or `mistralrs`) and how many at once.
+    pub fn generation_engine(&self) -> (&'static str, usize) {
+        self.backend.generation_engine()
     }
 
     pub fn max_new_tokens(&self) -> usize {

@@ -231,3 +231,56 @@ async fn short_logprobs_call_does_not_wait_behind_long_generations() {
         );
     }
 }
+
+/// A short generation is not queued behind running generations (the native CPU engine batches
+/// them): sent while four long generations decode, it finishes before any of them, with the
+/// same tokens and logprobs as the same request on an idle engine.
+#[tokio::test]
+async fn short_generation_does_not_wait_behind_long_generations() {
+    let teacher = shared().state.models.get(MODEL).unwrap().clone();
+    let (engine, at_once) = teacher.generation_engine();
+    if at_once < 5 {
+        eprintln!("{engine} runs {at_once} generations at once: a fifth waits by design");
+        return;
+    }
+    let short = json!({"model": MODEL, "max_tokens": 6, "temperature": 1.0, "seed": 11,
+        "logprobs": true, "top_logprobs": 3,
+        "messages": [{"role": "user", "content": "Name a colour."}]});
+    let (status, idle) = post_json("/v1/chat/completions", short.clone()).await;
+    assert_eq!(status, 200, "{idle}");
+    let mut long = Vec::new();
+    for i in 0..4 {
+        long.push(tokio::spawn(async move {
+            let (status, v) = post_json(
+                "/v1/chat/completions",
+                json!({"model": MODEL, "max_tokens": 120 + i, "temperature": 0,
+                    "messages": [{"role": "user", "content":
+                        "Count from 1 to 1000, separated by commas, and never stop."}]}),
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
+            assert!(
+                v["usage"]["completion_tokens"].as_u64().unwrap() >= 100,
+                "{v}"
+            );
+            std::time::Instant::now()
+        }));
+    }
+    // Let them start decoding.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, beside) = post_json("/v1/chat/completions", short).await;
+    let short_done = std::time::Instant::now();
+    assert_eq!(status, 200, "{beside}");
+    for t in long {
+        let long_done = t.await.unwrap();
+        assert!(
+            short_done < long_done,
+            "the short generation finished only after a long one"
+        );
+    }
+    assert_eq!(
+        essence("/v1/chat/completions", &beside),
+        essence("/v1/chat/completions", &idle),
+        "a generation batched with others must give the same answer as alone"
+    );
+}
