@@ -134,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
         all_ids.extend(more);
     }
     let model_cfg = &config.models[0];
+    let generation = teacher.generation_engine();
 
     println!(
         "model: {} ({}, {}), threads: {}, load: {:.1} s, rss after load: {:.0} MiB, engine: {}, generations: {} ({} at once), dequantize (scoring/generation): {}/{}",
@@ -144,8 +145,8 @@ async fn main() -> anyhow::Result<()> {
         load.as_secs_f64(),
         status_kib("VmRSS:") / 1024.0,
         if teacher.separate_scoring() { "separate scoring instance" } else { "one shared instance" },
-        teacher.generation_engine().0,
-        teacher.generation_engine().1,
+        generation.0,
+        generation.1,
         model_cfg.dequantize_on_cpu,
         model_cfg.generation_dequantize_on_cpu.unwrap_or(model_cfg.dequantize_on_cpu),
     );

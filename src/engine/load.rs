@@ -17,7 +17,7 @@ use mistralrs_core::{
 use sha2::{Digest, Sha256};
 
 use super::backend::{Backend, Lane};
-use super::native::{self, Native};
+use super::native::Native;
 use super::{ModelInfo, Teacher};
 use crate::config::{
     DTypeSetting, EngineConfig, GenerationEngine, ModelConfig, ModelSource, ScoringEngine,
@@ -345,7 +345,9 @@ fn native_generation(
         _ => None,
     };
     let f32_activations = matches!(dtype, ModelDType::F32);
-    let llama = |p: &Path| p.is_file() && native::model::supports(p).unwrap_or(false);
+    let llama = |p: &Path| {
+        gguf_architecture(std::slice::from_ref(&p.to_path_buf())).as_deref() == Some("llama")
+    };
     let why_not = if !on_cpu {
         Some("it runs on CPU only")
     } else if !path.is_some_and(|p| llama(p)) {

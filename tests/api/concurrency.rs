@@ -187,6 +187,33 @@ async fn a_few_hundred_mixed_concurrent_requests_equal_their_idle_answers() {
     );
 }
 
+/// Starts four long greedy generations (at least 100 tokens each) and returns once they
+/// decode; each task resolves to the moment its generation finished.
+async fn four_long_generations() -> Vec<tokio::task::JoinHandle<std::time::Instant>> {
+    let long = (0..4)
+        .map(|i| {
+            tokio::spawn(async move {
+                let (status, v) = post_json(
+                    "/v1/chat/completions",
+                    json!({"model": MODEL, "max_tokens": 120 + i, "temperature": 0,
+                        "messages": [{"role": "user", "content":
+                            "Count from 1 to 1000, separated by commas, and never stop."}]}),
+                )
+                .await;
+                assert_eq!(status, 200, "{v}");
+                assert!(
+                    v["usage"]["completion_tokens"].as_u64().unwrap() >= 100,
+                    "{v}"
+                );
+                std::time::Instant::now()
+            })
+        })
+        .collect();
+    // Let them start decoding.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    long
+}
+
 /// A short teacher-forcing call is not queued behind running generations: it finishes while
 /// four long generations are still running.
 #[tokio::test]
@@ -196,26 +223,7 @@ async fn short_logprobs_call_does_not_wait_behind_long_generations() {
         eprintln!("scoring_engine = shared: raw calls wait for running generations by design");
         return;
     }
-    let mut long = Vec::new();
-    for i in 0..4 {
-        long.push(tokio::spawn(async move {
-            let (status, v) = post_json(
-                "/v1/chat/completions",
-                json!({"model": MODEL, "max_tokens": 120 + i, "temperature": 0,
-                    "messages": [{"role": "user", "content":
-                        "Count from 1 to 1000, separated by commas, and never stop."}]}),
-            )
-            .await;
-            assert_eq!(status, 200, "{v}");
-            assert!(
-                v["usage"]["completion_tokens"].as_u64().unwrap() >= 100,
-                "{v}"
-            );
-            std::time::Instant::now()
-        }));
-    }
-    // Let them start decoding.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let long = four_long_generations().await;
     let (status, v) = post_json(
         "/v1/logprobs",
         json!({"model": MODEL, "token_ids": [1, 2, 3, 4, 5, 6, 7, 8], "top_k": 2}),
@@ -248,26 +256,7 @@ async fn short_generation_does_not_wait_behind_long_generations() {
         "messages": [{"role": "user", "content": "Name a colour."}]});
     let (status, idle) = post_json("/v1/chat/completions", short.clone()).await;
     assert_eq!(status, 200, "{idle}");
-    let mut long = Vec::new();
-    for i in 0..4 {
-        long.push(tokio::spawn(async move {
-            let (status, v) = post_json(
-                "/v1/chat/completions",
-                json!({"model": MODEL, "max_tokens": 120 + i, "temperature": 0,
-                    "messages": [{"role": "user", "content":
-                        "Count from 1 to 1000, separated by commas, and never stop."}]}),
-            )
-            .await;
-            assert_eq!(status, 200, "{v}");
-            assert!(
-                v["usage"]["completion_tokens"].as_u64().unwrap() >= 100,
-                "{v}"
-            );
-            std::time::Instant::now()
-        }));
-    }
-    // Let them start decoding.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let long = four_long_generations().await;
     let (status, beside) = post_json("/v1/chat/completions", short).await;
     let short_done = std::time::Instant::now();
     assert_eq!(status, 200, "{beside}");

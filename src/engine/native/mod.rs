@@ -96,13 +96,13 @@ fn run(model: Model, jobs: std_mpsc::Receiver<Job>, eos: Vec<u32>) {
             }
         }
         arrived.extend(jobs.try_iter());
-        for job in arrived {
+        for mut job in arrived {
             if job.max_new == 0 {
                 let _ = job.done.send(Ok("length"));
                 continue;
             }
             let mut cache = KvCache::new(&model.cfg);
-            let prompt = job.prompt.clone();
+            let prompt = std::mem::take(&mut job.prompt);
             match guarded(|| model.prefill(&mut cache, &prompt)) {
                 Ok(logits) => {
                     let mut seq = Running {

@@ -83,17 +83,6 @@ impl KvCache {
     }
 }
 
-/// Whether the GGUF file holds a model this decoder runs (its `general.architecture`).
-pub fn supports(path: &Path) -> anyhow::Result<bool> {
-    let mut f = std::fs::File::open(path)?;
-    let content = gguf_file::Content::read(&mut f)?;
-    Ok(content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .is_some_and(|a| a == "llama"))
-}
-
 impl Model {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let mut file =
