@@ -250,6 +250,12 @@ pub struct EngineConfig {
     /// decode step; more wait their turn. Each holds a key/value cache of up to its context
     /// (46 KiB per token for the default model: 30 layers x 2 x 192 floats).
     pub native_max_batch: usize,
+    /// Key/value cache the native engine's generations may hold together (MiB). A generation
+    /// reserves its whole cache when it starts (prompt + `max_tokens`, at most the context;
+    /// 46 KiB per token for the default model), and waits while the reservation does not fit
+    /// beside the running ones, so the cache never grows past this. Must hold at least one
+    /// sequence of the model's full context (the engine refuses to load otherwise).
+    pub native_kv_cache_mib: usize,
     /// Longest generation allowed (`max_tokens` cap).
     pub max_new_tokens: usize,
     /// With a separate scoring engine: batch lines of teacher forcing of at most this many

@@ -197,6 +197,7 @@ impl Drop for Waiting {
 impl Backend {
     /// `scoring`: a second engine instance of the same model for teacher forcing, or `None` to
     /// run it on the generation engine (behind the read-write gate).
+    #[allow(clippy::too_many_arguments)] // each is one engine part or knob, named at the call
     pub fn new(
         generation: Arc<MistralRs>,
         scoring: Option<Arc<MistralRs>>,

@@ -212,10 +212,14 @@ pub(super) async fn load_teacher(
     let native = match native_path {
         Some(path) => {
             let (eos, id) = (eos.clone(), cfg.id.clone());
-            let native = tokio::task::spawn_blocking(move || Native::start(&path, eos, &id))
-                .await
-                .context("native engine loading thread")?
-                .with_context(|| format!("loading the native generation engine of `{}`", cfg.id))?;
+            let kv_cache_bytes = engine.native_kv_cache_mib << 20;
+            let native =
+                tokio::task::spawn_blocking(move || Native::start(&path, eos, &id, kv_cache_bytes))
+                    .await
+                    .context("native engine loading thread")?
+                    .with_context(|| {
+                        format!("loading the native generation engine of `{}`", cfg.id)
+                    })?;
             Some(native)
         }
         None => None,

@@ -3,22 +3,29 @@
 //! Why it exists: mistralrs 0.8.1 computes a batched decode step wrongly on CPU (see
 //! `backend.rs`), so through it a CPU teacher could only run one generation at a time, and a
 //! short generation waited for every generation before it. This engine runs up to
-//! `engine.native_max_batch` generations at once on one thread: each loop admits the
-//! generations that arrived (one prefill each), then runs one decode step for all of them
-//! together. A new generation therefore starts after at most the decode step in progress, and
-//! the running ones pause only for its prefill. Teacher forcing stays on mistralrs (the scoring
-//! engine), so every logprob teachd reports from teacher forcing is unchanged.
+//! `engine.native_max_batch` generations at once on one thread, their decode steps batched
+//! together (one pass over the weights per step, [`kernel`]). Each loop takes the generations
+//! that arrived, admits those whose key/value cache fits beside the running ones
+//! (`engine.native_kv_cache_mib`; the rest wait in arrival order), runs up to [`PREFILL_PIECE`]
+//! prompt tokens, then one decode step for every running generation. A new generation therefore
+//! starts after at most the decode step in progress, and a long prompt holds the running ones
+//! up for one piece at a time. Teacher forcing stays on mistralrs (the scoring engine), so
+//! every logprob teachd reports from teacher forcing is unchanged.
 //!
 //! Tokens are chosen by the same per-request step function as on mistralrs ([`StepFn`]): the
 //! engine hands it each step's logits and appends what it returns.
 
+mod kernel;
 pub mod model;
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 
 use anyhow::Context;
+use rayon::prelude::*;
 use tokio::sync::oneshot;
 
 use super::backend::StepFn;
@@ -38,22 +45,62 @@ struct Job {
 struct Running {
     job: Job,
     cache: KvCache,
+    /// The prompt, then each generated token.
     context: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
     generated: usize,
+    /// Key/value cache bytes reserved for this sequence.
+    reserved: usize,
 }
+
+/// Prompt tokens per prefill piece. A long prompt is run a piece per engine loop, with a
+/// decode step of the running generations between pieces, so it holds them up for one piece
+/// at a time, not for its whole length. The pieces always start at multiples of this, however
+/// busy the engine is, so a prompt gives the same cache alone or beside others.
+pub const PREFILL_PIECE: usize = 256;
 
 pub struct Native {
     jobs: std_mpsc::Sender<Job>,
 }
 
 impl Native {
-    /// Loads the model from a GGUF file and starts its engine thread.
-    pub fn start(path: &Path, eos: Vec<u32>, name: &str) -> anyhow::Result<Self> {
+    /// Loads the model from a GGUF file and starts its engine thread. Its generations hold at
+    /// most `kv_cache_bytes` of key/value cache together.
+    pub fn start(
+        path: &Path,
+        eos: Vec<u32>,
+        name: &str,
+        kv_cache_bytes: usize,
+    ) -> anyhow::Result<Self> {
         let model = Model::load(path)?;
+        let full = model.cfg.context * model.cfg.kv_bytes_per_token();
+        if kv_cache_bytes < full {
+            anyhow::bail!(
+                "engine.native_kv_cache_mib ({} MiB) cannot hold one sequence of the model's \
+                 context ({} tokens, {} MiB)",
+                kv_cache_bytes >> 20,
+                model.cfg.context,
+                full.div_ceil(1 << 20)
+            );
+        }
+        // The loop runs on a worker of its own thread pool, so that the step's many short
+        // parallel loops (each product, the attention) fork and join between the pool's
+        // workers; called from outside a pool, each would hand its work over and put the
+        // calling thread to sleep until it is done.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let worker = format!("native-{name}");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("{worker}-{i}"))
+            .build()
+            .context("native engine thread pool")?;
         let (jobs, rx) = std_mpsc::channel();
         std::thread::Builder::new()
             .name(format!("native-{name}"))
-            .spawn(move || run(model, rx, eos))
+            .spawn(move || {
+                pool.install(|| Engine::new(Arc::new(model), eos, kv_cache_bytes).run(rx))
+            })
             .context("native engine thread")?;
         Ok(Self { jobs })
     }
@@ -83,78 +130,150 @@ impl Native {
     }
 }
 
-/// The engine loop: admit what arrived, then one batched decode step; sleeps on the queue when
-/// nothing runs. Ends when every sender is gone.
-fn run(model: Model, jobs: std_mpsc::Receiver<Job>, eos: Vec<u32>) {
-    let mut running: Vec<Running> = Vec::new();
-    loop {
-        let mut arrived = Vec::new();
-        if running.is_empty() {
-            match jobs.recv() {
-                Ok(job) => arrived.push(job),
-                Err(_) => return,
-            }
+struct Engine {
+    model: Arc<Model>,
+    eos: Vec<u32>,
+    kv_cap: usize,
+    /// Arrived, waiting for key/value cache room (first come, first served).
+    waiting: VecDeque<Job>,
+    /// Admitted, prompt not yet wholly in the cache.
+    prefilling: VecDeque<Running>,
+    decoding: Vec<Running>,
+    kv_reserved: usize,
+}
+
+impl Engine {
+    fn new(model: Arc<Model>, eos: Vec<u32>, kv_cap: usize) -> Self {
+        Self {
+            model,
+            eos,
+            kv_cap,
+            waiting: VecDeque::new(),
+            prefilling: VecDeque::new(),
+            decoding: Vec::new(),
+            kv_reserved: 0,
         }
-        arrived.extend(jobs.try_iter());
-        for mut job in arrived {
+    }
+
+    /// The engine loop: take what arrived, admit what fits, run one prefill piece's worth of
+    /// prompts, then one decode step of every running generation. Sleeps on the queue when
+    /// nothing is left; ends when every sender is gone.
+    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        loop {
+            if self.waiting.is_empty() && self.prefilling.is_empty() && self.decoding.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            self.waiting.extend(jobs.try_iter());
+            self.admit();
+            self.prefill();
+            self.decode();
+        }
+    }
+
+    /// Moves waiting jobs into prefill, in arrival order, while their caches fit.
+    fn admit(&mut self) {
+        let cfg = &self.model.cfg;
+        while let Some(job) = self.waiting.front() {
             if job.max_new == 0 {
+                let job = self.waiting.pop_front().expect("a front");
                 let _ = job.done.send(Ok("length"));
                 continue;
             }
-            let mut cache = KvCache::new(&model.cfg);
-            let prompt = std::mem::take(&mut job.prompt);
-            match guarded(|| model.prefill(&mut cache, &prompt)) {
-                Ok(logits) => {
-                    let mut seq = Running {
-                        context: prompt,
-                        job,
-                        cache,
-                        generated: 0,
-                    };
-                    if let Some(finish) = advance(&mut seq, &logits, &eos, model.cfg.context) {
-                        let _ = seq.job.done.send(finish);
-                    } else {
-                        running.push(seq);
-                    }
+            let tokens = (job.prompt.len() + job.max_new).min(cfg.context);
+            let reserved = tokens * cfg.kv_bytes_per_token();
+            if self.kv_reserved + reserved > self.kv_cap {
+                break;
+            }
+            let mut job = self.waiting.pop_front().expect("a front");
+            self.kv_reserved += reserved;
+            self.prefilling.push_back(Running {
+                context: std::mem::take(&mut job.prompt),
+                job,
+                cache: KvCache::with_capacity(cfg, tokens),
+                prefilled: 0,
+                generated: 0,
+                reserved,
+            });
+        }
+    }
+
+    /// Runs prompt pieces, first admitted first, until one piece's worth of tokens ran.
+    fn prefill(&mut self) {
+        let mut budget = PREFILL_PIECE;
+        while budget > 0 {
+            let Some(mut seq) = self.prefilling.pop_front() else {
+                return;
+            };
+            let prompt_len = seq.context.len();
+            let end = (seq.prefilled + PREFILL_PIECE).min(prompt_len);
+            let piece = &seq.context[seq.prefilled..end];
+            budget = budget.saturating_sub(piece.len());
+            match guarded(|| self.model.prefill(&mut seq.cache, piece)) {
+                Err(e) => self.finish(seq, Err(e)),
+                Ok(_) if end < prompt_len => {
+                    seq.prefilled = end;
+                    self.prefilling.push_front(seq);
                 }
-                Err(e) => {
-                    let _ = job.done.send(Err(e));
+                Ok(logits) => {
+                    seq.prefilled = end;
+                    match advance(&mut seq, &logits, &self.eos, self.model.cfg.context) {
+                        Some(finish) => self.finish(seq, finish),
+                        None => self.decoding.push(seq),
+                    }
                 }
             }
         }
-        if running.is_empty() {
-            continue;
+    }
+
+    fn decode(&mut self) {
+        if self.decoding.is_empty() {
+            return;
         }
-        let tokens: Vec<u32> = running
+        let tokens: Vec<u32> = self
+            .decoding
             .iter()
             .map(|s| *s.context.last().expect("a running sequence has a token"))
             .collect();
         let step = {
-            let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|s| &mut s.cache).collect();
-            guarded(|| model.decode(&mut caches, &tokens))
+            let mut caches: Vec<&mut KvCache> =
+                self.decoding.iter_mut().map(|s| &mut s.cache).collect();
+            guarded(|| self.model.decode(&mut caches, &tokens))
         };
+        let mut running = std::mem::take(&mut self.decoding);
         match step {
             Ok(logits) => {
-                let vocab = model.cfg.vocab;
-                let mut still = Vec::with_capacity(running.len());
-                for (i, mut seq) in running.drain(..).enumerate() {
-                    let row = &logits[i * vocab..(i + 1) * vocab];
-                    match advance(&mut seq, row, &eos, model.cfg.context) {
-                        Some(finish) => {
-                            let _ = seq.job.done.send(finish);
-                        }
-                        None => still.push(seq),
+                let (vocab, context, eos) =
+                    (self.model.cfg.vocab, self.model.cfg.context, &self.eos);
+                // The step functions (log-softmax over the vocabulary, top-k, the sample) run
+                // side by side: each reads only its own row.
+                let ends: Vec<Option<Finish>> = running
+                    .par_iter_mut()
+                    .zip(logits.par_chunks_exact(vocab))
+                    .map(|(seq, row)| advance(seq, row, eos, context))
+                    .collect();
+                for (seq, end) in running.into_iter().zip(ends) {
+                    match end {
+                        Some(finish) => self.finish(seq, finish),
+                        None => self.decoding.push(seq),
                     }
                 }
-                running = still;
             }
             Err(e) => {
                 tracing::error!(error = %e, "native decode step failed");
-                for seq in running.drain(..) {
-                    let _ = seq.job.done.send(Err(e.clone()));
+                for seq in running {
+                    self.finish(seq, Err(e.clone()));
                 }
             }
         }
+    }
+
+    /// Answers the sequence's caller and frees its cache.
+    fn finish(&mut self, seq: Running, finish: Finish) {
+        self.kv_reserved -= seq.reserved;
+        let _ = seq.job.done.send(finish);
     }
 }
 
@@ -183,5 +302,163 @@ fn guarded<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, String> {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(format!("{e:#}")),
         Err(_) => Err("the model panicked".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, OnceLock};
+
+    use super::*;
+
+    /// The default teacher GGUF: `TEACHD_TEST_MODEL`, else fetched by the script.
+    fn model() -> &'static Arc<Model> {
+        static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+        MODEL.get_or_init(|| {
+            let path = match std::env::var("TEACHD_TEST_MODEL") {
+                Ok(p) => p,
+                Err(_) => {
+                    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+                    let out = std::process::Command::new("bash")
+                        .arg(root.join("scripts/fetch-model.sh"))
+                        .output()
+                        .expect("run scripts/fetch-model.sh");
+                    assert!(out.status.success(), "fetch-model failed");
+                    String::from_utf8(out.stdout).unwrap().trim().into()
+                }
+            };
+            Arc::new(Model::load(Path::new(&path)).expect("load the default model"))
+        })
+    }
+
+    fn prompt(len: usize, seed: u32) -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| (i * 7919 + seed * 104_729) % 40_000 + 2)
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn a_decode_step_gives_the_same_bits_alone_or_batched() {
+        let m = model();
+        let cfg = &m.cfg;
+        let prompts = [prompt(40, 1), prompt(7, 2), prompt(300, 3)];
+        let fresh = || -> Vec<KvCache> {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut c = KvCache::with_capacity(cfg, p.len() + 4);
+                    m.prefill(&mut c, p).unwrap();
+                    c
+                })
+                .collect()
+        };
+        let next = [11, 12, 13];
+        // Each alone, two steps.
+        let mut alone = Vec::new();
+        for (i, mut c) in fresh().into_iter().enumerate() {
+            let first = m.decode(&mut [&mut c], &next[i..=i]).unwrap();
+            let second = m.decode(&mut [&mut c], &[5]).unwrap();
+            alone.push((first, second));
+        }
+        // All three together, two steps.
+        let mut caches = fresh();
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let first = m.decode(&mut refs, &next).unwrap();
+        let second = m.decode(&mut refs, &[5, 5, 5]).unwrap();
+        let v = cfg.vocab;
+        for (i, (a1, a2)) in alone.iter().enumerate() {
+            assert_eq!(&first[i * v..(i + 1) * v], &a1[..], "sequence {i}, step 1");
+            assert_eq!(&second[i * v..(i + 1) * v], &a2[..], "sequence {i}, step 2");
+        }
+    }
+
+    #[test]
+    fn decode_and_prefill_agree_and_pieces_match_one_pass() {
+        let m = model();
+        let cfg = &m.cfg;
+        let p = prompt(PREFILL_PIECE + 45, 4);
+        // The whole prompt in one pass vs in pieces.
+        let mut whole = KvCache::with_capacity(cfg, p.len() + 1);
+        let one = m.prefill(&mut whole, &p).unwrap();
+        let mut pieces = KvCache::with_capacity(cfg, p.len() + 1);
+        m.prefill(&mut pieces, &p[..PREFILL_PIECE]).unwrap();
+        let split = m.prefill(&mut pieces, &p[PREFILL_PIECE..]).unwrap();
+        assert!(max_diff(&one, &split) < 1e-3, "{}", max_diff(&one, &split));
+        // The last prompt token by decode vs by prefill.
+        let mut short = KvCache::with_capacity(cfg, p.len());
+        m.prefill(&mut short, &p[..p.len() - 1]).unwrap();
+        let stepped = m.decode(&mut [&mut short], &p[p.len() - 1..]).unwrap();
+        assert!(
+            max_diff(&one, &stepped) < 1e-3,
+            "{}",
+            max_diff(&one, &stepped)
+        );
+        let argmax = |x: &[f32]| {
+            x.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0
+        };
+        assert_eq!(argmax(&one), argmax(&stepped));
+    }
+
+    /// Runs two generations of `steps` tokens each (reserving the model's whole context) on an
+    /// engine with `kv_cache_bytes`; returns which generation each step belonged to, in order.
+    fn step_order(kv_cache_bytes: usize, steps: usize) -> Vec<usize> {
+        let cfg = model().cfg.clone();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (jobs, rx) = std_mpsc::channel();
+        let mut done = Vec::new();
+        for g in 0..2 {
+            let log = log.clone();
+            let step: StepFn = Arc::new(move |_logits: &[f32], context: &[u32]| {
+                log.lock().unwrap().push(g);
+                let generated = context.len() - 3;
+                // Token 0 is this test's end of sequence.
+                if generated + 1 >= steps {
+                    0
+                } else {
+                    1
+                }
+            });
+            let (tx, finished) = oneshot::channel();
+            jobs.send(Job {
+                prompt: vec![1, 2, 3],
+                max_new: cfg.context,
+                step,
+                done: tx,
+            })
+            .unwrap();
+            done.push(finished);
+        }
+        drop(jobs);
+        Engine::new(model().clone(), vec![0], kv_cache_bytes).run(rx);
+        for d in done {
+            assert_eq!(d.blocking_recv().unwrap(), Ok("stop"));
+        }
+        let order = log.lock().unwrap().clone();
+        order
+    }
+
+    #[test]
+    fn generations_wait_for_key_value_cache_room() {
+        let cfg = &model().cfg;
+        let full = cfg.context * cfg.kv_bytes_per_token();
+        // Room for one whole-context sequence: the second starts when the first ends.
+        assert_eq!(step_order(full, 4), vec![0, 0, 0, 0, 1, 1, 1, 1]);
+        // Room for both: they run side by side (within a step, in either order).
+        let order = step_order(2 * full, 4);
+        for pair in order.chunks(2) {
+            assert!(pair == [0, 1] || pair == [1, 0], "{order:?}");
+        }
     }
 }

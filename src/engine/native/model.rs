@@ -6,19 +6,20 @@
 //! `[batch, hidden]` matmul per weight), so the weights are read once per step, not once per
 //! sequence; attention runs per sequence over its own key/value cache.
 //!
-//! Batch invariance: gemm takes a matrix-vector path for a single row, whose sums are ordered
-//! differently from its matrix kernel, and the kernel's order for an element does not depend on
-//! how many rows share the call. [`linear`] therefore never multiplies a single row (it doubles
-//! it), so a sequence's logits are the same bits whichever sequences it is batched with
-//! (`tests::a_row_does_not_depend_on_its_batch`). Per-sequence attention and the row-wise norms
-//! never mix sequences.
+//! Prefill (one sequence at a time) runs on candle tensors and gemm. A decode step runs on plain
+//! slices of the same weights: its products go through [`kernel::matmul_t`], which sums each
+//! element in one fixed order whatever the batch, and everything else (norms, rotary
+//! embedding, per-sequence attention) is row-wise, so a sequence's logits are the same bits
+//! whichever sequences it is batched with.
 
 use std::path::Path;
 
 use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
+
+use super::kernel;
 
 /// Query rows per prefill attention chunk: bounds the scores buffer to
 /// `heads * PREFILL_CHUNK * len` floats (9 x 256 x 8192 x 4 B = 75 MiB for the default model at
@@ -39,6 +40,11 @@ pub struct Config {
 impl Config {
     fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+
+    /// Key/value cache bytes per token of one sequence.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.layers * 2 * self.kv_dim() * std::mem::size_of::<f32>()
     }
 }
 
@@ -74,10 +80,17 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &Config) -> Self {
+    /// A cache with room for `tokens` tokens, allocated now (it never grows past that unless
+    /// more are appended).
+    pub fn with_capacity(cfg: &Config, tokens: usize) -> Self {
+        let room = || {
+            (0..cfg.layers)
+                .map(|_| Vec::with_capacity(tokens * cfg.kv_dim()))
+                .collect()
+        };
         Self {
-            k: vec![Vec::new(); cfg.layers],
-            v: vec![Vec::new(); cfg.layers],
+            k: room(),
+            v: room(),
             len: 0,
         }
     }
@@ -136,7 +149,7 @@ impl Model {
             context: u("context_length")?,
             vocab,
         };
-        if cfg.heads % cfg.kv_heads != 0 || head_dim % 2 != 0 {
+        if !cfg.heads.is_multiple_of(cfg.kv_heads) || !head_dim.is_multiple_of(2) {
             bail!("unsupported attention shape {cfg:?}");
         }
         let mut layers = Vec::with_capacity(cfg.layers);
@@ -280,7 +293,9 @@ impl Model {
     }
 
     /// One decode step: `tokens[i]` appended to `caches[i]`; returns `[batch, vocab]` logits,
-    /// row-major.
+    /// row-major. Runs on plain slices of the weights: every product goes through
+    /// [`kernel::matmul_t`] and every other operation is row-wise, so a sequence's logits do not
+    /// depend on the sequences beside it.
     pub fn decode(&self, caches: &mut [&mut KvCache], tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
         let cfg = &self.cfg;
         let b = tokens.len();
@@ -294,34 +309,40 @@ impl Model {
                 cfg.context
             );
         }
-        let dev = Device::Cpu;
         let (h, kvh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let kvd = cfg.kv_dim();
-        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
-        let pos = Tensor::new(positions.as_slice(), &dev)?;
-        let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, d / 2))?;
-        let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, d / 2))?;
-        let ids = Tensor::new(tokens, &dev)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let (kvd, qd, half) = (cfg.kv_dim(), h * d, d / 2);
+        let embed = F32s::of(&self.embed)?;
+        let hidden = embed.len() / cfg.vocab;
+        let mut x = Vec::with_capacity(b * hidden);
+        for &t in tokens {
+            let t = t as usize;
+            if t >= cfg.vocab {
+                bail!("token {t} is outside the vocabulary ({})", cfg.vocab);
+            }
+            x.extend_from_slice(&embed[t * hidden..(t + 1) * hidden]);
+        }
+        let (cos, sin) = (F32s::of(&self.cos)?, F32s::of(&self.sin)?);
+        let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let rotate = |rows: &mut [f32], width: usize| {
+            for (row, p) in rows.chunks_exact_mut(width).zip(&positions) {
+                let p = p * half;
+                rope_i(row, &cos[p..p + half], &sin[p..p + half]);
+            }
+        };
         for (l, layer) in self.layers.iter().enumerate() {
-            let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps)?;
-            let q = linear(&n, &layer.wq)?.reshape((b, h, 1, d))?;
-            let k = linear(&n, &layer.wk)?.reshape((b, kvh, 1, d))?;
-            let v = linear(&n, &layer.wv)?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let v = v.flatten_all()?.to_vec1::<f32>()?;
+            let n = rms_norm(&x, &F32s::of(&layer.attn_norm)?, cfg.eps);
+            let mut q = kernel::matmul_t(&n, b, &F32s::of(&layer.wq)?, hidden);
+            let mut k = kernel::matmul_t(&n, b, &F32s::of(&layer.wk)?, hidden);
+            let v = kernel::matmul_t(&n, b, &F32s::of(&layer.wv)?, hidden);
+            rotate(&mut q, qd);
+            rotate(&mut k, kvd);
             for (i, cache) in caches.iter_mut().enumerate() {
                 cache.k[l].extend_from_slice(&k[i * kvd..(i + 1) * kvd]);
                 cache.v[l].extend_from_slice(&v[i * kvd..(i + 1) * kvd]);
             }
-            let mut out = vec![0f32; b * h * d];
+            let mut attn = vec![0f32; b * qd];
             let caches_ref: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
-            out.par_chunks_mut(d)
+            attn.par_chunks_mut(d)
                 .enumerate()
                 .for_each(|(row, out_head)| {
                     let (i, head) = (row / h, row % h);
@@ -336,15 +357,27 @@ impl Model {
                         out_head,
                     );
                 });
-            let attn = Tensor::from_vec(out, (b, h * d), &dev)?;
-            x = (x + linear(&attn, &layer.wo)?)?;
-            x = (&x + self.mlp(layer, &x)?)?;
+            add(
+                &mut x,
+                &kernel::matmul_t(&attn, b, &F32s::of(&layer.wo)?, qd),
+            );
+            let n = rms_norm(&x, &F32s::of(&layer.ffn_norm)?, cfg.eps);
+            let mut gate = kernel::matmul_t(&n, b, &F32s::of(&layer.w_gate)?, hidden);
+            let up = kernel::matmul_t(&n, b, &F32s::of(&layer.w_up)?, hidden);
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            let ffn = up.len() / b;
+            add(
+                &mut x,
+                &kernel::matmul_t(&gate, b, &F32s::of(&layer.w_down)?, ffn),
+            );
         }
         for cache in caches.iter_mut() {
             cache.len += 1;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.eps)?;
-        Ok(linear(&x, &self.lm_head)?.flatten_all()?.to_vec1::<f32>()?)
+        let x = rms_norm(&x, &F32s::of(&self.norm)?, cfg.eps);
+        Ok(kernel::matmul_t(&x, b, &F32s::of(&self.lm_head)?, hidden))
     }
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -355,14 +388,71 @@ impl Model {
     }
 }
 
-/// `x @ w^T` for `x` `[rows, in]` and `w` `[out, in]`; a single row is run as two (see the
-/// module notes on batch invariance).
-pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if x.dim(0)? == 1 {
-        let doubled = Tensor::cat(&[x, x], 0)?;
-        return doubled.matmul(&w.t()?)?.narrow(0, 0, 1);
-    }
+/// `x @ w^T` for `x` `[rows, in]` and `w` `[out, in]` (prefill: one sequence at a time).
+fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)
+}
+
+/// A contiguous F32 CPU tensor's elements, borrowed.
+struct F32s<'a> {
+    storage: std::sync::RwLockReadGuard<'a, Storage>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> F32s<'a> {
+    fn of(t: &'a Tensor) -> anyhow::Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("a weight is not contiguous");
+        };
+        if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
+            bail!("a weight is not F32 on the CPU");
+        }
+        Ok(Self {
+            storage,
+            range: start..end,
+        })
+    }
+}
+
+impl std::ops::Deref for F32s<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.clone()],
+            _ => unreachable!("checked in F32s::of"),
+        }
+    }
+}
+
+/// candle's `rms_norm`, row by row: `x / sqrt(mean(x^2) + eps) * alpha`.
+fn rms_norm(x: &[f32], alpha: &[f32], eps: f32) -> Vec<f32> {
+    let dim = alpha.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(dim) {
+        let sum2: f32 = row.iter().map(|v| v * v).sum();
+        let m = (sum2 / dim as f32 + eps).sqrt();
+        out.extend(row.iter().zip(alpha).map(|(v, a)| v / m * a));
+    }
+    out
+}
+
+/// candle's interleaved rotary embedding (`rope_i`) of one row of heads at one position.
+fn rope_i(row: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in row.chunks_exact_mut(2 * half) {
+        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cos[i] - b * sin[i];
+            pair[1] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
 }
 
 /// Softmax attention of one query head over `seen` cached positions of its key/value head
@@ -412,43 +502,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let data: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
-    }
-
-    #[test]
-    fn a_row_does_not_depend_on_its_batch() {
-        // Shapes of the default model's projections and its output layer.
-        for (out, inp) in [
-            (576, 576),
-            (192, 576),
-            (1536, 576),
-            (576, 1536),
-            (49152, 576),
-        ] {
-            let w = random(out, inp, 1);
-            let rows = random(9, inp, 2);
-            let alone = linear(&rows.narrow(0, 0, 1).unwrap(), &w)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            for batch in 2..=9 {
-                let all = linear(&rows.narrow(0, 0, batch).unwrap(), &w).unwrap();
-                let first = all.narrow(0, 0, 1).unwrap().flatten_all().unwrap();
-                assert_eq!(
-                    first.to_vec1::<f32>().unwrap(),
-                    alone,
-                    "[{out}, {inp}]: row 0 differs in a batch of {batch}"
-                );
-            }
-        }
-    }
 
     #[test]
     fn dot_matches_a_plain_sum() {
