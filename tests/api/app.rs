@@ -371,6 +371,21 @@ impl TestApp {
         }
     }
 
+    /// `teachd_engine_raw_passes_total` of the test model: (scoring engine, generation engine).
+    pub async fn raw_passes(&self) -> (u64, u64) {
+        let text = self.metrics_text().await;
+        let count = |engine: &str| {
+            let series =
+                format!("teachd_engine_raw_passes_total{{model=\"{MODEL}\",engine=\"{engine}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .unwrap_or_else(|| panic!("no {series} in /metrics"))
+                .parse()
+                .unwrap()
+        };
+        (count("scoring"), count("generation"))
+    }
+
     /// `GET /metrics` as text.
     pub async fn metrics_text(&self) -> String {
         let r = self.get("/metrics", None).send().await.unwrap();

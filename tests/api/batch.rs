@@ -373,30 +373,15 @@ async fn a_logprobs_batch_equals_the_interactive_endpoint_in_jsonl_and_parquet()
     app.wait_tokens_used(client, 3 * per_run).await;
 }
 
-/// `teachd_engine_raw_passes_total` of the test model: (scoring engine, generation engine).
-async fn raw_passes(app: &TestApp) -> (u64, u64) {
-    let text = app.metrics_text().await;
-    let count = |engine: &str| {
-        let series =
-            format!("teachd_engine_raw_passes_total{{model=\"{MODEL}\",engine=\"{engine}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .unwrap_or_else(|| panic!("no {series} in /metrics"))
-            .parse()
-            .unwrap()
-    };
-    (count("scoring"), count("generation"))
-}
-
 /// Runs the batch file `text` to completion; returns the finished batch and the raw passes it
 /// added on each engine (scoring, generation), read from `/metrics`.
 async fn run_counting(app: &TestApp, key: &str, text: &str) -> (Value, (u64, u64)) {
     let file = upload_ok(app, key, text).await;
-    let before = raw_passes(app).await;
+    let before = app.raw_passes().await;
     let created = create_ok(app, key, &file, "jsonl").await;
     let done = finished(app, key, created["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "completed", "{done}");
-    let after = raw_passes(app).await;
+    let after = app.raw_passes().await;
     (done, (after.0 - before.0, after.1 - before.1))
 }
 
@@ -458,7 +443,7 @@ async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
         .post_ok("/v1/chat/completions", &key, chat.clone())
         .await;
     let file = upload_ok(&app, &key, &many_lines(30, 200)).await;
-    let paired_before = raw_passes(&app).await.1;
+    let paired_before = app.raw_passes().await.1;
     let created = create_ok(&app, &key, &file, "jsonl").await;
     let mut beside = Vec::new();
     for _ in 0..4 {
@@ -480,7 +465,7 @@ async fn a_batch_runs_two_lines_at_once_on_an_idle_generation_engine() {
             "{r}"
         );
     }
-    let paired = raw_passes(&app).await.1 - paired_before;
+    let paired = app.raw_passes().await.1 - paired_before;
     assert!(paired > 0, "no line paired after the chats stopped");
 }
 

@@ -590,13 +590,25 @@ async fn an_undelivered_response_is_not_charged() {
         &key,
         json!({"model": MODEL, "token_ids": ids, "top_k": 5}),
     );
+    let passes = app.raw_passes().await.0;
     let pending = tokio::spawn(req.send());
-    // Once the pass is running (its tokens reserved), Postgres goes away.
+    // Once the pass is running, Postgres goes away. Not as soon as the reservation shows in the
+    // database: the server may not have read that commit's reply yet, and a reservation whose
+    // reply is lost stays counted (the quota over-counts when in doubt, never under). The pass
+    // starts only after the handler holds its reservation.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while app.tokens_used(client_id).await == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "never reserved");
+    while app.raw_passes().await.0 == passes {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pass never started"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(
+        app.tokens_used(client_id).await,
+        600,
+        "reserved before the pass"
+    );
     proxy.cut();
     let r = pending.await.unwrap().unwrap();
     error_of(r, 503, "ledger_unavailable").await;
