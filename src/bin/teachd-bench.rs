@@ -82,6 +82,48 @@ fn reset_peak_rss() -> bool {
 }
 
 /// Run one generation to the end; its tokens and the time to the first and the last one.
+/// One run of `clients` concurrent generations of `gen_tokens` tokens (prompts of 32 tokens, or
+/// 32, 35, 38, ... with `spread` 3, sampled at T = 1): (end-to-end tok/s, decode tok/s).
+async fn concurrent_decode(
+    teacher: &Arc<Teacher>,
+    all_ids: &[u32],
+    clients: usize,
+    spread: usize,
+    gen_tokens: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let t = teacher.clone();
+            // Different prompts of 32 tokens (or 32, 35, 38, ...), sampled at T = 1.
+            let len = 32 + c * spread;
+            let mut params = greedy(all_ids[c * 3..c * 3 + len].to_vec(), gen_tokens);
+            params.temperature = 1.0;
+            params.seed = c as u64;
+            tokio::spawn(async move {
+                let offset = start.elapsed();
+                let (tokens, first, total) = generate(&t, params).await?;
+                anyhow::Ok((tokens, offset + first, offset + total))
+            })
+        })
+        .collect();
+    // All clients start together: end to end counts every token over the whole
+    // run (prompt processing included); decode counts the tokens after each
+    // client's first over the time from the earliest first token to the last one.
+    let (mut generated, mut decoded) = (0usize, 0usize);
+    let (mut first_token, mut end) = (Duration::MAX, Duration::ZERO);
+    for t in tasks {
+        let (tokens, first, total) = t.await??;
+        generated += tokens.len();
+        decoded += tokens.len().saturating_sub(1);
+        first_token = first_token.min(first);
+        end = end.max(total);
+    }
+    let rate = generated as f64 / end.as_secs_f64();
+    let decode = decoded as f64 / (end - first_token).as_secs_f64();
+    Ok((rate, decode))
+}
+
 async fn generate(
     teacher: &Arc<Teacher>,
     params: GenerateParams,
@@ -249,43 +291,23 @@ async fn main() -> anyhow::Result<()> {
         ] {
             let mut base = None;
             for &clients in &args.clients {
-                let start = Instant::now();
-                let tasks: Vec<_> = (0..clients)
-                    .map(|c| {
-                        let t = teacher.clone();
-                        // Different prompts of 32 tokens (or 32, 35, 38, ...), sampled at T = 1.
-                        let len = 32 + c * spread;
-                        let mut params =
-                            greedy(all_ids[c * 3..c * 3 + len].to_vec(), args.gen_tokens);
-                        params.temperature = 1.0;
-                        params.seed = c as u64;
-                        tokio::spawn(async move {
-                            let offset = start.elapsed();
-                            let (tokens, first, total) = generate(&t, params).await?;
-                            anyhow::Ok((tokens, offset + first, offset + total))
-                        })
-                    })
-                    .collect();
-                // All clients start together: end to end counts every token over the whole
-                // run (prompt processing included); decode counts the tokens after each
-                // client's first over the time from the earliest first token to the last one.
-                let (mut generated, mut decoded) = (0usize, 0usize);
-                let (mut first_token, mut end) = (Duration::MAX, Duration::ZERO);
-                for t in tasks {
-                    let (tokens, first, total) = t.await??;
-                    generated += tokens.len();
-                    decoded += tokens.len().saturating_sub(1);
-                    first_token = first_token.min(first);
-                    end = end.max(total);
+                // The median of `runs` runs: one run on a shared machine varies by tens of %.
+                let (mut rates, mut decodes) = (Vec::new(), Vec::new());
+                for _ in 0..args.runs {
+                    let (rate, decode) =
+                        concurrent_decode(&teacher, &all_ids, clients, spread, args.gen_tokens)
+                            .await?;
+                    rates.push(rate);
+                    decodes.push(decode);
                 }
-                let rate = generated as f64 / end.as_secs_f64();
-                let decode = decoded as f64 / (end - first_token).as_secs_f64();
+                let (rate, decode) = (median(rates), median(decodes));
                 let (base_rate, base_decode) = *base.get_or_insert((rate, decode));
                 println!(
-                    "| decode, {clients} concurrent clients x {} tokens, {kind} | {decode:.1} tok/s aggregate decode ({:.2}x one client); end to end with the prompts {rate:.1} tok/s ({:.2}x) |",
+                    "| decode, {clients} concurrent clients x {} tokens, {kind} | {decode:.1} tok/s aggregate decode ({:.2}x one client); end to end with the prompts {rate:.1} tok/s ({:.2}x); median of {} runs |",
                     args.gen_tokens,
                     decode / base_decode,
-                    rate / base_rate
+                    rate / base_rate,
+                    args.runs
                 );
             }
         }

@@ -14,6 +14,9 @@ pub fn log_softmax(logits: &[f32], temperature: f64) -> Vec<f64> {
     logits.iter().map(|&x| x as f64 * inv_t - lse).collect()
 }
 
+/// Up to this `k`, [`top_k`] scans once instead of selecting over an index of the vocabulary.
+const SMALL_K: usize = 64;
+
 /// Indices of the `k` largest values, sorted by value descending, ties by lower index first
 /// (deterministic across runs and thread counts).
 pub fn top_k(logprobs: &[f64], k: usize) -> Vec<u32> {
@@ -26,6 +29,19 @@ pub fn top_k(logprobs: &[f64], k: usize) -> Vec<u32> {
             .total_cmp(&logprobs[*a as usize])
             .then(a.cmp(b))
     };
+    if k <= SMALL_K && k < logprobs.len() {
+        // One pass keeping the best `k` so far, sorted: most entries lose to the bar at once.
+        let mut best: Vec<u32> = Vec::with_capacity(k + 1);
+        for i in 0..logprobs.len() as u32 {
+            if best.len() == k && cmp(&i, &best[k - 1]).is_ge() {
+                continue;
+            }
+            let at = best.partition_point(|b| cmp(b, &i).is_lt());
+            best.insert(at, i);
+            best.truncate(k);
+        }
+        return best;
+    }
     let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
@@ -194,11 +210,16 @@ pub fn nucleus(logprobs: &[f64], top_p: f64) -> Vec<u32> {
 
 /// Sample one token from `logprobs` restricted to `candidates`, with a uniform draw `u` in [0,1).
 pub fn sample_from(logprobs: &[f64], candidates: &[u32], u: f64) -> u32 {
-    let total: f64 = candidates.iter().map(|&i| logprobs[i as usize].exp()).sum();
+    // Each probability computed once, summed in candidate order both times.
+    let probs: Vec<f64> = candidates
+        .iter()
+        .map(|&i| logprobs[i as usize].exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
     let mut acc = 0.0;
     let target = u * total;
-    for &i in candidates {
-        acc += logprobs[i as usize].exp();
+    for (&i, p) in candidates.iter().zip(&probs) {
+        acc += p;
         if acc > target {
             return i;
         }
@@ -259,6 +280,23 @@ mod tests {
         assert_eq!(top_k(&lp, 3), vec![1, 4, 0]);
         assert_eq!(top_k(&lp, 0), Vec::<u32>::new());
         assert_eq!(top_k(&lp, 10), vec![1, 4, 0, 2, 3]);
+    }
+
+    #[test]
+    fn top_k_one_pass_agrees_with_the_full_order() {
+        // Few distinct values (many ties), signed zeros and infinities.
+        let lp: Vec<f64> = (0..5000u64)
+            .map(|i| match (i * 2_654_435_761) % 23 {
+                0 => f64::NEG_INFINITY,
+                1 => -0.0,
+                2 => 0.0,
+                v => -(v as f64) / 4.0,
+            })
+            .collect();
+        let full = top_k(&lp, lp.len());
+        for k in [1, 2, 5, 20, SMALL_K] {
+            assert_eq!(top_k(&lp, k), full[..k], "k = {k}");
+        }
     }
 
     #[test]

@@ -211,12 +211,19 @@ impl Engine {
             let end = (seq.prefilled + PREFILL_PIECE).min(prompt_len);
             let piece = &seq.context[seq.prefilled..end];
             budget = budget.saturating_sub(piece.len());
+            if end < prompt_len {
+                // More pieces follow: no logits needed yet.
+                match guarded(|| self.model.append(&mut seq.cache, piece).map(drop)) {
+                    Err(e) => self.finish(seq, Err(e)),
+                    Ok(()) => {
+                        seq.prefilled = end;
+                        self.prefilling.push_front(seq);
+                    }
+                }
+                continue;
+            }
             match guarded(|| self.model.prefill(&mut seq.cache, piece)) {
                 Err(e) => self.finish(seq, Err(e)),
-                Ok(_) if end < prompt_len => {
-                    seq.prefilled = end;
-                    self.prefilling.push_front(seq);
-                }
                 Ok(logits) => {
                     seq.prefilled = end;
                     match advance(&mut seq, &logits, &self.eos, self.model.cfg.context) {
@@ -389,7 +396,7 @@ mod tests {
         let mut whole = KvCache::with_capacity(cfg, p.len() + 1);
         let one = m.prefill(&mut whole, &p).unwrap();
         let mut pieces = KvCache::with_capacity(cfg, p.len() + 1);
-        m.prefill(&mut pieces, &p[..PREFILL_PIECE]).unwrap();
+        m.append(&mut pieces, &p[..PREFILL_PIECE]).unwrap();
         let split = m.prefill(&mut pieces, &p[PREFILL_PIECE..]).unwrap();
         assert!(max_diff(&one, &split) < 1e-3, "{}", max_diff(&one, &split));
         // The last prompt token by decode vs by prefill.

@@ -48,15 +48,17 @@ impl Config {
     }
 }
 
+/// One decoder block. The query, key and value projections are one matrix (their rows one
+/// after another), and so are the feed-forward gate and up projections: one product each per
+/// step instead of three and two. Each output element is the same dot product either way.
 struct Layer {
     attn_norm: Tensor,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
+    /// `[heads * head_dim + 2 * kv_dim, hidden]`: query rows, then key rows, then value rows.
+    wqkv: Tensor,
     wo: Tensor,
     ffn_norm: Tensor,
-    w_gate: Tensor,
-    w_up: Tensor,
+    /// `[2 * ffn, hidden]`: gate rows, then up rows.
+    w_gate_up: Tensor,
     w_down: Tensor,
 }
 
@@ -155,15 +157,15 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let mut t = |name: &str| tensor(&format!("blk.{i}.{name}.weight"));
+            // Each part is dropped once copied into its joint matrix.
+            let wqkv = Tensor::cat(&[t("attn_q")?, t("attn_k")?, t("attn_v")?], 0)?;
+            let w_gate_up = Tensor::cat(&[t("ffn_gate")?, t("ffn_up")?], 0)?;
             layers.push(Layer {
                 attn_norm: t("attn_norm")?,
-                wq: t("attn_q")?,
-                wk: t("attn_k")?,
-                wv: t("attn_v")?,
+                wqkv,
                 wo: t("attn_output")?,
                 ffn_norm: t("ffn_norm")?,
-                w_gate: t("ffn_gate")?,
-                w_up: t("ffn_up")?,
+                w_gate_up,
                 w_down: t("ffn_down")?,
             });
         }
@@ -201,6 +203,17 @@ impl Model {
     /// Runs `tokens` (one sequence, appended after what `cache` holds) and returns the logits
     /// after its last token.
     pub fn prefill(&self, cache: &mut KvCache, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+        let x = self.append(cache, tokens)?;
+        let last = x.narrow(0, tokens.len() - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.eps)?;
+        Ok(linear(&last, &self.lm_head)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// Runs `tokens` into `cache` like [`Model::prefill`], without the output layer (a piece of
+    /// a prompt that more pieces follow); returns the last layer's hidden states.
+    pub fn append(&self, cache: &mut KvCache, tokens: &[u32]) -> anyhow::Result<Tensor> {
         let cfg = &self.cfg;
         let len = tokens.len();
         let start = cache.len;
@@ -224,15 +237,20 @@ impl Model {
         let scale = 1.0 / (d as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps)?;
-            let q = linear(&n, &layer.wq)?
+            let qkv = linear(&n, &layer.wqkv)?;
+            let q = qkv
+                .narrow(1, 0, h * d)?
+                .contiguous()?
                 .reshape((1, len, h, d))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let k = linear(&n, &layer.wk)?
+            let k = qkv
+                .narrow(1, h * d, kvh * d)?
+                .contiguous()?
                 .reshape((1, len, kvh, d))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let v = linear(&n, &layer.wv)?;
+            let v = qkv.narrow(1, (h + kvh) * d, kvh * d)?.contiguous()?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
             // Into the cache, token-major.
@@ -285,11 +303,7 @@ impl Model {
             x = (&x + self.mlp(layer, &x)?)?;
         }
         cache.len += len;
-        let last = x.narrow(0, len - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, cfg.eps)?;
-        Ok(linear(&last, &self.lm_head)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
+        Ok(x)
     }
 
     /// One decode step: `tokens[i]` appended to `caches[i]`; returns `[batch, vocab]` logits,
@@ -331,14 +345,19 @@ impl Model {
         };
         for (l, layer) in self.layers.iter().enumerate() {
             let n = rms_norm(&x, &F32s::of(&layer.attn_norm)?, cfg.eps);
-            let mut q = kernel::matmul_t(&n, b, &F32s::of(&layer.wq)?, hidden);
-            let mut k = kernel::matmul_t(&n, b, &F32s::of(&layer.wk)?, hidden);
-            let v = kernel::matmul_t(&n, b, &F32s::of(&layer.wv)?, hidden);
+            let qkv = kernel::matmul_t(&n, b, &F32s::of(&layer.wqkv)?, hidden);
+            let width = qd + 2 * kvd;
+            let mut q = Vec::with_capacity(b * qd);
+            let mut k = Vec::with_capacity(b * kvd);
+            for row in qkv.chunks_exact(width) {
+                q.extend_from_slice(&row[..qd]);
+                k.extend_from_slice(&row[qd..qd + kvd]);
+            }
             rotate(&mut q, qd);
             rotate(&mut k, kvd);
             for (i, cache) in caches.iter_mut().enumerate() {
                 cache.k[l].extend_from_slice(&k[i * kvd..(i + 1) * kvd]);
-                cache.v[l].extend_from_slice(&v[i * kvd..(i + 1) * kvd]);
+                cache.v[l].extend_from_slice(&qkv[i * width + qd + kvd..(i + 1) * width]);
             }
             let mut attn = vec![0f32; b * qd];
             let caches_ref: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
@@ -362,15 +381,21 @@ impl Model {
                 &kernel::matmul_t(&attn, b, &F32s::of(&layer.wo)?, qd),
             );
             let n = rms_norm(&x, &F32s::of(&layer.ffn_norm)?, cfg.eps);
-            let mut gate = kernel::matmul_t(&n, b, &F32s::of(&layer.w_gate)?, hidden);
-            let up = kernel::matmul_t(&n, b, &F32s::of(&layer.w_up)?, hidden);
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-            let ffn = up.len() / b;
+            let gate_up = kernel::matmul_t(&n, b, &F32s::of(&layer.w_gate_up)?, hidden);
+            let ffn = gate_up.len() / b / 2;
+            // Row by row, side by side (a few thousand exponentials per row).
+            let mut act = vec![0f32; b * ffn];
+            act.par_chunks_mut(ffn)
+                .zip(gate_up.par_chunks_exact(2 * ffn))
+                .for_each(|(act, row)| {
+                    let (gate, up) = row.split_at(ffn);
+                    for ((a, g), u) in act.iter_mut().zip(gate).zip(up) {
+                        *a = g / (1.0 + (-g).exp()) * u;
+                    }
+                });
             add(
                 &mut x,
-                &kernel::matmul_t(&gate, b, &F32s::of(&layer.w_down)?, ffn),
+                &kernel::matmul_t(&act, b, &F32s::of(&layer.w_down)?, ffn),
             );
         }
         for cache in caches.iter_mut() {
@@ -382,8 +407,10 @@ impl Model {
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
         let n = candle_nn::ops::rms_norm(x, &layer.ffn_norm, self.cfg.eps)?;
-        let gate = candle_nn::ops::silu(&linear(&n, &layer.w_gate)?)?;
-        let up = linear(&n, &layer.w_up)?;
+        let gate_up = linear(&n, &layer.w_gate_up)?;
+        let ffn = gate_up.dim(1)? / 2;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, ffn)?)?;
+        let up = gate_up.narrow(1, ffn, ffn)?;
         linear(&(gate * up)?, &layer.w_down)
     }
 }
