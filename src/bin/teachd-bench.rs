@@ -5,7 +5,7 @@
 //! Measures, in-process (no HTTP): teacher forcing (scored tokens/s at 128, 512, 2048 tokens,
 //! median of `--runs`), peak memory of one teacher-forcing pass at 512 / 2048 / 8192 tokens,
 //! generation (time to first token, single-stream decode, and aggregate decode with 1 / 4 / 8
-//! concurrent clients), the latency of short calls while long generations run against the
+//! concurrent clients, while all of them decode and end to end; median of `--runs`), the latency of short calls while long generations run against the
 //! same calls on an idle engine, batch invariance (a generation alone vs beside others, and
 //! generation logprobs vs teacher forcing of the same tokens), and what teachd's own per-step
 //! work costs in a decode step. Run it with nothing else busy: on 2 cores, thread pools
@@ -84,6 +84,12 @@ fn reset_peak_rss() -> bool {
 /// Run one generation to the end; its tokens and the time to the first and the last one.
 /// One run of `clients` concurrent generations of `gen_tokens` tokens (prompts of 32 tokens, or
 /// 32, 35, 38, ... with `spread` 3, sampled at T = 1): (end-to-end tok/s, decode tok/s).
+///
+/// End to end counts every token over the whole run, prompt processing included. Decode counts
+/// the tokens that arrived while every client was decoding (from the last client's first token
+/// to the first client's last) over that window: the prompts are processed one after another
+/// before the step that first batches them, so a window opened at the earliest first token
+/// would count the other clients' prompt processing as decode time.
 async fn concurrent_decode(
     teacher: &Arc<Teacher>,
     all_ids: &[u32],
@@ -95,33 +101,58 @@ async fn concurrent_decode(
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let t = teacher.clone();
-            // Different prompts of 32 tokens (or 32, 35, 38, ...), sampled at T = 1.
             let len = 32 + c * spread;
             let mut params = greedy(all_ids[c * 3..c * 3 + len].to_vec(), gen_tokens);
             params.temperature = 1.0;
             params.seed = c as u64;
-            tokio::spawn(async move {
-                let offset = start.elapsed();
-                let (tokens, first, total) = generate(&t, params).await?;
-                anyhow::Ok((tokens, offset + first, offset + total))
-            })
+            tokio::spawn(async move { arrivals(&t, params, start).await })
         })
         .collect();
-    // All clients start together: end to end counts every token over the whole
-    // run (prompt processing included); decode counts the tokens after each
-    // client's first over the time from the earliest first token to the last one.
-    let (mut generated, mut decoded) = (0usize, 0usize);
-    let (mut first_token, mut end) = (Duration::MAX, Duration::ZERO);
+    let mut runs = Vec::new();
     for t in tasks {
-        let (tokens, first, total) = t.await??;
-        generated += tokens.len();
-        decoded += tokens.len().saturating_sub(1);
-        first_token = first_token.min(first);
-        end = end.max(total);
+        let times = t.await??;
+        anyhow::ensure!(times.len() > 1, "a generation stopped after one token");
+        runs.push(times);
     }
+    let generated: usize = runs.iter().map(Vec::len).sum();
+    let end = runs
+        .iter()
+        .map(|r| r[r.len() - 1])
+        .max()
+        .unwrap_or_default();
+    let open = runs.iter().map(|r| r[0]).max().unwrap_or_default();
+    let close = runs
+        .iter()
+        .map(|r| r[r.len() - 1])
+        .min()
+        .unwrap_or_default();
+    anyhow::ensure!(close > open, "the clients never decoded together");
+    let inside = runs
+        .iter()
+        .flatten()
+        .filter(|&&t| t > open && t <= close)
+        .count();
     let rate = generated as f64 / end.as_secs_f64();
-    let decode = decoded as f64 / (end - first_token).as_secs_f64();
+    let decode = inside as f64 / (close - open).as_secs_f64();
     Ok((rate, decode))
+}
+
+/// The arrival time (since `origin`) of each token of one generation.
+async fn arrivals(
+    teacher: &Arc<Teacher>,
+    params: GenerateParams,
+    origin: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut handle = teacher.generate(params)?;
+    let mut times = Vec::new();
+    while let Some(ev) = handle.events.recv().await {
+        match ev {
+            GenEvent::Token(_) => times.push(origin.elapsed()),
+            GenEvent::Done(_) => break,
+            GenEvent::Error(e) => anyhow::bail!("generation failed: {e}"),
+        }
+    }
+    Ok(times)
 }
 
 async fn generate(
@@ -303,7 +334,7 @@ async fn main() -> anyhow::Result<()> {
                 let (rate, decode) = (median(rates), median(decodes));
                 let (base_rate, base_decode) = *base.get_or_insert((rate, decode));
                 println!(
-                    "| decode, {clients} concurrent clients x {} tokens, {kind} | {decode:.1} tok/s aggregate decode ({:.2}x one client); end to end with the prompts {rate:.1} tok/s ({:.2}x); median of {} runs |",
+                    "| decode, {clients} concurrent clients x {} tokens, {kind} | {decode:.1} tok/s aggregate decode while all decode ({:.2}x one client); end to end with the prompts {rate:.1} tok/s ({:.2}x); median of {} runs |",
                     args.gen_tokens,
                     decode / base_decode,
                     rate / base_rate,
