@@ -5,8 +5,8 @@
 //! Measures, in-process (no HTTP): teacher forcing (scored tokens/s at 128, 512, 2048 tokens,
 //! median of `--runs`), peak memory of one teacher-forcing pass at 512 / 2048 / 8192 tokens,
 //! generation (time to first token, single-stream decode, and aggregate decode with 1 / 4 / 8
-//! concurrent clients, while all of them decode and end to end; median of `--runs`), the latency of short calls while long generations run against the
-//! same calls on an idle engine, batch invariance (a generation alone vs beside others, and
+//! concurrent clients, while all of them decode and end to end; median of `--runs`), the
+//! latency of short calls while long generations run against the same calls on an idle engine, batch invariance (a generation alone vs beside others, and
 //! generation logprobs vs teacher forcing of the same tokens), and what teachd's own per-step
 //! work costs in a decode step. Run it with nothing else busy: on 2 cores, thread pools
 //! collapse under contention.
@@ -81,7 +81,6 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Run one generation to the end; its tokens and the time to the first and the last one.
 /// One run of `clients` concurrent generations of `gen_tokens` tokens (prompts of 32 tokens, or
 /// 32, 35, 38, ... with `spread` 3, sampled at T = 1): (end-to-end tok/s, decode tok/s).
 ///
@@ -115,17 +114,10 @@ async fn concurrent_decode(
         runs.push(times);
     }
     let generated: usize = runs.iter().map(Vec::len).sum();
-    let end = runs
-        .iter()
-        .map(|r| r[r.len() - 1])
-        .max()
-        .unwrap_or_default();
+    let lasts: Vec<Duration> = runs.iter().map(|r| r[r.len() - 1]).collect();
+    let end = lasts.iter().max().copied().unwrap_or_default();
+    let close = lasts.iter().min().copied().unwrap_or_default();
     let open = runs.iter().map(|r| r[0]).max().unwrap_or_default();
-    let close = runs
-        .iter()
-        .map(|r| r[r.len() - 1])
-        .min()
-        .unwrap_or_default();
     anyhow::ensure!(close > open, "the clients never decoded together");
     let inside = runs
         .iter()
@@ -155,6 +147,7 @@ async fn arrivals(
     Ok(times)
 }
 
+/// Run one generation to the end; its tokens and the time to the first and the last one.
 async fn generate(
     teacher: &Arc<Teacher>,
     params: GenerateParams,

@@ -89,7 +89,8 @@ impl Native {
         // workers; called from outside a pool, each would hand its work over and put the
         // calling thread to sleep until it is done.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let worker = format!("native-{name}");
+        let thread = format!("native-{name}");
+        let worker = thread.clone();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(move |i| format!("{worker}-{i}"))
@@ -97,7 +98,7 @@ impl Native {
             .context("native engine thread pool")?;
         let (jobs, rx) = std_mpsc::channel();
         std::thread::Builder::new()
-            .name(format!("native-{name}"))
+            .name(thread)
             .spawn(move || {
                 pool.install(|| Engine::new(Arc::new(model), eos, kv_cache_bytes).run(rx))
             })
@@ -211,21 +212,19 @@ impl Engine {
             let end = (seq.prefilled + PREFILL_PIECE).min(prompt_len);
             let piece = &seq.context[seq.prefilled..end];
             budget = budget.saturating_sub(piece.len());
-            if end < prompt_len {
-                // More pieces follow: no logits needed yet.
-                match guarded(|| self.model.append(&mut seq.cache, piece).map(drop)) {
-                    Err(e) => self.finish(seq, Err(e)),
-                    Ok(()) => {
-                        seq.prefilled = end;
-                        self.prefilling.push_front(seq);
-                    }
+            // Logits only after the last piece; the others just fill the cache.
+            let ran = guarded(|| {
+                if end < prompt_len {
+                    self.model.append(&mut seq.cache, piece).map(|_| None)
+                } else {
+                    self.model.prefill(&mut seq.cache, piece).map(Some)
                 }
-                continue;
-            }
-            match guarded(|| self.model.prefill(&mut seq.cache, piece)) {
+            });
+            seq.prefilled = end;
+            match ran {
                 Err(e) => self.finish(seq, Err(e)),
-                Ok(logits) => {
-                    seq.prefilled = end;
+                Ok(None) => self.prefilling.push_front(seq),
+                Ok(Some(logits)) => {
                     match advance(&mut seq, &logits, &self.eos, self.model.cfg.context) {
                         Some(finish) => self.finish(seq, finish),
                         None => self.decoding.push(seq),
