@@ -497,12 +497,35 @@ fn attend(q: &[f32], keys: &[f32], values: &[f32], offset: usize, kv_dim: usize,
         *s = (*s - max).exp();
         sum += *s;
     }
-    out.fill(0.0);
-    for (t, p) in scores.iter().enumerate() {
-        let p = p / sum;
-        let row = &values[t * kv_dim + offset..t * kv_dim + offset + d];
-        for (o, v) in out.iter_mut().zip(row) {
-            *o += p * v;
+    // Each output element sums `p * v` over the positions in order. Blocks of `BLOCK` elements
+    // keep their sums in registers across the positions (a slice of sums would go through
+    // memory at every position).
+    const BLOCK: usize = 32;
+    let value = |t: usize, at: usize, n: usize| {
+        let from = t * kv_dim + offset + at;
+        &values[from..from + n]
+    };
+    for (b, out) in out.chunks_mut(BLOCK).enumerate() {
+        let at = b * BLOCK;
+        if let Ok(out) = <&mut [f32; BLOCK]>::try_from(&mut *out) {
+            let mut acc = [0f32; BLOCK];
+            for (t, p) in scores.iter().enumerate() {
+                let p = p / sum;
+                let v: &[f32; BLOCK] = value(t, at, BLOCK).try_into().expect("a whole block");
+                for i in 0..BLOCK {
+                    acc[i] += p * v[i];
+                }
+            }
+            *out = acc;
+        } else {
+            let n = out.len();
+            out.fill(0.0);
+            for (t, p) in scores.iter().enumerate() {
+                let p = p / sum;
+                for (o, v) in out.iter_mut().zip(value(t, at, n)) {
+                    *o += p * v;
+                }
+            }
         }
     }
 }
@@ -540,6 +563,36 @@ mod tests {
             .map(|(x, y)| (*x as f64) * (*y as f64))
             .sum();
         assert!((dot(&a, &b) as f64 - plain).abs() < 1e-2 * plain.abs().max(1.0));
+    }
+
+    #[test]
+    fn attention_sums_each_element_over_the_positions_in_order() {
+        // Two whole blocks of sums and a tail of 8, over 7 positions of a key/value head at
+        // offset 72 of 144.
+        let (d, kv_dim, seen) = (72, 144, 7);
+        let wave = |n: usize, k: f32| (0..n).map(|i| (i as f32 * k).sin()).collect::<Vec<_>>();
+        let (q, keys, values) = (
+            wave(d, 0.7),
+            wave(seen * kv_dim, 0.3),
+            wave(seen * kv_dim, 1.1),
+        );
+        let mut out = vec![0f32; d];
+        attend(&q, &keys, &values, 72, kv_dim, &mut out);
+        // The same weights, then every element summed plainly, position by position.
+        let scale = 1.0 / (d as f32).sqrt();
+        let scores: Vec<f32> = (0..seen)
+            .map(|t| dot(&q, &keys[t * kv_dim + 72..t * kv_dim + 72 + d]) * scale)
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum = exps.iter().fold(0f32, |a, e| a + e);
+        let mut want = vec![0f32; d];
+        for (t, e) in exps.iter().enumerate() {
+            for (i, w) in want.iter_mut().enumerate() {
+                *w += e / sum * values[t * kv_dim + 72 + i];
+            }
+        }
+        assert_eq!(out, want);
     }
 
     #[test]
