@@ -554,28 +554,35 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if !skip("step") {
-        // teachd's own work in one decode step: the logits copy, log-softmax over the
-        // vocabulary, top-5, the sample and the forced one-hot logits.
+        // teachd's own work in one decode step, as the generation's step function does it
+        // (`math::pick`: log-softmax over the vocabulary, the sample, top-5).
         let vocab = teacher.info.vocab_size;
-        let logits: Vec<f32> = (0..vocab)
+        // A flat distribution (logits spread evenly over 10 nats: a top-p 0.9 nucleus of about
+        // a quarter of the vocabulary) and a peaked one (probability falling as 1 / rank^2:
+        // the most likely token 0.61, a nucleus of a few tokens).
+        let flat: Vec<f32> = (0..vocab)
             .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
             .collect();
+        let peaked: Vec<f32> = (0..vocab)
+            .map(|i| -2.0 * ((1 + (i * 7919) % vocab) as f32).ln())
+            .collect();
         let n = 200;
-        let start = Instant::now();
-        for i in 0..n {
-            let copy = logits.clone();
-            let lp = math::log_softmax(&copy, 1.0);
-            let candidates = math::nucleus(&lp, 1.0);
-            let token = math::sample_from(&lp, &candidates, (i as f64 + 0.5) / n as f64);
-            std::hint::black_box(math::top_k(&lp, 5));
-            let mut forced = vec![f32::NEG_INFINITY; vocab];
-            forced[token as usize] = 0.0;
-            std::hint::black_box(forced);
+        for (shape, logits, top_p) in [
+            ("flat", &flat, 1.0),
+            ("flat", &flat, 0.9),
+            ("peaked", &peaked, 0.9),
+        ] {
+            let start = Instant::now();
+            for i in 0..n {
+                let u = (i as f64 + 0.5) / n as f64;
+                std::hint::black_box(math::pick(logits, 1.0, top_p, 5, || u));
+            }
+            println!(
+                "| teachd's per-step work (vocab {vocab}, {shape} logits, T = 1, top_p = {top_p}, \
+                 top-5) | {:.2} ms |",
+                start.elapsed().as_secs_f64() * 1000.0 / n as f64
+            );
         }
-        println!(
-            "| teachd's per-step work (vocab {vocab}, T = 1, top-5) | {:.2} ms |",
-            start.elapsed().as_secs_f64() * 1000.0 / n as f64
-        );
     }
     println!(
         "| peak memory of the run (VmHWM) | {:.0} MiB |",

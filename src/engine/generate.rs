@@ -95,27 +95,17 @@ pub(super) fn start(teacher: Arc<Teacher>, params: GenerateParams) -> GenHandle 
                     return eos;
                 }
             }
-            let effective_t = if temperature > 0.0 { temperature } else { 1.0 };
-            let lp = math::log_softmax(logits, effective_t);
-            let token = if temperature > 0.0 {
-                let candidates = math::nucleus(&lp, top_p);
-                let u: f64 = rng.lock().expect("rng lock").gen();
-                math::sample_from(&lp, &candidates, u)
-            } else {
-                math::argmax(logits)
-            };
-            let top = math::top_k(&lp, top_n)
-                .into_iter()
-                .map(|id| (id, lp[id as usize]))
-                .collect();
+            let pick = math::pick(logits, temperature, top_p, top_n, || {
+                rng.lock().expect("rng lock").gen()
+            });
             started.store(true, Ordering::SeqCst);
-            *last_token.lock().expect("last token lock") = Some(token);
+            *last_token.lock().expect("last token lock") = Some(pick.token);
             let _ = tx.send(GenEvent::Token(GenToken {
-                id: token,
-                logprob: lp[token as usize],
-                top,
+                id: pick.token,
+                logprob: pick.logprob,
+                top: pick.top,
             }));
-            token
+            pick.token
         })
     };
 

@@ -14,6 +14,9 @@ pub fn log_softmax(logits: &[f32], temperature: f64) -> Vec<f64> {
     logits.iter().map(|&x| x as f64 * inv_t - lse).collect()
 }
 
+/// [`nucleus`] first looks for the nucleus among this many most likely tokens.
+const NUCLEUS_FIRST_K: usize = 64;
+
 /// Up to this `k`, [`top_k`] scans once instead of selecting over an index of the vocabulary.
 const SMALL_K: usize = 64;
 
@@ -195,17 +198,32 @@ pub fn nucleus(logprobs: &[f64], top_p: f64) -> Vec<u32> {
     if top_p >= 1.0 {
         return (0..logprobs.len() as u32).collect();
     }
-    let order = top_k(logprobs, logprobs.len());
-    let mut mass = 0.0;
-    let mut out = Vec::new();
-    for id in order {
-        out.push(id);
-        mass += logprobs[id as usize].exp();
-        if mass >= top_p {
-            break;
+    // The nucleus is a prefix of the order of the whole vocabulary, and `top_k` gives the first
+    // `k` of that order: widen `k` until the mass is reached instead of sorting everything (a
+    // peaked distribution's nucleus is a handful of tokens).
+    let mut k = NUCLEUS_FIRST_K.min(logprobs.len());
+    loop {
+        let order = top_k(logprobs, k);
+        let mut mass = 0.0;
+        for (n, &id) in order.iter().enumerate() {
+            mass += logprobs[id as usize].exp();
+            if mass >= top_p {
+                return order[..=n].to_vec();
+            }
+        }
+        if k == logprobs.len() {
+            return order;
+        }
+        // None of the rest is likelier than the last one here, so at least `need` tokens make
+        // the nucleus; look among twice that (at least twice as many as now), or among all
+        // once that passes half of them.
+        let last = logprobs[order[k - 1] as usize].exp();
+        let need = k as f64 + (top_p - mass) / last;
+        k = (2.0 * need).max(2.0 * k as f64).min(logprobs.len() as f64) as usize;
+        if 2 * k > logprobs.len() {
+            k = logprobs.len();
         }
     }
-    out
 }
 
 /// Sample one token from `logprobs` restricted to `candidates`, with a uniform draw `u` in [0,1).
@@ -225,6 +243,43 @@ pub fn sample_from(logprobs: &[f64], candidates: &[u32], u: f64) -> u32 {
         }
     }
     *candidates.last().expect("non-empty candidates")
+}
+
+/// One generation step's choice: the token, its logprob and the `top_n` most likely tokens with
+/// theirs, all from `log_softmax(logits / T)` (T = 1 under greedy decoding).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pick {
+    pub token: u32,
+    pub logprob: f64,
+    pub top: Vec<(u32, f64)>,
+}
+
+/// Picks the next token: the argmax when `temperature` is 0, else a sample within the `top_p`
+/// nucleus, drawn with `draw()` (uniform in [0, 1); called only when sampling).
+pub fn pick(
+    logits: &[f32],
+    temperature: f64,
+    top_p: f64,
+    top_n: usize,
+    draw: impl FnOnce() -> f64,
+) -> Pick {
+    let effective_t = if temperature > 0.0 { temperature } else { 1.0 };
+    let lp = log_softmax(logits, effective_t);
+    let token = if temperature > 0.0 {
+        let candidates = nucleus(&lp, top_p);
+        sample_from(&lp, &candidates, draw())
+    } else {
+        argmax(logits)
+    };
+    let top = top_k(&lp, top_n)
+        .into_iter()
+        .map(|id| (id, lp[id as usize]))
+        .collect();
+    Pick {
+        token,
+        logprob: lp[token as usize],
+        top,
+    }
 }
 
 /// Index of the largest value, lowest index on ties.
@@ -363,6 +418,31 @@ mod tests {
             match (fast.tail_logmass, slow.tail_logmass) {
                 (Some(a), Some(b)) => assert!(close(a, b, 1e-9), "{a} vs {b}"),
                 (a, b) => assert_eq!(a, b),
+            }
+        }
+    }
+
+    #[test]
+    fn nucleus_widening_equals_the_whole_order_cut() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (n, spread) in [(50usize, 1.0f32), (5000, 0.1), (5000, 3.0), (5000, 30.0)] {
+            let logits: Vec<f32> = (0..n)
+                .map(|_| (rng.gen::<f32>() * spread).round() / 4.0)
+                .collect();
+            let lp = log_softmax(&logits, 1.0);
+            for top_p in [0.0, 0.3, 0.9, 0.999, 0.999_999_9] {
+                // The nucleus as a prefix of the whole vocabulary's order.
+                let order = top_k(&lp, n);
+                let mut mass = 0.0;
+                let cut = order
+                    .iter()
+                    .position(|&id| {
+                        mass += lp[id as usize].exp();
+                        mass >= top_p
+                    })
+                    .map_or(n, |at| at + 1);
+                assert_eq!(nucleus(&lp, top_p), order[..cut], "{n} {spread} {top_p}");
             }
         }
     }
