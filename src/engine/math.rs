@@ -5,13 +5,37 @@
 
 /// `log_softmax(logits / temperature)` over the whole vocabulary.
 pub fn log_softmax(logits: &[f32], temperature: f64) -> Vec<f64> {
+    softmax(logits, temperature, false).logprobs
+}
+
+/// [`log_softmax`] and what it is computed from: `exps[i] = exp(x_i / T - max)` (kept only when
+/// asked for) and their sum, so `logprobs[i] = x_i / T - (max + ln sum)`.
+struct Softmax {
+    logprobs: Vec<f64>,
+    exps: Vec<f64>,
+    sum: f64,
+}
+
+fn softmax(logits: &[f32], temperature: f64, keep_exps: bool) -> Softmax {
     let inv_t = 1.0 / temperature;
     let max = logits
         .iter()
         .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64 * inv_t));
-    let sum: f64 = logits.iter().map(|&x| (x as f64 * inv_t - max).exp()).sum();
+    let exp = |&x: &f32| (x as f64 * inv_t - max).exp();
+    // The same terms summed in the same order either way.
+    let (exps, sum): (Vec<f64>, f64) = if keep_exps {
+        let exps: Vec<f64> = logits.iter().map(exp).collect();
+        let sum = exps.iter().sum();
+        (exps, sum)
+    } else {
+        (Vec::new(), logits.iter().map(exp).sum())
+    };
     let lse = max + sum.ln();
-    logits.iter().map(|&x| x as f64 * inv_t - lse).collect()
+    Softmax {
+        logprobs: logits.iter().map(|&x| x as f64 * inv_t - lse).collect(),
+        exps,
+        sum,
+    }
 }
 
 /// [`nucleus`] first looks for the nucleus among this many most likely tokens.
@@ -264,14 +288,18 @@ pub fn pick(
     draw: impl FnOnce() -> f64,
 ) -> Pick {
     let effective_t = if temperature > 0.0 { temperature } else { 1.0 };
-    let lp = log_softmax(logits, effective_t);
-    let token = if temperature > 0.0 {
-        let candidates = nucleus(&lp, top_p);
-        sample_from(&lp, &candidates, draw())
-    } else {
+    // Sampling from the whole vocabulary draws in proportion to the exponentials.
+    let dist = softmax(logits, effective_t, temperature > 0.0 && top_p >= 1.0);
+    let lp = &dist.logprobs;
+    let token = if temperature <= 0.0 {
         argmax(logits)
+    } else if top_p >= 1.0 {
+        sample_weights(&dist.exps, dist.sum, draw())
+    } else {
+        let candidates = nucleus(lp, top_p);
+        sample_from(lp, &candidates, draw())
     };
-    let top = top_k(&lp, top_n)
+    let top = top_k(lp, top_n)
         .into_iter()
         .map(|id| (id, lp[id as usize]))
         .collect();
@@ -280,6 +308,21 @@ pub fn pick(
         logprob: lp[token as usize],
         top,
     }
+}
+
+/// The first index at which the running sum of `weights` (summing to `total`) passes
+/// `u * total`, for a uniform `u` in [0, 1); never an index of weight 0.
+fn sample_weights(weights: &[f64], total: f64, u: f64) -> u32 {
+    let target = u * total;
+    let mut acc = 0.0;
+    for (i, w) in weights.iter().enumerate() {
+        acc += w;
+        if acc > target && *w > 0.0 {
+            return i as u32;
+        }
+    }
+    // `u * total` rounded up to the whole sum: the last token that can be drawn.
+    weights.iter().rposition(|w| *w > 0.0).unwrap_or(0) as u32
 }
 
 /// Index of the largest value, lowest index on ties.
@@ -445,6 +488,38 @@ mod tests {
                 assert_eq!(nucleus(&lp, top_p), order[..cut], "{n} {spread} {top_p}");
             }
         }
+    }
+
+    #[test]
+    fn sampling_the_whole_vocabulary_follows_the_probabilities() {
+        // Probabilities 0.1, 0, 0.2, 0.3, 0.4 at T = 1, and 0.2 / 0.8 of the two at T = 0.5.
+        let logits = [
+            0.1f32.ln(),
+            f32::NEG_INFINITY,
+            0.2f32.ln(),
+            0.3f32.ln(),
+            0.4f32.ln(),
+        ];
+        let n = 1000;
+        let mut counts = [0usize; 5];
+        for i in 0..n {
+            let u = (i as f64 + 0.5) / n as f64;
+            let p = pick(&logits, 1.0, 1.0, 2, || u);
+            assert_eq!(p.logprob, log_softmax(&logits, 1.0)[p.token as usize]);
+            assert_eq!(p.top, vec![(4, p.top[0].1), (3, p.top[1].1)]);
+            counts[p.token as usize] += 1;
+        }
+        assert_eq!(counts, [100, 0, 200, 300, 400]);
+        // The draw at the very top never lands on a token of probability 0.
+        assert_eq!(sample_weights(&[0.5, 0.5, 0.0], 1.0, 1.0), 1);
+        let two = [0.0f32, 2.0f32.ln()];
+        let at = |u: f64| pick(&two, 0.5, 1.0, 0, || u).token;
+        assert_eq!((at(0.19), at(0.21)), (0, 1));
+        // Greedy takes the argmax without drawing.
+        let greedy = pick(&logits, 0.0, 1.0, 0, || {
+            unreachable!("no draw under greedy")
+        });
+        assert_eq!(greedy.token, 4);
     }
 
     #[test]
