@@ -222,32 +222,65 @@ pub fn nucleus(logprobs: &[f64], top_p: f64) -> Vec<u32> {
     if top_p >= 1.0 {
         return (0..logprobs.len() as u32).collect();
     }
-    // The nucleus is a prefix of the order of the whole vocabulary, and `top_k` gives the first
-    // `k` of that order: widen `k` until the mass is reached instead of sorting everything (a
-    // peaked distribution's nucleus is a handful of tokens).
-    let mut k = NUCLEUS_FIRST_K.min(logprobs.len());
-    loop {
-        let order = top_k(logprobs, k);
+    // The nucleus is a prefix of the order of the whole vocabulary. Every attempt below sorts
+    // a set that holds all tokens above some value (so its order is a prefix of the whole
+    // order) and cuts it where the mass is reached; a peaked distribution's nucleus is a
+    // handful of tokens, so the whole vocabulary is sorted only as the last resort.
+    let cut = |order: &[u32]| {
         let mut mass = 0.0;
-        for (n, &id) in order.iter().enumerate() {
+        order.iter().position(|&id| {
             mass += logprobs[id as usize].exp();
-            if mass >= top_p {
-                return order[..=n].to_vec();
+            mass >= top_p
+        })
+    };
+    let first = top_k(logprobs, NUCLEUS_FIRST_K);
+    if let Some(at) = cut(&first) {
+        return first[..=at].to_vec();
+    }
+    if let Some(top) = first.first().map(|&id| logprobs[id as usize]) {
+        if let Some(within) = nucleus_by_value(logprobs, top, top_p) {
+            if let Some(at) = cut(&within) {
+                return within[..=at].to_vec();
             }
         }
-        if k == logprobs.len() {
-            return order;
-        }
-        // None of the rest is likelier than the last one here, so at least `need` tokens make
-        // the nucleus; look among twice that (at least twice as many as now), or among all
-        // once that passes half of them.
-        let last = logprobs[order[k - 1] as usize].exp();
-        let need = k as f64 + (top_p - mass) / last;
-        k = (2.0 * need).max(2.0 * k as f64).min(logprobs.len() as f64) as usize;
-        if 2 * k > logprobs.len() {
-            k = logprobs.len();
-        }
     }
+    let all = top_k(logprobs, logprobs.len());
+    let at = cut(&all).unwrap_or(all.len().saturating_sub(1));
+    all[..(at + 1).min(all.len())].to_vec()
+}
+
+/// Width (nats below the most likely token) of [`nucleus_by_value`]'s bands.
+const NUCLEUS_BAND: f64 = 0.25;
+/// Bands; everything further below the most likely token shares the last one.
+const NUCLEUS_BANDS: usize = 128;
+
+/// The tokens of the bands of logprob just below `top` (the largest) that hold `top_p` of the
+/// mass, sorted like [`top_k`]; `None` when that needs the last band, or on a NaN. A band is
+/// all the tokens within a range of values, so the set is all tokens above a value.
+fn nucleus_by_value(logprobs: &[f64], top: f64, top_p: f64) -> Option<Vec<u32>> {
+    let band = |lp: f64| (((top - lp) / NUCLEUS_BAND) as usize).min(NUCLEUS_BANDS - 1);
+    let mut mass = [0f64; NUCLEUS_BANDS];
+    for &lp in logprobs {
+        if lp.is_nan() {
+            return None;
+        }
+        mass[band(lp)] += lp.exp();
+    }
+    let mut total = 0.0;
+    // A margin over `top_p`: these sums run in another order than the final cut's.
+    let last = mass[..NUCLEUS_BANDS - 1].iter().position(|m| {
+        total += m;
+        total >= top_p + 1e-9
+    })?;
+    let mut within: Vec<u32> = (0..logprobs.len() as u32)
+        .filter(|&i| band(logprobs[i as usize]) <= last)
+        .collect();
+    within.sort_unstable_by(|a, b| {
+        logprobs[*b as usize]
+            .total_cmp(&logprobs[*a as usize])
+            .then(a.cmp(b))
+    });
+    Some(within)
 }
 
 /// Sample one token from `logprobs` restricted to `candidates`, with a uniform draw `u` in [0,1).
@@ -466,7 +499,7 @@ mod tests {
     }
 
     #[test]
-    fn nucleus_widening_equals_the_whole_order_cut() {
+    fn nucleus_equals_the_cut_of_the_whole_order() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for (n, spread) in [(50usize, 1.0f32), (5000, 0.1), (5000, 3.0), (5000, 30.0)] {
@@ -488,6 +521,9 @@ mod tests {
                 assert_eq!(nucleus(&lp, top_p), order[..cut], "{n} {spread} {top_p}");
             }
         }
+        // A NaN (a broken model's logits) never reaches the mass: the whole order, as before.
+        let lp = [-1.0, f64::NAN, -0.5, -2.0];
+        assert_eq!(nucleus(&lp, 0.5), top_k(&lp, 4));
     }
 
     #[test]
