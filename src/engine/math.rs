@@ -51,11 +51,7 @@ pub fn top_k(logprobs: &[f64], k: usize) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
-    let cmp = |a: &u32, b: &u32| {
-        logprobs[*b as usize]
-            .total_cmp(&logprobs[*a as usize])
-            .then(a.cmp(b))
-    };
+    let cmp = likelier_first(logprobs);
     if k <= SMALL_K && k < logprobs.len() {
         // One pass keeping the best `k` so far, sorted: most entries lose to the bar at once.
         let mut best: Vec<u32> = Vec::with_capacity(k + 1);
@@ -76,6 +72,15 @@ pub fn top_k(logprobs: &[f64], k: usize) -> Vec<u32> {
     }
     idx.sort_unstable_by(cmp);
     idx
+}
+
+/// The order of [`top_k`] over indices of `logprobs`: larger values first, ties by lower index.
+fn likelier_first(logprobs: &[f64]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy + '_ {
+    |a, b| {
+        logprobs[*b as usize]
+            .total_cmp(&logprobs[*a as usize])
+            .then(a.cmp(b))
+    }
 }
 
 /// 1-based rank of `token`: one plus the number of tokens strictly more likely.
@@ -226,27 +231,31 @@ pub fn nucleus(logprobs: &[f64], top_p: f64) -> Vec<u32> {
     // a set that holds all tokens above some value (so its order is a prefix of the whole
     // order) and cuts it where the mass is reached; a peaked distribution's nucleus is a
     // handful of tokens, so the whole vocabulary is sorted only as the last resort.
-    let cut = |order: &[u32]| {
-        let mut mass = 0.0;
-        order.iter().position(|&id| {
-            mass += logprobs[id as usize].exp();
-            mass >= top_p
-        })
+    let mut first = top_k(logprobs, NUCLEUS_FIRST_K);
+    let Some(&top) = first.first() else {
+        return first;
     };
-    let first = top_k(logprobs, NUCLEUS_FIRST_K);
-    if let Some(at) = cut(&first) {
-        return first[..=at].to_vec();
+    if let Some(n) = reaching(logprobs, &first, top_p) {
+        first.truncate(n);
+        return first;
     }
-    if let Some(top) = first.first().map(|&id| logprobs[id as usize]) {
-        if let Some(within) = nucleus_by_value(logprobs, top, top_p) {
-            if let Some(at) = cut(&within) {
-                return within[..=at].to_vec();
-            }
-        }
+    if let Some(within) = nucleus_by_value(logprobs, logprobs[top as usize], top_p) {
+        return within;
     }
-    let all = top_k(logprobs, logprobs.len());
-    let at = cut(&all).unwrap_or(all.len().saturating_sub(1));
-    all[..(at + 1).min(all.len())].to_vec()
+    // All of the order when rounding keeps its mass short of `top_p`.
+    let mut all = top_k(logprobs, logprobs.len());
+    all.truncate(reaching(logprobs, &all, top_p).unwrap_or(all.len()));
+    all
+}
+
+/// How many tokens from the front of `order` first reach `top_p` of the mass, if they do.
+fn reaching(logprobs: &[f64], order: &[u32], top_p: f64) -> Option<usize> {
+    let mut mass = 0.0;
+    let at = order.iter().position(|&id| {
+        mass += logprobs[id as usize].exp();
+        mass >= top_p
+    })?;
+    Some(at + 1)
 }
 
 /// Width (nats below the most likely token) of [`nucleus_by_value`]'s bands.
@@ -254,9 +263,11 @@ const NUCLEUS_BAND: f64 = 0.25;
 /// Bands; everything further below the most likely token shares the last one.
 const NUCLEUS_BANDS: usize = 128;
 
-/// The tokens of the bands of logprob just below `top` (the largest) that hold `top_p` of the
-/// mass, sorted like [`top_k`]; `None` when that needs the last band, or on a NaN. A band is
-/// all the tokens within a range of values, so the set is all tokens above a value.
+/// The nucleus found among the bands of logprob just below `top` (the largest) that hold
+/// `top_p` of the mass: those tokens sorted like [`top_k`], then cut. A band is all the tokens
+/// within a range of values, so the set is all tokens above a value and its order a prefix of
+/// the whole order. `None` when the mass needs the last band, on a NaN, or when rounding keeps
+/// the sorted set's mass short.
 fn nucleus_by_value(logprobs: &[f64], top: f64, top_p: f64) -> Option<Vec<u32>> {
     let band = |lp: f64| (((top - lp) / NUCLEUS_BAND) as usize).min(NUCLEUS_BANDS - 1);
     let mut mass = [0f64; NUCLEUS_BANDS];
@@ -275,11 +286,8 @@ fn nucleus_by_value(logprobs: &[f64], top: f64, top_p: f64) -> Option<Vec<u32>> 
     let mut within: Vec<u32> = (0..logprobs.len() as u32)
         .filter(|&i| band(logprobs[i as usize]) <= last)
         .collect();
-    within.sort_unstable_by(|a, b| {
-        logprobs[*b as usize]
-            .total_cmp(&logprobs[*a as usize])
-            .then(a.cmp(b))
-    });
+    within.sort_unstable_by(likelier_first(logprobs));
+    within.truncate(reaching(logprobs, &within, top_p)?);
     Some(within)
 }
 
@@ -290,16 +298,7 @@ pub fn sample_from(logprobs: &[f64], candidates: &[u32], u: f64) -> u32 {
         .iter()
         .map(|&i| logprobs[i as usize].exp())
         .collect();
-    let total: f64 = probs.iter().sum();
-    let mut acc = 0.0;
-    let target = u * total;
-    for (&i, p) in candidates.iter().zip(&probs) {
-        acc += p;
-        if acc > target {
-            return i;
-        }
-    }
-    *candidates.last().expect("non-empty candidates")
+    candidates[sample_weights(&probs, probs.iter().sum(), u) as usize]
 }
 
 /// One generation step's choice: the token, its logprob and the `top_n` most likely tokens with
@@ -320,13 +319,14 @@ pub fn pick(
     top_n: usize,
     draw: impl FnOnce() -> f64,
 ) -> Pick {
-    let effective_t = if temperature > 0.0 { temperature } else { 1.0 };
+    let greedy = temperature <= 0.0;
     // Sampling from the whole vocabulary draws in proportion to the exponentials.
-    let dist = softmax(logits, effective_t, temperature > 0.0 && top_p >= 1.0);
+    let whole = !greedy && top_p >= 1.0;
+    let dist = softmax(logits, if greedy { 1.0 } else { temperature }, whole);
     let lp = &dist.logprobs;
-    let token = if temperature <= 0.0 {
+    let token = if greedy {
         argmax(logits)
-    } else if top_p >= 1.0 {
+    } else if whole {
         sample_weights(&dist.exps, dist.sum, draw())
     } else {
         let candidates = nucleus(lp, top_p);
@@ -344,13 +344,14 @@ pub fn pick(
 }
 
 /// The first index at which the running sum of `weights` (summing to `total`) passes
-/// `u * total`, for a uniform `u` in [0, 1); never an index of weight 0.
+/// `u * total`, for a uniform `u` in [0, 1); never an index of weight 0 (the sum only passes
+/// the target by adding a weight).
 fn sample_weights(weights: &[f64], total: f64, u: f64) -> u32 {
     let target = u * total;
     let mut acc = 0.0;
     for (i, w) in weights.iter().enumerate() {
         acc += w;
-        if acc > target && *w > 0.0 {
+        if acc > target {
             return i as u32;
         }
     }
@@ -537,12 +538,13 @@ mod tests {
             0.4f32.ln(),
         ];
         let n = 1000;
+        let lp = log_softmax(&logits, 1.0);
         let mut counts = [0usize; 5];
         for i in 0..n {
             let u = (i as f64 + 0.5) / n as f64;
             let p = pick(&logits, 1.0, 1.0, 2, || u);
-            assert_eq!(p.logprob, log_softmax(&logits, 1.0)[p.token as usize]);
-            assert_eq!(p.top, vec![(4, p.top[0].1), (3, p.top[1].1)]);
+            assert_eq!(p.logprob, lp[p.token as usize]);
+            assert_eq!(p.top, vec![(4, lp[4]), (3, lp[3])]);
             counts[p.token as usize] += 1;
         }
         assert_eq!(counts, [100, 0, 200, 300, 400]);
