@@ -497,32 +497,32 @@ fn attend(q: &[f32], keys: &[f32], values: &[f32], offset: usize, kv_dim: usize,
         *s = (*s - max).exp();
         sum += *s;
     }
-    // Each output element sums `p * v` over the positions in order. Blocks of `BLOCK` elements
-    // keep their sums in registers across the positions (a slice of sums would go through
-    // memory at every position).
+    for s in &mut scores {
+        *s /= sum;
+    }
+    // Each output element sums `p * v` over the positions in order. A whole block of `BLOCK`
+    // elements keeps its sums in registers across the positions (a slice of sums would go
+    // through memory at every position); a shorter last block sums the same way in place.
     const BLOCK: usize = 32;
-    let value = |t: usize, at: usize, n: usize| {
-        let from = t * kv_dim + offset + at;
-        &values[from..from + n]
-    };
     for (b, out) in out.chunks_mut(BLOCK).enumerate() {
-        let at = b * BLOCK;
+        let n = out.len();
+        let rows = scores.iter().enumerate().map(|(t, p)| {
+            let from = t * kv_dim + offset + b * BLOCK;
+            (p, &values[from..from + n])
+        });
         if let Ok(out) = <&mut [f32; BLOCK]>::try_from(&mut *out) {
             let mut acc = [0f32; BLOCK];
-            for (t, p) in scores.iter().enumerate() {
-                let p = p / sum;
-                let v: &[f32; BLOCK] = value(t, at, BLOCK).try_into().expect("a whole block");
+            for (p, v) in rows {
+                let v: &[f32; BLOCK] = v.try_into().expect("a whole block");
                 for i in 0..BLOCK {
                     acc[i] += p * v[i];
                 }
             }
             *out = acc;
         } else {
-            let n = out.len();
             out.fill(0.0);
-            for (t, p) in scores.iter().enumerate() {
-                let p = p / sum;
-                for (o, v) in out.iter_mut().zip(value(t, at, n)) {
+            for (p, v) in rows {
+                for (o, v) in out.iter_mut().zip(v) {
                     *o += p * v;
                 }
             }
