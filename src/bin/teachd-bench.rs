@@ -6,10 +6,10 @@
 //! median of `--runs`), peak memory of one teacher-forcing pass at 512 / 2048 / 8192 tokens,
 //! generation (time to first token, single-stream decode, and aggregate decode with 1 / 4 / 8
 //! concurrent clients, while all of them decode and end to end; median of `--runs`), the
-//! latency of short calls while long generations run against the same calls on an idle engine, batch invariance (a generation alone vs beside others, and
-//! generation logprobs vs teacher forcing of the same tokens), and what teachd's own per-step
-//! work costs in a decode step. Run it with nothing else busy: on 2 cores, thread pools
-//! collapse under contention.
+//! latency of short calls while long generations run against the same calls on an idle
+//! engine, batch invariance (a generation alone vs beside others, and generation logprobs vs
+//! teacher forcing of the same tokens), and what teachd's own per-step work costs in a decode
+//! step. Run it with nothing else busy: on 2 cores, thread pools collapse under contention.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
