@@ -1,40 +1,71 @@
 //! Logprob math over one position's full-vocabulary logits. Pure functions, natural logs.
 //!
 //! Everything is accumulated in f64 so that a 49k-entry softmax loses nothing measurable; the
-//! results are reported as f32-precision numbers by callers.
+//! results are reported as f32-precision numbers by callers. The full-vocabulary passes (max,
+//! exponentials, sums) run on [`super::simd`]'s vectorised loops.
+
+use super::simd;
+
+/// `f(i, s, exp(s))` with `s = x_i / T - max` for every logit `x_i`, in order. The exponentials
+/// are computed a block at a time on the stack (no per-vocabulary buffer), vectorised.
+fn for_each_exp(logits: &[f32], inv_t: f64, max: f64, mut f: impl FnMut(usize, f64, f64)) {
+    const BLOCK: usize = 512;
+    let (mut shifted, mut exps) = ([0f64; BLOCK], [0f64; BLOCK]);
+    for (b, chunk) in logits.chunks(BLOCK).enumerate() {
+        let n = chunk.len();
+        for (s, &x) in shifted.iter_mut().zip(chunk) {
+            *s = x as f64 * inv_t - max;
+        }
+        exps[..n].copy_from_slice(&shifted[..n]);
+        simd::exp_f64(&mut exps[..n]);
+        for i in 0..n {
+            f(b * BLOCK + i, shifted[i], exps[i]);
+        }
+    }
+}
 
 /// `log_softmax(logits / temperature)` over the whole vocabulary.
 pub fn log_softmax(logits: &[f32], temperature: f64) -> Vec<f64> {
-    softmax(logits, temperature, false).logprobs
+    let mut dist = Softmax::default();
+    softmax(logits, temperature, false, &mut dist);
+    dist.logprobs
 }
 
 /// [`log_softmax`] and what it is computed from: `exps[i] = exp(x_i / T - max)` (kept only when
 /// asked for) and their sum, so `logprobs[i] = x_i / T - (max + ln sum)`.
+#[derive(Default)]
 struct Softmax {
     logprobs: Vec<f64>,
     exps: Vec<f64>,
     sum: f64,
 }
 
-fn softmax(logits: &[f32], temperature: f64, keep_exps: bool) -> Softmax {
+thread_local! {
+    /// Each thread's buffers for [`pick`]: the step functions of every decode step reuse them,
+    /// where two fresh 400 KB buffers per step would fault their pages in anew each time.
+    static PICK_BUFFERS: std::cell::RefCell<Softmax> = std::cell::RefCell::default();
+}
+
+/// Fills `out` (its buffers reused) with the softmax of `logits / temperature`.
+fn softmax(logits: &[f32], temperature: f64, keep_exps: bool, out: &mut Softmax) {
     let inv_t = 1.0 / temperature;
-    let max = logits
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64 * inv_t));
-    let exp = |&x: &f32| (x as f64 * inv_t - max).exp();
-    // The same terms summed in the same order either way.
-    let (exps, sum): (Vec<f64>, f64) = if keep_exps {
-        let exps: Vec<f64> = logits.iter().map(exp).collect();
-        let sum = exps.iter().sum();
-        (exps, sum)
+    // The largest x / T is the largest x over T: dividing by T > 0 keeps the order.
+    let max = simd::max_f32(logits) as f64 * inv_t;
+    let n = logits.len();
+    // Without `keep_exps`, the exponentials go into the buffer that then takes the logprobs.
+    let exps = if keep_exps {
+        &mut out.exps
     } else {
-        (Vec::new(), logits.iter().map(exp).sum())
+        out.exps.clear();
+        &mut out.logprobs
     };
-    let lse = max + sum.ln();
-    Softmax {
-        logprobs: logits.iter().map(|&x| x as f64 * inv_t - lse).collect(),
-        exps,
-        sum,
+    exps.resize(n, 0.0);
+    simd::shifted_exps(logits, inv_t, max, exps);
+    out.sum = simd::sum_f64(exps);
+    let lse = max + out.sum.ln();
+    out.logprobs.resize(n, 0.0);
+    for (lp, &x) in out.logprobs.iter_mut().zip(logits) {
+        *lp = x as f64 * inv_t - lse;
     }
 }
 
@@ -53,15 +84,21 @@ pub fn top_k(logprobs: &[f64], k: usize) -> Vec<u32> {
     }
     let cmp = likelier_first(logprobs);
     if k <= SMALL_K && k < logprobs.len() {
-        // One pass keeping the best `k` so far, sorted: most entries lose to the bar at once.
+        // One pass keeping the best `k` so far, sorted: most entries lose to the bar at once,
+        // a block of them with one vector comparison.
         let mut best: Vec<u32> = Vec::with_capacity(k + 1);
-        for i in 0..logprobs.len() as u32 {
-            if best.len() == k && cmp(&i, &best[k - 1]).is_ge() {
+        for (b, block) in logprobs.chunks(SKIP_BLOCK).enumerate() {
+            if best.len() == k && below(block, logprobs[best[k - 1] as usize]) {
                 continue;
             }
-            let at = best.partition_point(|b| cmp(b, &i).is_lt());
-            best.insert(at, i);
-            best.truncate(k);
+            for i in (b * SKIP_BLOCK) as u32..(b * SKIP_BLOCK + block.len()) as u32 {
+                if best.len() == k && cmp(&i, &best[k - 1]).is_ge() {
+                    continue;
+                }
+                let at = best.partition_point(|b| cmp(b, &i).is_lt());
+                best.insert(at, i);
+                best.truncate(k);
+            }
         }
         return best;
     }
@@ -72,6 +109,16 @@ pub fn top_k(logprobs: &[f64], k: usize) -> Vec<u32> {
     }
     idx.sort_unstable_by(cmp);
     idx
+}
+
+/// Values a one-pass top-k checks at once against its bar.
+const SKIP_BLOCK: usize = 16;
+
+/// Whether every value is strictly below `bar` (false if any is NaN): then none of them can
+/// enter a top-k whose last member, of a lower index, holds `bar`, in the order of
+/// [`likelier_first`] (or by logit: the same order). One branch-free pass, which vectorises.
+fn below<T: PartialOrd + Copy>(block: &[T], bar: T) -> bool {
+    block.iter().fold(true, |all, &v| all & (v < bar))
 }
 
 /// The order of [`top_k`] over indices of `logprobs`: larger values first, ties by lower index.
@@ -147,16 +194,14 @@ pub fn score_position(logits: &[f32], target: u32, k: usize, temperature: f64) -
         return stats_from_logprobs(&log_softmax(logits, temperature), target, k);
     }
     let inv_t = 1.0 / temperature;
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64 * inv_t;
+    let max = simd::max_f32(logits) as f64 * inv_t;
     let target_logit = logits[target as usize];
     let (mut z, mut weighted, mut better) = (0.0f64, 0.0f64, 0u32);
-    for &x in logits {
-        let xs = x as f64 * inv_t - max;
-        let e = xs.exp();
+    for_each_exp(logits, inv_t, max, |i, xs, e| {
         z += e;
         weighted += e * xs;
-        better += u32::from(x > target_logit);
-    }
+        better += u32::from(logits[i] > target_logit);
+    });
     let log_z = z.ln();
     // log p_i = x_i / T - max - log Z; entropy = log Z - E[x/T - max].
     let lp = |x: f32| x as f64 * inv_t - max - log_z;
@@ -169,11 +214,11 @@ pub fn score_position(logits: &[f32], target: u32, k: usize, temperature: f64) -
             in_top[t as usize / 64] |= 1 << (t % 64);
         }
         let mut rest = 0.0f64;
-        for (i, &x) in logits.iter().enumerate() {
+        for_each_exp(logits, inv_t, max, |i, _, e| {
             if in_top[i / 64] & (1 << (i % 64)) == 0 {
-                rest += (x as f64 * inv_t - max).exp();
+                rest += e;
             }
-        }
+        });
         (rest > 0.0).then(|| rest.ln() - log_z)
     };
     PositionStats {
@@ -196,14 +241,19 @@ pub fn top_k_logits(logits: &[f32], k: usize) -> Vec<u32> {
     let better = |a: (f32, u32), b: (f32, u32)| a.0 > b.0 || (a.0 == b.0 && a.1 < b.1);
     // `buf` holds the best k seen so far, sorted descending; `buf[k-1]` is the bar to beat.
     let mut buf: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-    for (i, &x) in logits.iter().enumerate() {
-        let cand = (x, i as u32);
-        if buf.len() == k && !better(cand, buf[k - 1]) {
+    for (b, block) in logits.chunks(SKIP_BLOCK).enumerate() {
+        if buf.len() == k && below(block, buf[k - 1].0) {
             continue;
         }
-        let pos = buf.partition_point(|&b| better(b, cand));
-        buf.insert(pos, cand);
-        buf.truncate(k);
+        for (j, &x) in block.iter().enumerate() {
+            let cand = (x, (b * SKIP_BLOCK + j) as u32);
+            if buf.len() == k && !better(cand, buf[k - 1]) {
+                continue;
+            }
+            let pos = buf.partition_point(|&b| better(b, cand));
+            buf.insert(pos, cand);
+            buf.truncate(k);
+        }
     }
     buf.into_iter().map(|(_, i)| i).collect()
 }
@@ -322,25 +372,27 @@ pub fn pick(
     let greedy = temperature <= 0.0;
     // Sampling from the whole vocabulary draws in proportion to the exponentials.
     let whole = !greedy && top_p >= 1.0;
-    let dist = softmax(logits, if greedy { 1.0 } else { temperature }, whole);
-    let lp = &dist.logprobs;
-    let token = if greedy {
-        argmax(logits)
-    } else if whole {
-        sample_weights(&dist.exps, dist.sum, draw())
-    } else {
-        let candidates = nucleus(lp, top_p);
-        sample_from(lp, &candidates, draw())
-    };
-    let top = top_k(lp, top_n)
-        .into_iter()
-        .map(|id| (id, lp[id as usize]))
-        .collect();
-    Pick {
-        token,
-        logprob: lp[token as usize],
-        top,
-    }
+    PICK_BUFFERS.with_borrow_mut(|dist| {
+        softmax(logits, if greedy { 1.0 } else { temperature }, whole, dist);
+        let lp = &dist.logprobs;
+        let token = if greedy {
+            argmax(logits)
+        } else if whole {
+            sample_weights(&dist.exps, dist.sum, draw())
+        } else {
+            let candidates = nucleus(lp, top_p);
+            sample_from(lp, &candidates, draw())
+        };
+        let top = top_k(lp, top_n)
+            .into_iter()
+            .map(|id| (id, lp[id as usize]))
+            .collect();
+        Pick {
+            token,
+            logprob: lp[token as usize],
+            top,
+        }
+    })
 }
 
 /// The first index at which the running sum of `weights` (summing to `total`) passes

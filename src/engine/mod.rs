@@ -7,6 +7,7 @@ mod judge;
 mod load;
 pub mod math;
 mod native;
+mod simd;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

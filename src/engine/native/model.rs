@@ -20,6 +20,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::kernel;
+use crate::engine::simd;
 
 /// Query rows per prefill attention chunk: bounds the scores buffer to
 /// `heads * PREFILL_CHUNK * len` floats (9 x 256 x 8192 x 4 B = 75 MiB for the default model at
@@ -388,9 +389,14 @@ impl Model {
             act.par_chunks_mut(ffn)
                 .zip(gate_up.par_chunks_exact(2 * ffn))
                 .for_each(|(act, row)| {
+                    // silu(g) * u = g / (1 + exp(-g)) * u.
                     let (gate, up) = row.split_at(ffn);
+                    for (a, g) in act.iter_mut().zip(gate) {
+                        *a = -g;
+                    }
+                    simd::exp_f32(act);
                     for ((a, g), u) in act.iter_mut().zip(gate).zip(up) {
-                        *a = g / (1.0 + (-g).exp()) * u;
+                        *a = g / (1.0 + *a) * u;
                     }
                 });
             add(
@@ -492,11 +498,11 @@ fn attend(q: &[f32], keys: &[f32], values: &[f32], offset: usize, kv_dim: usize,
         .map(|t| dot(q, &keys[t * kv_dim + offset..t * kv_dim + offset + d]) * scale)
         .collect();
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
     for s in &mut scores {
-        *s = (*s - max).exp();
-        sum += *s;
+        *s -= max;
     }
+    simd::exp_f32(&mut scores);
+    let sum = scores.iter().fold(0f32, |sum, e| sum + e);
     for s in &mut scores {
         *s /= sum;
     }
@@ -584,7 +590,8 @@ mod tests {
             .map(|t| dot(&q, &keys[t * kv_dim + 72..t * kv_dim + 72 + d]) * scale)
             .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+        let mut exps: Vec<f32> = scores.iter().map(|s| s - max).collect();
+        simd::exp_f32(&mut exps);
         let sum = exps.iter().fold(0f32, |a, e| a + e);
         let mut want = vec![0f32; d];
         for (t, e) in exps.iter().enumerate() {
