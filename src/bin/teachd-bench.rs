@@ -5,7 +5,8 @@
 //! Measures, in-process (no HTTP): teacher forcing (scored tokens/s at 128, 512, 2048 tokens,
 //! median of `--runs`), peak memory of one teacher-forcing pass at 512 / 2048 / 8192 tokens,
 //! generation (time to first token, single-stream decode, and aggregate decode with 1 / 4 / 8
-//! concurrent clients, while all of them decode and end to end; median of `--runs`), the
+//! concurrent clients, while all of them decode and end to end; `--runs` rounds of every client
+//! count back to back, each ratio the median of the rounds' ratios), the
 //! latency of short calls while long generations run against the same calls on an idle
 //! engine, batch invariance (a generation alone vs beside others, and generation logprobs vs
 //! teacher forcing of the same tokens), and what teachd's own per-step work costs in a decode
@@ -313,24 +314,41 @@ async fn main() -> anyhow::Result<()> {
             ("equal-length prompts", 0usize),
             ("prompts of different lengths", 3),
         ] {
-            let mut base = None;
-            for &clients in &args.clients {
-                // The median of `runs` runs: one run on a shared machine varies by tens of %.
-                let (mut rates, mut decodes) = (Vec::new(), Vec::new());
-                for _ in 0..args.runs {
+            // `runs` rounds, each running every client count once, back to back: a ratio
+            // compares runs a few seconds apart (this machine's speed drifts by tens of % over
+            // minutes), and the table gives the median of the rounds' ratios.
+            let counts = &args.clients;
+            let mut runs = vec![Vec::new(); counts.len()];
+            for _ in 0..args.runs {
+                for (i, &clients) in counts.iter().enumerate() {
                     let (rate, decode) =
                         concurrent_decode(&teacher, &all_ids, clients, spread, args.gen_tokens)
                             .await?;
-                    rates.push(rate);
-                    decodes.push(decode);
+                    runs[i].push((rate, decode));
                 }
-                let (rate, decode) = (median(rates), median(decodes));
-                let (base_rate, base_decode) = *base.get_or_insert((rate, decode));
+            }
+            for (i, &clients) in counts.iter().enumerate() {
+                let of = |f: fn(&(f64, f64)) -> f64| median(runs[i].iter().map(f).collect());
+                let ratios = |f: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+                    runs[i]
+                        .iter()
+                        .zip(&runs[0])
+                        .map(|(r, b)| f(r) / f(b))
+                        .collect()
+                };
+                let decode = ratios(|r| r.1);
+                let each: Vec<String> = decode.iter().map(|r| format!("{r:.2}x")).collect();
                 println!(
-                    "| decode, {clients} concurrent clients x {} tokens, {kind} | {decode:.1} tok/s aggregate decode while all decode ({:.2}x one client); end to end with the prompts {rate:.1} tok/s ({:.2}x); median of {} runs |",
+                    "| decode, {clients} concurrent client{} x {} tokens, {kind} | {:.1} tok/s aggregate decode while all decode ({:.2}x {} client{}; rounds {}); end to end with the prompts {:.1} tok/s ({:.2}x); medians of {} rounds |",
+                    if clients == 1 { "" } else { "s" },
                     args.gen_tokens,
-                    decode / base_decode,
-                    rate / base_rate,
+                    of(|r| r.1),
+                    median(decode.clone()),
+                    counts[0],
+                    if counts[0] == 1 { "" } else { "s" },
+                    each.join(" / "),
+                    of(|r| r.0),
+                    median(ratios(|r| r.0)),
                     args.runs
                 );
             }
