@@ -21,8 +21,29 @@ pub enum Path {
     Portable,
 }
 
-/// The widest path this CPU has.
+/// The widest path this CPU has, or a narrower one named by the environment variable
+/// `TEACHD_SIMD` (`avx2` or `portable`: to measure another path on one machine; every path gives
+/// the same bits). Decided once per process.
 pub fn path() -> Path {
+    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| {
+        chosen(
+            widest_detected(),
+            std::env::var("TEACHD_SIMD").ok().as_deref(),
+        )
+    })
+}
+
+/// The path `requested` names if the CPU has it (`widest` is its widest), else `widest`.
+fn chosen(widest: Path, requested: Option<&str>) -> Path {
+    match requested {
+        Some("portable") => Path::Portable,
+        Some("avx2") if widest == Path::Avx512 => Path::Avx2,
+        _ => widest,
+    }
+}
+
+fn widest_detected() -> Path {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -302,6 +323,22 @@ mod tests {
         exp_f32(&mut special);
         assert!(special[0].is_nan());
         assert_eq!(special[1..], [0.0, f32::INFINITY, 1.0]);
+    }
+
+    #[test]
+    fn a_requested_path_is_taken_only_where_the_cpu_has_it() {
+        use Path::*;
+        for (widest, requested, want) in [
+            (Avx512, Some("avx2"), Avx2),
+            (Avx512, Some("portable"), Portable),
+            (Avx512, None, Avx512),
+            (Avx2, Some("avx2"), Avx2),
+            (Avx2, Some("avx512"), Avx2),
+            (Portable, Some("avx2"), Portable),
+            (Avx2, Some("fast"), Avx2),
+        ] {
+            assert_eq!(chosen(widest, requested), want, "{widest:?} {requested:?}");
+        }
     }
 
     #[test]
