@@ -34,7 +34,8 @@ pub fn path() -> Path {
     })
 }
 
-/// The path `requested` names if the CPU has it (`widest` is its widest), else `widest`.
+/// The path `requested` names if the CPU has it (`widest` is its widest), else `widest`. (Every
+/// x86-64 CPU with AVX-512F also has AVX2 and FMA.)
 fn chosen(widest: Path, requested: Option<&str>) -> Path {
     match requested {
         Some("portable") => Path::Portable,
@@ -60,17 +61,9 @@ fn widest_detected() -> Path {
 /// The paths this CPU can run, the portable one first (for tests that compare them).
 #[cfg(test)]
 pub fn paths() -> Vec<Path> {
-    let mut paths = vec![Path::Portable];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            paths.push(Path::Avx512);
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            paths.push(Path::Avx2);
-        }
-    }
+    let widest = widest_detected();
+    let mut paths = vec![Path::Portable, chosen(widest, Some("avx2")), widest];
+    paths.dedup();
     paths
 }
 
