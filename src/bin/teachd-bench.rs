@@ -585,19 +585,24 @@ async fn main() -> anyhow::Result<()> {
             .map(|i| -2.0 * ((1 + (i * 7919) % vocab) as f32).ln())
             .collect();
         let n = 200;
-        for (shape, logits, top_p) in [
-            ("flat", &flat, 1.0),
-            ("flat", &flat, 0.9),
-            ("peaked", &peaked, 0.9),
+        for (shape, logits, temperature, top_p) in [
+            ("flat", &flat, 0.0, 1.0),
+            ("flat", &flat, 1.0, 1.0),
+            ("flat", &flat, 1.0, 0.9),
+            ("peaked", &peaked, 1.0, 0.9),
         ] {
             let start = Instant::now();
             for i in 0..n {
                 let u = (i as f64 + 0.5) / n as f64;
-                std::hint::black_box(math::pick(logits, 1.0, top_p, 5, || u));
+                std::hint::black_box(math::pick(logits, temperature, top_p, 5, || u));
             }
+            let how = if temperature == 0.0 {
+                "greedy".to_string()
+            } else {
+                format!("T = {temperature}, top_p = {top_p}")
+            };
             println!(
-                "| teachd's per-step work (vocab {vocab}, {shape} logits, T = 1, top_p = {top_p}, \
-                 top-5) | {:.2} ms |",
+                "| teachd's per-step work (vocab {vocab}, {shape} logits, {how}, top-5) | {:.2} ms |",
                 start.elapsed().as_secs_f64() * 1000.0 / n as f64
             );
         }

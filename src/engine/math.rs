@@ -411,15 +411,11 @@ fn sample_weights(weights: &[f64], total: f64, u: f64) -> u32 {
     weights.iter().rposition(|w| *w > 0.0).unwrap_or(0) as u32
 }
 
-/// Index of the largest value, lowest index on ties.
+/// Index of the largest value, lowest index on ties; NaN is never the largest (0 when every
+/// value is NaN). The vectorised max, then the first place that holds it.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    let max = simd::max_f32(logits);
+    logits.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -620,5 +616,8 @@ mod tests {
         assert_eq!(sample_from(&lp, &n, 0.0), 0);
         assert_eq!(sample_from(&lp, &n, 0.999), 1);
         assert_eq!(argmax(&[0.0, 3.0, 3.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, -1.0, 2.0, f32::NAN, 2.0]), 2);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 }
