@@ -102,13 +102,31 @@ pub fn top_k(logprobs: &[f64], k: usize) -> Vec<u32> {
         }
         return best;
     }
-    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, cmp);
-        idx.truncate(k);
+    likeliest(logprobs, 0..logprobs.len() as u32, k)
+}
+
+/// The `k` first of `ids` in [`likelier_first`]'s order (all of them when `k` is larger),
+/// sorted: by a key computed once per id, so a comparison reads no logprob.
+fn likeliest(logprobs: &[f64], ids: impl Iterator<Item = u32>, k: usize) -> Vec<u32> {
+    let mut keyed: Vec<(u64, u32)> = ids.map(|i| (descending(logprobs[i as usize]), i)).collect();
+    if k == 0 {
+        return Vec::new();
     }
-    idx.sort_unstable_by(cmp);
-    idx
+    if k < keyed.len() {
+        keyed.select_nth_unstable(k - 1);
+        keyed.truncate(k);
+    }
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, i)| i).collect()
+}
+
+/// A key whose ascending order is the descending order of `f64::total_cmp` (NaN with the sign
+/// bit clear above +inf, as there).
+fn descending(x: f64) -> u64 {
+    let b = x.to_bits();
+    // `total_cmp`'s ascending key: negative values' bits reversed, positive ones' above them.
+    let ascending = if b >> 63 == 1 { !b } else { b | 1 << 63 };
+    !ascending
 }
 
 /// Values a one-pass top-k checks at once against its bar.
@@ -321,22 +339,29 @@ const NUCLEUS_BANDS: usize = 128;
 fn nucleus_by_value(logprobs: &[f64], top: f64, top_p: f64) -> Option<Vec<u32>> {
     let band = |lp: f64| (((top - lp) / NUCLEUS_BAND) as usize).min(NUCLEUS_BANDS - 1);
     let mut mass = [0f64; NUCLEUS_BANDS];
-    for &lp in logprobs {
-        if lp.is_nan() {
+    // The probabilities a block at a time through the vector exponential (the bands only need
+    // to hold the mass, within the margin below).
+    let mut probs = [0f64; 512];
+    for block in logprobs.chunks(probs.len()) {
+        if block.iter().any(|lp| lp.is_nan()) {
             return None;
         }
-        mass[band(lp)] += lp.exp();
+        let probs = &mut probs[..block.len()];
+        probs.copy_from_slice(block);
+        simd::exp_f64(probs);
+        for (&lp, p) in block.iter().zip(probs.iter()) {
+            mass[band(lp)] += p;
+        }
     }
     let mut total = 0.0;
-    // A margin over `top_p`: these sums run in another order than the final cut's.
+    // A margin over `top_p`: these sums run in another order, and with other exponentials,
+    // than the final cut's.
     let last = mass[..NUCLEUS_BANDS - 1].iter().position(|m| {
         total += m;
         total >= top_p + 1e-9
     })?;
-    let mut within: Vec<u32> = (0..logprobs.len() as u32)
-        .filter(|&i| band(logprobs[i as usize]) <= last)
-        .collect();
-    within.sort_unstable_by(likelier_first(logprobs));
+    let within = (0..logprobs.len() as u32).filter(|&i| band(logprobs[i as usize]) <= last);
+    let mut within = likeliest(logprobs, within, usize::MAX);
     within.truncate(reaching(logprobs, &within, top_p)?);
     Some(within)
 }
@@ -606,6 +631,36 @@ mod tests {
             unreachable!("no draw under greedy")
         });
         assert_eq!(greedy.token, 4);
+    }
+
+    #[test]
+    fn the_sort_key_orders_like_likelier_first() {
+        let values = [
+            f64::NAN,
+            -f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1.5,
+            -1.5,
+            f64::MIN_POSITIVE,
+            -f64::MIN_POSITIVE,
+            f64::MAX,
+            f64::MIN,
+            1.5,
+        ];
+        let mut by_cmp: Vec<u32> = (0..values.len() as u32).collect();
+        by_cmp.sort_by(likelier_first(&values));
+        assert_eq!(
+            likeliest(&values, 0..values.len() as u32, usize::MAX),
+            by_cmp
+        );
+        assert_eq!(likeliest(&values, 0..values.len() as u32, 4), by_cmp[..4]);
+        assert_eq!(
+            likeliest(&values, 0..values.len() as u32, 0),
+            Vec::<u32>::new()
+        );
     }
 
     #[test]
