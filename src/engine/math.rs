@@ -6,20 +6,20 @@
 
 use super::simd;
 
-/// `f(i, s, exp(s))` with `s = x_i / T - max` for every logit `x_i`, in order. The exponentials
-/// are computed a block at a time on the stack (no per-vocabulary buffer), vectorised.
-fn for_each_exp(logits: &[f32], inv_t: f64, max: f64, mut f: impl FnMut(usize, f64, f64)) {
+/// `f(i, s_i, exp(s_i))` with `s_i = arg(values[i])`, in order. The exponentials are computed a
+/// block at a time on the stack (no per-vocabulary buffer), vectorised.
+fn for_each_exp<T: Copy>(values: &[T], arg: impl Fn(T) -> f64, mut f: impl FnMut(usize, f64, f64)) {
     const BLOCK: usize = 512;
-    let (mut shifted, mut exps) = ([0f64; BLOCK], [0f64; BLOCK]);
-    for (b, chunk) in logits.chunks(BLOCK).enumerate() {
+    let (mut args, mut exps) = ([0f64; BLOCK], [0f64; BLOCK]);
+    for (b, chunk) in values.chunks(BLOCK).enumerate() {
         let n = chunk.len();
-        for (s, &x) in shifted.iter_mut().zip(chunk) {
-            *s = x as f64 * inv_t - max;
+        for (a, &v) in args.iter_mut().zip(chunk) {
+            *a = arg(v);
         }
-        exps[..n].copy_from_slice(&shifted[..n]);
+        exps[..n].copy_from_slice(&args[..n]);
         simd::exp_f64(&mut exps[..n]);
         for i in 0..n {
-            f(b * BLOCK + i, shifted[i], exps[i]);
+            f(b * BLOCK + i, args[i], exps[i]);
         }
     }
 }
@@ -82,36 +82,46 @@ pub fn top_k(logprobs: &[f64], k: usize) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
-    let cmp = likelier_first(logprobs);
     if k <= SMALL_K && k < logprobs.len() {
-        // One pass keeping the best `k` so far, sorted: most entries lose to the bar at once,
-        // a block of them with one vector comparison.
-        let mut best: Vec<u32> = Vec::with_capacity(k + 1);
-        for (b, block) in logprobs.chunks(SKIP_BLOCK).enumerate() {
-            if best.len() == k && below(block, logprobs[best[k - 1] as usize]) {
-                continue;
-            }
-            for i in (b * SKIP_BLOCK) as u32..(b * SKIP_BLOCK + block.len()) as u32 {
-                if best.len() == k && cmp(&i, &best[k - 1]).is_ge() {
-                    continue;
-                }
-                let at = best.partition_point(|b| cmp(b, &i).is_lt());
-                best.insert(at, i);
-                best.truncate(k);
-            }
-        }
-        return best;
+        let cmp = likelier_first(logprobs);
+        return one_pass_top_k(logprobs, k, |a, b| cmp(&a, &b).is_lt());
     }
     likeliest(logprobs, 0..logprobs.len() as u32, k)
+}
+
+/// The `k` best indices of `values` (`0 < k <= len`) in the order `beats(a, b)` (a strict order
+/// in which, of two equal values, the lower index comes first), by one pass that keeps the best
+/// so far, sorted: most entries lose to the bar at once, a block of them with one vector
+/// comparison.
+fn one_pass_top_k<T: PartialOrd + Copy>(
+    values: &[T],
+    k: usize,
+    beats: impl Fn(u32, u32) -> bool,
+) -> Vec<u32> {
+    let mut best: Vec<u32> = Vec::with_capacity(k + 1);
+    for (b, block) in values.chunks(SKIP_BLOCK).enumerate() {
+        if best.len() == k && below(block, values[best[k - 1] as usize]) {
+            continue;
+        }
+        for i in (b * SKIP_BLOCK) as u32..(b * SKIP_BLOCK + block.len()) as u32 {
+            if best.len() == k && !beats(i, best[k - 1]) {
+                continue;
+            }
+            let at = best.partition_point(|&b| beats(b, i));
+            best.insert(at, i);
+            best.truncate(k);
+        }
+    }
+    best
 }
 
 /// The `k` first of `ids` in [`likelier_first`]'s order (all of them when `k` is larger),
 /// sorted: by a key computed once per id, so a comparison reads no logprob.
 fn likeliest(logprobs: &[f64], ids: impl Iterator<Item = u32>, k: usize) -> Vec<u32> {
-    let mut keyed: Vec<(u64, u32)> = ids.map(|i| (descending(logprobs[i as usize]), i)).collect();
     if k == 0 {
         return Vec::new();
     }
+    let mut keyed: Vec<(u64, u32)> = ids.map(|i| (descending(logprobs[i as usize]), i)).collect();
     if k < keyed.len() {
         keyed.select_nth_unstable(k - 1);
         keyed.truncate(k);
@@ -133,8 +143,8 @@ fn descending(x: f64) -> u64 {
 const SKIP_BLOCK: usize = 16;
 
 /// Whether every value is strictly below `bar` (false if any is NaN): then none of them can
-/// enter a top-k whose last member, of a lower index, holds `bar`, in the order of
-/// [`likelier_first`] (or by logit: the same order). One branch-free pass, which vectorises.
+/// enter a top-k whose last member, of a lower index, holds `bar`, in [`one_pass_top_k`]'s
+/// orders. One branch-free pass, which vectorises.
 fn below<T: PartialOrd + Copy>(block: &[T], bar: T) -> bool {
     block.iter().fold(true, |all, &v| all & (v < bar))
 }
@@ -215,7 +225,8 @@ pub fn score_position(logits: &[f32], target: u32, k: usize, temperature: f64) -
     let max = simd::max_f32(logits) as f64 * inv_t;
     let target_logit = logits[target as usize];
     let (mut z, mut weighted, mut better) = (0.0f64, 0.0f64, 0u32);
-    for_each_exp(logits, inv_t, max, |i, xs, e| {
+    let shifted = |x: f32| x as f64 * inv_t - max;
+    for_each_exp(logits, shifted, |i, xs, e| {
         z += e;
         weighted += e * xs;
         better += u32::from(logits[i] > target_logit);
@@ -232,7 +243,7 @@ pub fn score_position(logits: &[f32], target: u32, k: usize, temperature: f64) -
             in_top[t as usize / 64] |= 1 << (t % 64);
         }
         let mut rest = 0.0f64;
-        for_each_exp(logits, inv_t, max, |i, _, e| {
+        for_each_exp(logits, shifted, |i, _, e| {
             if in_top[i / 64] & (1 << (i % 64)) == 0 {
                 rest += e;
             }
@@ -256,24 +267,10 @@ pub fn top_k_logits(logits: &[f32], k: usize) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
-    let better = |a: (f32, u32), b: (f32, u32)| a.0 > b.0 || (a.0 == b.0 && a.1 < b.1);
-    // `buf` holds the best k seen so far, sorted descending; `buf[k-1]` is the bar to beat.
-    let mut buf: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-    for (b, block) in logits.chunks(SKIP_BLOCK).enumerate() {
-        if buf.len() == k && below(block, buf[k - 1].0) {
-            continue;
-        }
-        for (j, &x) in block.iter().enumerate() {
-            let cand = (x, (b * SKIP_BLOCK + j) as u32);
-            if buf.len() == k && !better(cand, buf[k - 1]) {
-                continue;
-            }
-            let pos = buf.partition_point(|&b| better(b, cand));
-            buf.insert(pos, cand);
-            buf.truncate(k);
-        }
-    }
-    buf.into_iter().map(|(_, i)| i).collect()
+    one_pass_top_k(logits, k, |a, b| {
+        let (x, y) = (logits[a as usize], logits[b as usize]);
+        x > y || (x == y && a < b)
+    })
 }
 
 pub fn stats_from_logprobs(lp: &[f64], target: u32, k: usize) -> PositionStats {
@@ -339,20 +336,12 @@ const NUCLEUS_BANDS: usize = 128;
 fn nucleus_by_value(logprobs: &[f64], top: f64, top_p: f64) -> Option<Vec<u32>> {
     let band = |lp: f64| (((top - lp) / NUCLEUS_BAND) as usize).min(NUCLEUS_BANDS - 1);
     let mut mass = [0f64; NUCLEUS_BANDS];
-    // The probabilities a block at a time through the vector exponential (the bands only need
-    // to hold the mass, within the margin below).
-    let mut probs = [0f64; 512];
-    for block in logprobs.chunks(probs.len()) {
-        if block.iter().any(|lp| lp.is_nan()) {
-            return None;
-        }
-        let probs = &mut probs[..block.len()];
-        probs.copy_from_slice(block);
-        simd::exp_f64(probs);
-        for (&lp, p) in block.iter().zip(probs.iter()) {
-            mass[band(lp)] += p;
-        }
+    if logprobs.iter().any(|lp| lp.is_nan()) {
+        return None;
     }
+    // The probabilities through the vector exponential (the bands only need to hold the mass,
+    // within the margin below).
+    for_each_exp(logprobs, |lp| lp, |_, lp, p| mass[band(lp)] += p);
     let mut total = 0.0;
     // A margin over `top_p`: these sums run in another order, and with other exponentials,
     // than the final cut's.
