@@ -53,6 +53,11 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// "1 concurrent client", "4 concurrent clients".
+fn clients_label(n: usize) -> String {
+    format!("{n} concurrent client{}", if n == 1 { "" } else { "s" })
+}
+
 /// Nearest-rank percentile.
 fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -339,13 +344,12 @@ async fn main() -> anyhow::Result<()> {
                 let decode = ratios(|r| r.1);
                 let each: Vec<String> = decode.iter().map(|r| format!("{r:.2}x")).collect();
                 println!(
-                    "| decode, {clients} concurrent client{} x {} tokens, {kind} | {:.1} tok/s aggregate decode while all decode ({:.2}x {} client{}; rounds {}); end to end with the prompts {:.1} tok/s ({:.2}x); medians of {} rounds |",
-                    if clients == 1 { "" } else { "s" },
+                    "| decode, {} x {} tokens, {kind} | {:.1} tok/s aggregate decode while all decode ({:.2}x {}; rounds {}); end to end with the prompts {:.1} tok/s ({:.2}x); medians of {} rounds |",
+                    clients_label(clients),
                     args.gen_tokens,
                     of(|r| r.1),
                     median(decode.clone()),
-                    counts[0],
-                    if counts[0] == 1 { "" } else { "s" },
+                    clients_label(counts[0]),
                     each.join(" / "),
                     of(|r| r.0),
                     median(ratios(|r| r.0)),

@@ -182,11 +182,10 @@ fn exp1_f64(x: f64) -> f64 {
     let t = x * std::f64::consts::LOG2_E + SHIFT;
     let n = t - SHIFT;
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let mut p = 1.0 / 6_227_020_800.0; // 1/13!
-    for k in (1..13).rev() {
+    let mut p = INV_FACTORIAL_F64[13];
+    for k in (0..13).rev() {
         p = p * r + INV_FACTORIAL_F64[k];
     }
-    let p = p * r + 1.0;
     // `n` sits in the low bits of `t` (two's complement); its exponent field is `n + 1023`.
     let scale = f64::from_bits((t.to_bits().wrapping_add(1023)) << 52);
     let v = p * scale;
@@ -199,12 +198,12 @@ fn exp1_f64(x: f64) -> f64 {
     }
 }
 
-/// `1 / k!` for `k` in 0..13.
-const INV_FACTORIAL_F64: [f64; 13] = {
-    let mut t = [1.0; 13];
-    let mut k = 1;
-    while k < 13 {
-        t[k] = t[k - 1] / k as f64;
+/// `1 / k!` for `k` in 0..=13, each rounded once (`k!` is exact in f64).
+const INV_FACTORIAL_F64: [f64; 14] = {
+    let (mut t, mut factorial, mut k) = ([1.0; 14], 1.0, 1);
+    while k < 14 {
+        factorial *= k as f64;
+        t[k] = 1.0 / factorial;
         k += 1;
     }
     t
