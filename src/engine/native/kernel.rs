@@ -130,54 +130,45 @@ fn weight_tile<const WN: usize, const XN: usize>(
     let passes = rows / XN + rows % XN;
     let mut r = 0;
     for pass in 0..passes {
-        let pass = Pass {
-            index: pass,
-            count: passes,
-        };
+        let lines = Lines::new(pass, passes, inner / LANES);
         if rows - r >= XN {
-            rows_tile::<WN, XN>(path, x, ws, inner, (o, r), pass, out);
+            rows_tile::<WN, XN>(path, x, ws, inner, (o, r), lines, out);
             r += XN;
         } else {
-            rows_tile::<WN, 1>(path, x, ws, inner, (o, r), pass, out);
+            rows_tile::<WN, 1>(path, x, ws, inner, (o, r), lines, out);
             r += 1;
         }
     }
 }
 
-/// Which of the passes over a weight tile (one per tile of batch rows) a [`rows_tile`] is.
+/// The next weight tile's cache lines that one pass over this tile prefetches (a tile gets one
+/// pass per tile of batch rows), one line per weight row at the steps where one is due.
 ///
-/// The vector paths prefetch the next weight tile while they work on this one. Each pass
-/// prefetches its own share of it, so the reads from memory run evenly through all of a
-/// tile's passes: when the first pass alone fetched the whole next tile, memory sat idle
-/// through the others, and at 8 batch rows on AVX2 (4 passes per tile) a decode step's
+/// Each pass prefetches its own share of the next tile, so the reads from memory run evenly
+/// through all of a tile's passes: when the first pass alone fetched the whole next tile, memory
+/// sat idle through the others, and at 8 batch rows on AVX2 (4 passes per tile) a decode step's
 /// products took 55-57 ms instead of 48-49 (medians of 25 steps, interleaved).
-#[derive(Clone, Copy)]
-struct Pass {
-    index: usize,
-    count: usize,
-}
-
-/// The next tile's cache lines that one [`Pass`] prefetches as it steps through the inner
-/// dimension, one line per weight row.
 ///
 /// A row of the next tile has one 64-byte line per step (sixteen floats). Numbering the steps of
-/// all passes one after another, the line due at step `n` is `n / count`, taken where `n` is a
-/// multiple of `count`: pass `index` takes the lines from `index * steps / count` on, where the
+/// all passes one after another, the line due at step `n` is `n / passes`, taken where `n` is a
+/// multiple of `passes`: pass `pass` takes the lines from `pass * steps / passes` on, where the
 /// pass before it stopped, so the passes together cover every line once.
+#[derive(Clone, Copy)]
 struct Lines {
     line: usize,
-    /// `n % count` for the current step `n`.
+    /// `n % passes` for the current step `n`.
     rem: usize,
-    count: usize,
+    passes: usize,
 }
 
 impl Lines {
-    fn new(pass: Pass, steps: usize) -> Self {
-        let n = pass.index * steps;
+    /// Pass `pass` of `passes`, over rows of `steps` steps.
+    fn new(pass: usize, passes: usize, steps: usize) -> Self {
+        let n = pass * steps;
         Self {
-            line: n / pass.count,
-            rem: n % pass.count,
-            count: pass.count,
+            line: n / passes,
+            rem: n % passes,
+            passes,
         }
     }
 
@@ -186,7 +177,7 @@ impl Lines {
     fn step(&mut self) -> Option<usize> {
         let due = (self.rem == 0).then_some(self.line);
         self.rem += 1;
-        if self.rem == self.count {
+        if self.rem == self.passes {
             self.rem = 0;
             self.line += 1;
         }
@@ -201,11 +192,11 @@ fn rows_tile<const WN: usize, const XN: usize>(
     ws: [&[f32]; WN],
     inner: usize,
     (o, r): (usize, usize),
-    pass: Pass,
+    lines: Lines,
     out: &mut impl Store,
 ) {
     let xs: [&[f32]; XN] = std::array::from_fn(|j| &x[(r + j) * inner..(r + j + 1) * inner]);
-    let lanes = lanes(path, ws, xs, pass);
+    let lanes = lanes(path, ws, xs, lines);
     for i in 0..WN {
         for j in 0..XN {
             out(o + i, r + j, finish(&lanes[i][j], ws[i], xs[j]));
@@ -229,14 +220,14 @@ fn lanes<const WN: usize, const XN: usize>(
     path: Path,
     ws: [&[f32]; WN],
     xs: [&[f32]; XN],
-    pass: Pass,
+    lines: Lines,
 ) -> [[Lanes; XN]; WN] {
     match path {
         // SAFETY: `path()` picks these only where the CPU has the features.
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512 => unsafe { lanes_avx512(ws, xs, pass) },
+        Path::Avx512 => unsafe { lanes_avx512(ws, xs, lines) },
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => unsafe { lanes_avx2(ws, xs, pass) },
+        Path::Avx2 => unsafe { lanes_avx2(ws, xs, lines) },
         _ => lanes_portable(ws, xs),
     }
 }
@@ -271,13 +262,12 @@ fn lanes_portable<const WN: usize, const XN: usize>(
 unsafe fn lanes_avx512<const WN: usize, const XN: usize>(
     ws: [&[f32]; WN],
     xs: [&[f32]; XN],
-    pass: Pass,
+    mut lines: Lines,
 ) -> [[Lanes; XN]; WN] {
     use std::arch::x86_64::*;
     let inner = xs[0].len();
     let whole = inner / LANES * LANES;
     let mut acc = [[_mm512_setzero_ps(); XN]; WN];
-    let mut lines = Lines::new(pass, whole / LANES);
     let mut k = 0;
     while k < whole {
         let due = lines.step();
@@ -289,7 +279,7 @@ unsafe fn lanes_avx512<const WN: usize, const XN: usize>(
         for i in 0..WN {
             // SAFETY: every row has the same length (`inner`).
             let wv = unsafe { _mm512_maskz_loadu_ps(0xffff, ws[i].as_ptr().wrapping_add(k)) };
-            // This pass's share of the next tile's rows (the rows are contiguous, see `Pass`):
+            // This pass's share of the next tile's rows (the rows are contiguous, see `Lines`):
             // the weights come from memory, and the loads of the next tile would otherwise
             // wait for it. A prefetch never faults, also past the end.
             if let Some(line) = due {
@@ -317,7 +307,7 @@ unsafe fn lanes_avx512<const WN: usize, const XN: usize>(
 unsafe fn lanes_avx2<const WN: usize, const XN: usize>(
     ws: [&[f32]; WN],
     xs: [&[f32]; XN],
-    pass: Pass,
+    mut lines: Lines,
 ) -> [[Lanes; XN]; WN] {
     use std::arch::x86_64::*;
     let all = _mm256_set1_epi32(-1);
@@ -334,7 +324,6 @@ unsafe fn lanes_avx2<const WN: usize, const XN: usize>(
     let whole = inner / LANES * LANES;
     let zero = _mm256_setzero_ps();
     let mut acc = [[(zero, zero); XN]; WN];
-    let mut lines = Lines::new(pass, whole / LANES);
     let mut k = 0;
     while k < whole {
         let due = lines.step();
@@ -374,8 +363,8 @@ mod tests {
     fn the_passes_over_a_tile_prefetch_each_line_once() {
         for (steps, count) in [(36, 1), (36, 4), (37, 4), (96, 2), (5, 3), (3, 5), (1, 1)] {
             let mut due = Vec::new();
-            for index in 0..count {
-                let mut lines = Lines::new(Pass { index, count }, steps);
+            for pass in 0..count {
+                let mut lines = Lines::new(pass, count, steps);
                 due.extend((0..steps).filter_map(|_| lines.step()));
             }
             assert_eq!(
