@@ -1,379 +1,344 @@
-//! The decode step's matrix products, summed in one fixed order per element.
+//! The model's matrix products, each output element summed in one fixed order whatever the
+//! batch.
 //!
-//! A decode step multiplies a few rows (one per running sequence) by each weight matrix. A
-//! general matrix library is the wrong tool for that twice over: gemm takes a different path
-//! for one row than for several (so a sequence's logits would change with the batch it runs
-//! in), and its matrix path packs the weight matrix before use, which for a handful of rows
-//! costs as much memory traffic as the product itself.
+//! A decode step multiplies a few rows (one per running sequence) by each weight matrix, and a
+//! prompt piece a few hundred. A general matrix library is the wrong tool for the first: gemm
+//! takes a different path for one row than for several (so a sequence's logits would change
+//! with the batch it runs in), and its matrix path packs the weight matrix before use, which
+//! for a handful of rows costs as much memory traffic as the product itself.
 //!
-//! [`matmul_t`] streams each weight row once per step and multiplies it with every row of the
-//! batch while it is in cache. Each output element is one dot product summed the same way
-//! whatever the batch and however the work is split across threads: sixteen lanes over the
-//! inner dimension in steps of sixteen, fused multiply-adds, a fixed reduction of the lanes,
-//! then the leftover elements in order. So a row's result never depends on the rows beside it
-//! (`tests::a_row_does_not_depend_on_its_batch`). On x86-64 the lanes are one AVX-512 register
-//! or two AVX2 registers; elsewhere the same fused operations run one lane at a time, with the
-//! same result (`tests::every_path_gives_the_same_bits`).
+//! The weights are packed once, at load, as [`Panels`]: the weights of `width` outputs side by
+//! side at each inner index, so one vector load takes one weight for each of them. [`matmul`]
+//! runs a tile of batch rows against a panel by broadcasting each row's activation and adding
+//! it into one accumulator lane per output (as a GEMM microkernel does): at each inner index a
+//! tile of 8 rows x 48 outputs (AVX-512) loads 3 weight vectors for 24 fused multiply-adds, so
+//! the arithmetic keeps up with the weights' stream from memory well past one row.
+//!
+//! Each output element is one chain of fused multiply-adds over the inner dimension in order,
+//! starting from zero, whatever the batch, the tile, the panel width or the vector width: a
+//! row's result never depends on the rows beside it
+//! (`tests::a_row_does_not_depend_on_its_batch`) and every path gives the same bits
+//! (`tests::every_path_gives_the_same_bits_as_the_plain_chain`).
 
 use rayon::prelude::*;
 
 use crate::engine::simd::{path, Path};
 
-/// Weight rows per parallel task.
-const TASK_ROWS: usize = 32;
-/// Partial sums per dot product: one AVX-512 register, two AVX2 registers.
-const LANES: usize = 16;
+/// Batch rows per block of a product's work: while the panels run over one block, its
+/// activations (at most 128 x 1536 floats, 768 KiB, for the default model) stay in cache.
+const BLOCK_ROWS: usize = 128;
+/// The widest panel and the tallest tile of any path (the staging buffer's size).
+const MAX_WIDTH: usize = 48;
+const MAX_TILE: usize = 8;
 
-type Lanes = [f32; LANES];
+/// The AVX2 path's tile: 6 rows x 2 vectors of 8 outputs, 12 accumulators beside 2 weight
+/// vectors and a broadcast in the 16 ymm registers. (4 x 3, the first choice, left one
+/// accumulator to be spilled to the stack at every inner index: a step's products at 8 rows
+/// took 34.8 ms against 27.6 ms for 6 x 2; 4 x 2 27.7, 3 x 3 25.7 but 18.0 ms at one row
+/// against 14.3, 8 x 1 34.5.)
+const AVX2_VECTORS: usize = 2;
+const AVX2_TILE: usize = 6;
 
-/// `x @ w^T` for `x` `[rows, inner]` and `w` `[outs, inner]`, both row-major; returns
-/// `[rows, outs]`, row-major, each element written in place by the task that computes it (a
-/// transposition after the product cost 0.6 ms of an 8-row decode step).
-pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], inner: usize) -> Vec<f32> {
-    assert!(
-        inner > 0 && x.len() == rows * inner && w.len().is_multiple_of(inner),
-        "matmul_t: [{rows}, {inner}] by {} weights",
-        w.len()
+/// Outputs per panel and batch rows per tile: as many accumulators as the registers hold
+/// beside the weight vectors (AVX-512: 8 x 3 of 32 zmm; AVX2: see [`AVX2_TILE`]).
+fn shape(path: Path) -> (usize, usize) {
+    match path {
+        Path::Avx512 => (48, 8),
+        Path::Avx2 => (8 * AVX2_VECTORS, AVX2_TILE),
+        Path::Portable => (8, 4),
+    }
+}
+
+/// A weight matrix `[outs, inner]` packed for [`matmul`] and for the vector path it was packed
+/// for. Panel `p` holds outputs `p * width ..` as `[inner, width]`, row-major; the last panel is
+/// padded with zeros. The packed copy replaces the row-major one (a second copy of the default
+/// model's weights would be another 0.54 GB).
+pub struct Panels {
+    data: Vec<f32>,
+    outs: usize,
+    inner: usize,
+    path: Path,
+}
+
+impl Panels {
+    /// Packs the row-major `[outs, inner]` matrix `w` for this CPU's path.
+    pub fn new(w: &[f32], inner: usize) -> Self {
+        Self::for_path(path(), w, inner)
+    }
+
+    fn for_path(path: Path, w: &[f32], inner: usize) -> Self {
+        assert!(
+            inner > 0 && w.len().is_multiple_of(inner),
+            "Panels: {} weights in rows of {inner}",
+            w.len()
+        );
+        let outs = w.len() / inner;
+        let (width, _) = shape(path);
+        let mut data = vec![0f32; outs.div_ceil(width) * inner * width];
+        data.par_chunks_mut(inner * width)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let first = p * width;
+                for c in 0..width.min(outs - first) {
+                    let row = &w[(first + c) * inner..(first + c + 1) * inner];
+                    for (k, v) in row.iter().enumerate() {
+                        panel[k * width + c] = *v;
+                    }
+                }
+            });
+        Self {
+            data,
+            outs,
+            inner,
+            path,
+        }
+    }
+
+    pub fn outs(&self) -> usize {
+        self.outs
+    }
+
+    pub fn inner(&self) -> usize {
+        self.inner
+    }
+
+    /// Appends row `o` of the matrix to `out` (the token embedding, where the output layer is
+    /// tied to it).
+    pub fn row_into(&self, o: usize, out: &mut Vec<f32>) {
+        assert!(o < self.outs, "row {o} of {}", self.outs);
+        let (width, _) = shape(self.path);
+        let size = self.inner * width;
+        let panel = &self.data[o / width * size..(o / width + 1) * size];
+        out.extend(panel[o % width..].iter().step_by(width));
+    }
+}
+
+/// `x @ w^T` for `x` `[rows, inner]`, row-major, and the packed `w` `[outs, inner]`; returns
+/// `[rows, outs]`, row-major.
+pub fn matmul(x: &[f32], rows: usize, w: &Panels) -> Vec<f32> {
+    let (inner, outs) = (w.inner, w.outs);
+    assert_eq!(
+        x.len(),
+        rows * inner,
+        "matmul: [{rows}, {inner}] activations by [{outs}, {inner}] weights"
     );
-    let outs = w.len() / inner;
-    let path = path();
     let mut out = vec![0f32; rows * outs];
-    if rows == 0 {
+    if rows == 0 || outs == 0 {
         return out;
     }
-    // Each task owns a run of `TASK_ROWS` weight rows, so a column of the result: it writes the
-    // elements of its columns, each once, straight into `out`.
-    let columns = Columns {
+    let (width, tallest) = shape(w.path);
+    let tiles = Tiles::new(x, rows, inner, tallest);
+    let panels = outs.div_ceil(width);
+    let result = Output {
         ptr: out.as_mut_ptr(),
         outs,
     };
-    (0..outs.div_ceil(TASK_ROWS))
+    // One task per (block of rows, panel), block by block: a thread's run of tasks streams
+    // through consecutive panels, which lie one after another in memory.
+    (0..tiles.blocks.len() * panels)
         .into_par_iter()
         .for_each(|task| {
-            let first = task * TASK_ROWS;
-            let n = TASK_ROWS.min(outs - first);
-            let ws = &w[first * inner..(first + n) * inner];
-            // SAFETY: column `first + o` (o < n) belongs to this task alone, and `r < rows`.
-            block(path, x, rows, ws, inner, &mut |o, r, v| unsafe {
-                columns.set(r, first + o, v)
-            });
+            let (block, p) = (task / panels, task % panels);
+            let panel = &w.data[p * inner * width..(p + 1) * inner * width];
+            let first = p * width;
+            let n = width.min(outs - first);
+            let mut staged = [0f32; MAX_WIDTH * MAX_TILE];
+            for tile in &tiles.blocks[block] {
+                let xt = &tiles.data[tile.at..tile.at + tile.rows * inner];
+                run(w.path, tile.rows, panel, xt, &mut staged);
+                for j in 0..tile.rows {
+                    // SAFETY: columns `first..first + n` belong to this task's panel alone,
+                    // rows `tile.row + j` to its block, and both are within the result.
+                    unsafe { result.set(tile.row + j, first, &staged[j * width..j * width + n]) };
+                }
+            }
         });
     out
 }
 
-/// The `[rows, outs]` result that [`matmul_t`]'s tasks write into side by side.
-struct Columns {
+/// The `[rows, outs]` result that [`matmul`]'s tasks write into side by side.
+struct Output {
     ptr: *mut f32,
     outs: usize,
 }
 
-// SAFETY: the tasks write disjoint elements (see `set`), and `matmul_t` reads the result only
+// SAFETY: the tasks write disjoint elements (see `set`), and `matmul` reads the result only
 // after every task has finished.
-unsafe impl Sync for Columns {}
+unsafe impl Sync for Output {}
 
-impl Columns {
-    /// Writes element `[r, o]`.
+impl Output {
+    /// Writes `values` to row `r` from column `o` on.
     ///
     /// # Safety
-    /// `r` and `o` are within the result, and no other thread accesses that element meanwhile.
-    unsafe fn set(&self, r: usize, o: usize, v: f32) {
+    /// The elements are within the result, and no other thread accesses them meanwhile.
+    unsafe fn set(&self, r: usize, o: usize, values: &[f32]) {
         // SAFETY: in bounds and unshared, by the caller's promise.
-        unsafe { *self.ptr.add(r * self.outs + o) = v }
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                values.as_ptr(),
+                self.ptr.add(r * self.outs + o),
+                values.len(),
+            )
+        }
     }
 }
 
-/// Hands `out(o, r, x[r] · w[o])` every element for the weight rows of `w`, computed in register
-/// tiles of `WN` weight rows by up to `XN` batch rows (sized to each path's registers).
-fn block(path: Path, x: &[f32], rows: usize, w: &[f32], inner: usize, out: &mut impl Store) {
-    match path {
-        Path::Avx512 => tiled::<4, 4>(path, x, rows, w, inner, out),
-        Path::Avx2 => tiled::<2, 2>(path, x, rows, w, inner, out),
-        Path::Portable => tiled::<1, 1>(path, x, rows, w, inner, out),
-    }
+/// The activations cut into tiles of batch rows, each tile's rows interleaved (`[inner, rows]`,
+/// row-major), so that the kernel takes one tile's activations at an inner index from one
+/// place.
+struct Tiles {
+    data: Vec<f32>,
+    /// The tiles of each block of rows.
+    blocks: Vec<Vec<Tile>>,
 }
 
-/// Where [`block`] puts each element: `store(o, r, v)` for weight row `o` and batch row `r`.
-trait Store: FnMut(usize, usize, f32) {}
-impl<F: FnMut(usize, usize, f32)> Store for F {}
-
-fn tiled<const WN: usize, const XN: usize>(
-    path: Path,
-    x: &[f32],
+struct Tile {
+    /// Its first batch row.
+    row: usize,
     rows: usize,
-    w: &[f32],
-    inner: usize,
-    out: &mut impl Store,
-) {
-    let n = w.len() / inner;
-    let mut o = 0;
-    while o < n {
-        if n - o >= WN {
-            weight_tile::<WN, XN>(path, x, rows, w, inner, o, out);
-            o += WN;
-        } else {
-            weight_tile::<1, XN>(path, x, rows, w, inner, o, out);
-            o += 1;
-        }
-    }
+    /// Where its activations start in `data`.
+    at: usize,
 }
 
-fn weight_tile<const WN: usize, const XN: usize>(
-    path: Path,
-    x: &[f32],
-    rows: usize,
-    w: &[f32],
-    inner: usize,
-    o: usize,
-    out: &mut impl Store,
-) {
-    let ws: [&[f32]; WN] = std::array::from_fn(|i| &w[(o + i) * inner..(o + i + 1) * inner]);
-    let passes = rows / XN + rows % XN;
-    let mut r = 0;
-    for pass in 0..passes {
-        let lines = Lines::new(pass, passes, inner / LANES);
-        if rows - r >= XN {
-            rows_tile::<WN, XN>(path, x, ws, inner, (o, r), lines, out);
-            r += XN;
-        } else {
-            rows_tile::<WN, 1>(path, x, ws, inner, (o, r), lines, out);
-            r += 1;
-        }
-    }
-}
-
-/// The next weight tile's cache lines that one pass over this tile prefetches (a tile gets one
-/// pass per tile of batch rows), one line per weight row at the steps where one is due.
-///
-/// Each pass prefetches its own share of the next tile, so the reads from memory run evenly
-/// through all of a tile's passes: when the first pass alone fetched the whole next tile, memory
-/// sat idle through the others, and at 8 batch rows on AVX2 (4 passes per tile) a decode step's
-/// products took 55-57 ms instead of 48-49 (medians of 25 steps, interleaved).
-///
-/// A row of the next tile has one 64-byte line per step (sixteen floats). Numbering the steps of
-/// all passes one after another, the line due at step `n` is `n / passes`, taken where `n` is a
-/// multiple of `passes`: pass `pass` takes the lines from `pass * steps / passes` on, where the
-/// pass before it stopped, so the passes together cover every line once.
-#[derive(Clone, Copy)]
-struct Lines {
-    line: usize,
-    /// `n % passes` for the current step `n`.
-    rem: usize,
-    passes: usize,
-}
-
-impl Lines {
-    /// Pass `pass` of `passes`, over rows of `steps` steps.
-    fn new(pass: usize, passes: usize, steps: usize) -> Self {
-        let n = pass * steps;
-        Self {
-            line: n / passes,
-            rem: n % passes,
-            passes,
-        }
-    }
-
-    /// The line to prefetch at this step, if one is due; then moves to the next step.
-    #[inline(always)]
-    fn step(&mut self) -> Option<usize> {
-        let due = (self.rem == 0).then_some(self.line);
-        self.rem += 1;
-        if self.rem == self.passes {
-            self.rem = 0;
-            self.line += 1;
-        }
-        due
-    }
-}
-
-/// Batch rows `r..r + XN` against the weight rows `ws` (from weight row `o`).
-fn rows_tile<const WN: usize, const XN: usize>(
-    path: Path,
-    x: &[f32],
-    ws: [&[f32]; WN],
-    inner: usize,
-    (o, r): (usize, usize),
-    lines: Lines,
-    out: &mut impl Store,
-) {
-    let xs: [&[f32]; XN] = std::array::from_fn(|j| &x[(r + j) * inner..(r + j + 1) * inner]);
-    let lanes = lanes(path, ws, xs, lines);
-    for i in 0..WN {
-        for j in 0..XN {
-            out(o + i, r + j, finish(&lanes[i][j], ws[i], xs[j]));
-        }
-    }
-}
-
-/// The lanes' fixed reduction (lane `l` with lane `l + 8`, then pairs within the eight), then
-/// the elements past the last whole group of lanes, in order.
-fn finish(lanes: &Lanes, w: &[f32], x: &[f32]) -> f32 {
-    let l: [f32; 8] = std::array::from_fn(|i| lanes[i] + lanes[i + 8]);
-    let mut sum = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-    let whole = w.len() / LANES * LANES;
-    for (a, b) in w[whole..].iter().zip(&x[whole..]) {
-        sum = a.mul_add(*b, sum);
-    }
-    sum
-}
-
-fn lanes<const WN: usize, const XN: usize>(
-    path: Path,
-    ws: [&[f32]; WN],
-    xs: [&[f32]; XN],
-    lines: Lines,
-) -> [[Lanes; XN]; WN] {
-    match path {
-        // SAFETY: `path()` picks these only where the CPU has the features.
-        #[cfg(target_arch = "x86_64")]
-        Path::Avx512 => unsafe { lanes_avx512(ws, xs, lines) },
-        #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => unsafe { lanes_avx2(ws, xs, lines) },
-        _ => lanes_portable(ws, xs),
-    }
-}
-
-/// Lane `l` of an element is `Σ_m w[16m + l] · x[16m + l]`, each term added by a fused
-/// multiply-add, in order of `m`.
-fn lanes_portable<const WN: usize, const XN: usize>(
-    ws: [&[f32]; WN],
-    xs: [&[f32]; XN],
-) -> [[Lanes; XN]; WN] {
-    let mut acc = [[[0f32; LANES]; XN]; WN];
-    let whole = xs[0].len() / LANES * LANES;
-    for k in (0..whole).step_by(LANES) {
-        for i in 0..WN {
-            for j in 0..XN {
-                for l in 0..LANES {
-                    acc[i][j][l] = ws[i][k + l].mul_add(xs[j][k + l], acc[i][j][l]);
+impl Tiles {
+    fn new(x: &[f32], rows: usize, inner: usize, tallest: usize) -> Self {
+        let mut data = Vec::with_capacity(x.len());
+        let mut blocks = Vec::with_capacity(rows.div_ceil(BLOCK_ROWS));
+        for start in (0..rows).step_by(BLOCK_ROWS) {
+            let end = rows.min(start + BLOCK_ROWS);
+            let mut tiles = Vec::new();
+            let mut row = start;
+            while row < end {
+                let n = tallest.min(end - row);
+                tiles.push(Tile {
+                    row,
+                    rows: n,
+                    at: data.len(),
+                });
+                let xs = &x[row * inner..(row + n) * inner];
+                for k in 0..inner {
+                    data.extend((0..n).map(|j| xs[j * inner + k]));
                 }
+                row += n;
+            }
+            blocks.push(tiles);
+        }
+        Self { data, blocks }
+    }
+}
+
+/// `out[j * width + c] = xt[.., j] · panel[.., c]` for the tile's `rows` rows and every output
+/// `c` of the panel.
+fn run(path: Path, rows: usize, panel: &[f32], xt: &[f32], out: &mut [f32; MAX_WIDTH * MAX_TILE]) {
+    macro_rules! tile {
+        ($f:ident) => {
+            match rows {
+                1 => $f::<1>(panel, xt, out),
+                2 => $f::<2>(panel, xt, out),
+                3 => $f::<3>(panel, xt, out),
+                4 => $f::<4>(panel, xt, out),
+                5 => $f::<5>(panel, xt, out),
+                6 => $f::<6>(panel, xt, out),
+                7 => $f::<7>(panel, xt, out),
+                8 => $f::<8>(panel, xt, out),
+                _ => unreachable!("tiles are at most {MAX_TILE} rows"),
+            }
+        };
+    }
+    match path {
+        // SAFETY: `path()` picks these only where the CPU has the features (and the tests
+        // pass only paths from `paths()`).
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => unsafe { tile!(tile_avx512) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { tile!(tile_avx2) },
+        _ => tile!(tile_portable),
+    }
+}
+
+/// Output `c` of row `j` is `Σ_k panel[k, c] · xt[k, j]`, one fused multiply-add per `k`, in
+/// order of `k`, from zero.
+fn tile_portable<const T: usize>(panel: &[f32], xt: &[f32], out: &mut [f32]) {
+    const W: usize = 8;
+    let mut acc = [[0f32; W]; T];
+    for (w, x) in panel.chunks_exact(W).zip(xt.chunks_exact(T)) {
+        for j in 0..T {
+            for c in 0..W {
+                acc[j][c] = w[c].mul_add(x[j], acc[j][c]);
             }
         }
     }
-    acc
+    for j in 0..T {
+        out[j * W..(j + 1) * W].copy_from_slice(&acc[j]);
+    }
 }
 
-// The vector paths load through masked loads with every lane on (LLVM turns them into plain
-// loads) and step pointers with `wrapping_add`: `_mm*_loadu_ps` and `pointer::add` carry the
-// standard library's debug-build precondition checks, which in the dev profile (the tests and
-// the README's server) cost about four times the arithmetic of these loops.
+// The vector paths load and store through masks with every lane on (LLVM turns them into plain
+// loads and stores) and step pointers with `wrapping_add`: `_mm*_loadu_ps` and `pointer::add`
+// carry the standard library's debug-build precondition checks, which in the dev profile (the
+// tests and the README's server) cost about four times the arithmetic of these loops.
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn lanes_avx512<const WN: usize, const XN: usize>(
-    ws: [&[f32]; WN],
-    xs: [&[f32]; XN],
-    mut lines: Lines,
-) -> [[Lanes; XN]; WN] {
+unsafe fn tile_avx512<const T: usize>(panel: &[f32], xt: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let inner = xs[0].len();
-    let whole = inner / LANES * LANES;
-    let mut acc = [[_mm512_setzero_ps(); XN]; WN];
-    let mut k = 0;
-    while k < whole {
-        let due = lines.step();
-        let mut xv = [_mm512_setzero_ps(); XN];
-        for j in 0..XN {
-            // SAFETY: k + 16 <= whole <= the row's length.
-            xv[j] = unsafe { _mm512_maskz_loadu_ps(0xffff, xs[j].as_ptr().wrapping_add(k)) };
-        }
-        for i in 0..WN {
-            // SAFETY: every row has the same length (`inner`).
-            let wv = unsafe { _mm512_maskz_loadu_ps(0xffff, ws[i].as_ptr().wrapping_add(k)) };
-            // This pass's share of the next tile's rows (the rows are contiguous, see `Lines`):
-            // the weights come from memory, and the loads of the next tile would otherwise
-            // wait for it. A prefetch never faults, also past the end.
-            if let Some(line) = due {
-                let ahead = ws[i].as_ptr().wrapping_add(WN * inner + line * LANES);
-                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-            }
-            for j in 0..XN {
-                acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+    const W: usize = 48;
+    let mut acc = [[_mm512_setzero_ps(); 3]; T];
+    for (w, x) in panel.chunks_exact(W).zip(xt.chunks_exact(T)) {
+        let p = w.as_ptr();
+        // SAFETY: `w` holds 48 floats.
+        let wv: [__m512; 3] = std::array::from_fn(|v| unsafe {
+            _mm512_maskz_loadu_ps(0xffff, p.wrapping_add(16 * v))
+        });
+        for j in 0..T {
+            let xb = _mm512_set1_ps(x[j]);
+            for v in 0..3 {
+                acc[j][v] = _mm512_fmadd_ps(wv[v], xb, acc[j][v]);
             }
         }
-        k += LANES;
     }
-    let mut out = [[[0f32; LANES]; XN]; WN];
-    for i in 0..WN {
-        for j in 0..XN {
-            // SAFETY: `out[i][j]` holds sixteen floats.
-            unsafe { _mm512_storeu_ps(out[i][j].as_mut_ptr(), acc[i][j]) };
+    assert!(out.len() >= T * W);
+    for (j, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            // SAFETY: within `out` (checked above).
+            unsafe {
+                _mm512_mask_storeu_ps(out.as_mut_ptr().wrapping_add(j * W + 16 * v), 0xffff, *a)
+            };
         }
     }
-    out
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn lanes_avx2<const WN: usize, const XN: usize>(
-    ws: [&[f32]; WN],
-    xs: [&[f32]; XN],
-    mut lines: Lines,
-) -> [[Lanes; XN]; WN] {
+unsafe fn tile_avx2<const T: usize>(panel: &[f32], xt: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
+    const W: usize = 8 * AVX2_VECTORS;
     let all = _mm256_set1_epi32(-1);
-    let load = |row: &[f32], k: usize| {
-        // SAFETY: k + 16 <= whole <= the row's length.
-        unsafe {
-            (
-                _mm256_maskload_ps(row.as_ptr().wrapping_add(k), all),
-                _mm256_maskload_ps(row.as_ptr().wrapping_add(k + 8), all),
-            )
-        }
-    };
-    let inner = xs[0].len();
-    let whole = inner / LANES * LANES;
-    let zero = _mm256_setzero_ps();
-    let mut acc = [[(zero, zero); XN]; WN];
-    let mut k = 0;
-    while k < whole {
-        let due = lines.step();
-        let xv: [(__m256, __m256); XN] = std::array::from_fn(|j| load(xs[j], k));
-        for i in 0..WN {
-            let wv = load(ws[i], k);
-            // As in `lanes_avx512`.
-            if let Some(line) = due {
-                let ahead = ws[i].as_ptr().wrapping_add(WN * inner + line * LANES);
-                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-            }
-            for j in 0..XN {
-                acc[i][j].0 = _mm256_fmadd_ps(wv.0, xv[j].0, acc[i][j].0);
-                acc[i][j].1 = _mm256_fmadd_ps(wv.1, xv[j].1, acc[i][j].1);
-            }
-        }
-        k += LANES;
-    }
-    let mut out = [[[0f32; LANES]; XN]; WN];
-    for i in 0..WN {
-        for j in 0..XN {
-            // SAFETY: `out[i][j]` holds sixteen floats.
-            unsafe {
-                _mm256_storeu_ps(out[i][j].as_mut_ptr(), acc[i][j].0);
-                _mm256_storeu_ps(out[i][j].as_mut_ptr().add(8), acc[i][j].1);
+    let mut acc = [[_mm256_setzero_ps(); AVX2_VECTORS]; T];
+    for (w, x) in panel.chunks_exact(W).zip(xt.chunks_exact(T)) {
+        let p = w.as_ptr();
+        // SAFETY: `w` holds `W` floats.
+        let wv: [__m256; AVX2_VECTORS] =
+            std::array::from_fn(|v| unsafe { _mm256_maskload_ps(p.wrapping_add(8 * v), all) });
+        for j in 0..T {
+            let xb = _mm256_set1_ps(x[j]);
+            for v in 0..AVX2_VECTORS {
+                acc[j][v] = _mm256_fmadd_ps(wv[v], xb, acc[j][v]);
             }
         }
     }
-    out
+    assert!(out.len() >= T * W);
+    for (j, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            // SAFETY: within `out` (checked above).
+            unsafe { _mm256_maskstore_ps(out.as_mut_ptr().wrapping_add(j * W + 8 * v), all, *a) };
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_passes_over_a_tile_prefetch_each_line_once() {
-        for (steps, count) in [(36, 1), (36, 4), (37, 4), (96, 2), (5, 3), (3, 5), (1, 1)] {
-            let mut due = Vec::new();
-            for pass in 0..count {
-                let mut lines = Lines::new(pass, count, steps);
-                due.extend((0..steps).filter_map(|_| lines.step()));
-            }
-            assert_eq!(
-                due,
-                (0..steps).collect::<Vec<_>>(),
-                "{steps} steps, {count} passes"
-            );
-        }
-    }
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
@@ -381,31 +346,59 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
     }
 
+    /// The plain definition: one fused multiply-add per inner index, in order, from zero.
+    fn chained(x: &[f32], w: &[f32], inner: usize) -> Vec<f32> {
+        let mut out = Vec::new();
+        for x in x.chunks_exact(inner) {
+            for w in w.chunks_exact(inner) {
+                out.push(w.iter().zip(x).fold(0f32, |acc, (a, b)| a.mul_add(*b, acc)));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_path_gives_the_same_bits_as_the_plain_chain() {
+        // Tiles of every height, a last panel that is not full, a second block of rows.
+        for (rows, outs, inner) in [(7, 9, 600), (8, 50, 33), (130, 49, 17), (3, 1, 1)] {
+            let w = random(outs * inner, 5);
+            let x = random(rows * inner, 6);
+            let want = chained(&x, &w, inner);
+            for path in crate::engine::simd::paths() {
+                let got = matmul(&x, rows, &Panels::for_path(path, &w, inner));
+                assert_eq!(
+                    got, want,
+                    "{path:?}, [{rows}, {inner}] by [{outs}, {inner}]"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_row_does_not_depend_on_its_batch() {
-        // Shapes of the default model's projections and its output layer, and an odd one
-        // (a tail past the lanes, a weight-row count that is no multiple of the tiles).
+        // Shapes of the default model's products and its output layer, and an odd one.
         for (outs, inner) in [
+            (960, 576),
             (576, 576),
-            (192, 576),
-            (1536, 576),
+            (3072, 576),
             (576, 1536),
             (49152, 576),
             (37, 21),
         ] {
-            let w = random(outs * inner, 1);
-            let x = random(9 * inner, 2);
-            let alone = matmul_t(&x[..inner], 1, &w, inner);
-            for batch in 2..=9 {
-                let all = matmul_t(&x[..batch * inner], batch, &w, inner);
-                assert_eq!(
-                    all[..outs],
-                    alone[..],
-                    "[{outs}, {inner}]: row 0 differs in a batch of {batch}"
-                );
-                // The last row too: it sits in a different place in the tiles.
-                let last = matmul_t(&x[(batch - 1) * inner..batch * inner], 1, &w, inner);
-                assert_eq!(all[(batch - 1) * outs..], last[..]);
+            let w = Panels::new(&random(outs * inner, 1), inner);
+            let x = random(17 * inner, 2);
+            let alone: Vec<Vec<f32>> = x
+                .chunks_exact(inner)
+                .map(|row| matmul(row, 1, &w))
+                .collect();
+            for batch in 2..=17 {
+                let all = matmul(&x[..batch * inner], batch, &w);
+                for (r, row) in all.chunks_exact(outs).enumerate() {
+                    assert_eq!(
+                        row, alone[r],
+                        "[{outs}, {inner}]: row {r} in a batch of {batch}"
+                    );
+                }
             }
         }
     }
@@ -415,7 +408,7 @@ mod tests {
         let (rows, outs, inner) = (3, 45, 83);
         let w = random(outs * inner, 3);
         let x = random(rows * inner, 4);
-        let got = matmul_t(&x, rows, &w, inner);
+        let got = matmul(&x, rows, &Panels::new(&w, inner));
         for r in 0..rows {
             for o in 0..outs {
                 let want: f64 = (0..inner)
@@ -428,20 +421,22 @@ mod tests {
     }
 
     #[test]
-    fn every_path_gives_the_same_bits() {
-        let (inner, outs, rows) = (600, 9, 7);
-        let w = random(outs * inner, 5);
-        let x = random(rows * inner, 6);
-        let run = |path| {
-            let mut out = vec![0f32; outs * rows];
-            block(path, &x, rows, &w, inner, &mut |o, r, v| {
-                out[r * outs + o] = v
-            });
-            out
-        };
-        let portable = run(Path::Portable);
+    fn a_packed_row_reads_back() {
+        let (outs, inner) = (53, 19);
+        let w = random(outs * inner, 7);
         for path in crate::engine::simd::paths() {
-            assert_eq!(run(path), portable, "{path:?}");
+            let packed = Panels::for_path(path, &w, inner);
+            for o in 0..outs {
+                let mut row = Vec::new();
+                packed.row_into(o, &mut row);
+                assert_eq!(row, w[o * inner..(o + 1) * inner], "{path:?}, row {o}");
+            }
         }
+    }
+
+    #[test]
+    fn no_rows_give_an_empty_product() {
+        let w = Panels::new(&random(10 * 4, 8), 4);
+        assert!(matmul(&[], 0, &w).is_empty());
     }
 }

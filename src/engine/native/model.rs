@@ -6,11 +6,12 @@
 //! `[batch, hidden]` matmul per weight), so the weights are read once per step, not once per
 //! sequence; attention runs per sequence over its own key/value cache.
 //!
-//! Prefill (one sequence at a time) runs on candle tensors and gemm. A decode step runs on plain
-//! slices of the same weights: its products go through [`kernel::matmul_t`], which sums each
-//! element in one fixed order whatever the batch, and everything else (norms, rotary
-//! embedding, per-sequence attention) is row-wise, so a sequence's logits are the same bits
-//! whichever sequences it is batched with.
+//! The weight matrices are packed once, at load, for [`kernel::matmul`], and every product runs
+//! through it: a decode step's and a prompt piece's (prefill, one sequence at a time, runs its
+//! norms and attention on candle tensors). The kernel sums each element in one fixed order
+//! whatever the batch, and everything else in a decode step (norms, rotary embedding,
+//! per-sequence attention) is row-wise, so a sequence's logits are the same bits whichever
+//! sequences it is batched with.
 
 use std::path::Path;
 
@@ -21,6 +22,7 @@ use rayon::prelude::*;
 
 use super::kernel;
 use crate::engine::simd;
+use kernel::Panels;
 
 /// Query rows per prefill attention chunk: bounds the scores buffer to
 /// `heads * PREFILL_CHUNK * len` floats (9 x 256 x 8192 x 4 B = 75 MiB for the default model at
@@ -55,20 +57,23 @@ impl Config {
 struct Layer {
     attn_norm: Tensor,
     /// `[heads * head_dim + 2 * kv_dim, hidden]`: query rows, then key rows, then value rows.
-    wqkv: Tensor,
-    wo: Tensor,
+    wqkv: Panels,
+    wo: Panels,
     ffn_norm: Tensor,
     /// `[2 * ffn, hidden]`: gate rows, then up rows.
-    w_gate_up: Tensor,
-    w_down: Tensor,
+    w_gate_up: Panels,
+    w_down: Panels,
 }
 
 pub struct Model {
     pub cfg: Config,
-    embed: Tensor,
+    /// `[vocab, hidden]`, or `None` where the output layer is tied to the token embedding (the
+    /// embedding's rows are then read from `lm_head`'s panels).
+    embed: Option<Tensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    /// `[vocab, hidden]`.
+    lm_head: Panels,
     /// `[context, head_dim / 2]` rotary tables.
     cos: Tensor,
     sin: Tensor,
@@ -138,6 +143,11 @@ impl Model {
                 .with_context(|| format!("GGUF tensor `{name}`"))?;
             Ok(q.dequantize(&dev)?.to_dtype(DType::F32)?.contiguous()?)
         };
+        // Each matrix is dropped once packed.
+        let pack = |t: Tensor| -> anyhow::Result<Panels> {
+            let (_, inner) = t.dims2()?;
+            Ok(Panels::new(&F32s::of(&t)?, inner))
+        };
         let embed = tensor("token_embd.weight")?;
         let (vocab, embed_hidden) = embed.dims2()?;
         if embed_hidden != hidden {
@@ -163,19 +173,19 @@ impl Model {
             let w_gate_up = Tensor::cat(&[t("ffn_gate")?, t("ffn_up")?], 0)?;
             layers.push(Layer {
                 attn_norm: t("attn_norm")?,
-                wqkv,
-                wo: t("attn_output")?,
+                wqkv: pack(wqkv)?,
+                wo: pack(t("attn_output")?)?,
                 ffn_norm: t("ffn_norm")?,
-                w_gate_up,
-                w_down: t("ffn_down")?,
+                w_gate_up: pack(w_gate_up)?,
+                w_down: pack(t("ffn_down")?)?,
             });
         }
         let norm = tensor("output_norm.weight")?;
         // Tied embeddings when the file has no output matrix.
-        let lm_head = if content.tensor_infos.contains_key("output.weight") {
-            tensor("output.weight")?
+        let (embed, lm_head) = if content.tensor_infos.contains_key("output.weight") {
+            (Some(embed), pack(tensor("output.weight")?)?)
         } else {
-            embed.clone()
+            (None, pack(embed)?)
         };
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
@@ -207,9 +217,31 @@ impl Model {
         let x = self.append(cache, tokens)?;
         let last = x.narrow(0, tokens.len() - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.eps)?;
-        Ok(linear(&last, &self.lm_head)?
+        Ok(product(&last, &self.lm_head)?
             .flatten_all()?
             .to_vec1::<f32>()?)
+    }
+
+    /// Appends the embedding of each token to `x`.
+    fn embed_into(&self, tokens: &[u32], x: &mut Vec<f32>) -> anyhow::Result<()> {
+        let vocab = self.cfg.vocab;
+        if let Some(t) = tokens.iter().find(|t| **t as usize >= vocab) {
+            bail!("token {t} is outside the vocabulary ({vocab})");
+        }
+        match &self.embed {
+            Some(embed) => {
+                let embed = F32s::of(embed)?;
+                let hidden = embed.len() / vocab;
+                for &t in tokens {
+                    let t = t as usize;
+                    x.extend_from_slice(&embed[t * hidden..(t + 1) * hidden]);
+                }
+            }
+            None => tokens
+                .iter()
+                .for_each(|&t| self.lm_head.row_into(t as usize, x)),
+        }
+        Ok(())
     }
 
     /// Runs `tokens` into `cache` like [`Model::prefill`], without the output layer (a piece of
@@ -229,8 +261,10 @@ impl Model {
             );
         }
         let dev = Device::Cpu;
-        let ids = Tensor::new(tokens, &dev)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let hidden = self.lm_head.inner();
+        let mut x = Vec::with_capacity(len * hidden);
+        self.embed_into(tokens, &mut x)?;
+        let mut x = Tensor::from_vec(x, (len, hidden), &dev)?;
         let cos = self.cos.narrow(0, start, len)?;
         let sin = self.sin.narrow(0, start, len)?;
         let (h, kvh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
@@ -238,7 +272,7 @@ impl Model {
         let scale = 1.0 / (d as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps)?;
-            let qkv = linear(&n, &layer.wqkv)?;
+            let qkv = product(&n, &layer.wqkv)?;
             let q = qkv
                 .narrow(1, 0, h * d)?
                 .contiguous()?
@@ -300,7 +334,7 @@ impl Model {
                 chunks.push(out);
             }
             let attn = Tensor::cat(&chunks, 0)?;
-            x = (x + linear(&attn, &layer.wo)?)?;
+            x = (x + product(&attn, &layer.wo)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
         }
         cache.len += len;
@@ -308,8 +342,8 @@ impl Model {
     }
 
     /// One decode step: `tokens[i]` appended to `caches[i]`; returns `[batch, vocab]` logits,
-    /// row-major. Runs on plain slices of the weights: every product goes through
-    /// [`kernel::matmul_t`] and every other operation is row-wise, so a sequence's logits do not
+    /// row-major. Runs on plain slices: every product goes through [`kernel::matmul`] and every
+    /// other operation is row-wise, so a sequence's logits do not
     /// depend on the sequences beside it.
     pub fn decode(&self, caches: &mut [&mut KvCache], tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
         let cfg = &self.cfg;
@@ -326,16 +360,9 @@ impl Model {
         }
         let (h, kvh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let (kvd, qd, half) = (cfg.kv_dim(), h * d, d / 2);
-        let embed = F32s::of(&self.embed)?;
-        let hidden = embed.len() / cfg.vocab;
+        let hidden = self.lm_head.inner();
         let mut x = Vec::with_capacity(b * hidden);
-        for &t in tokens {
-            let t = t as usize;
-            if t >= cfg.vocab {
-                bail!("token {t} is outside the vocabulary ({})", cfg.vocab);
-            }
-            x.extend_from_slice(&embed[t * hidden..(t + 1) * hidden]);
-        }
+        self.embed_into(tokens, &mut x)?;
         let (cos, sin) = (F32s::of(&self.cos)?, F32s::of(&self.sin)?);
         let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
         let rotate = |rows: &mut [f32], width: usize| {
@@ -346,7 +373,7 @@ impl Model {
         };
         for (l, layer) in self.layers.iter().enumerate() {
             let n = rms_norm(&x, &F32s::of(&layer.attn_norm)?, cfg.eps);
-            let qkv = kernel::matmul_t(&n, b, &F32s::of(&layer.wqkv)?, hidden);
+            let qkv = kernel::matmul(&n, b, &layer.wqkv);
             let width = qd + 2 * kvd;
             let mut q = Vec::with_capacity(b * qd);
             let mut k = Vec::with_capacity(b * kvd);
@@ -377,12 +404,9 @@ impl Model {
                         out_head,
                     );
                 });
-            add(
-                &mut x,
-                &kernel::matmul_t(&attn, b, &F32s::of(&layer.wo)?, qd),
-            );
+            add(&mut x, &kernel::matmul(&attn, b, &layer.wo));
             let n = rms_norm(&x, &F32s::of(&layer.ffn_norm)?, cfg.eps);
-            let gate_up = kernel::matmul_t(&n, b, &F32s::of(&layer.w_gate_up)?, hidden);
+            let gate_up = kernel::matmul(&n, b, &layer.w_gate_up);
             let ffn = gate_up.len() / b / 2;
             // Row by row, side by side (a few thousand exponentials per row).
             let mut act = vec![0f32; b * ffn];
@@ -399,31 +423,31 @@ impl Model {
                         *a = g / (1.0 + *a) * u;
                     }
                 });
-            add(
-                &mut x,
-                &kernel::matmul_t(&act, b, &F32s::of(&layer.w_down)?, ffn),
-            );
+            add(&mut x, &kernel::matmul(&act, b, &layer.w_down));
         }
         for cache in caches.iter_mut() {
             cache.len += 1;
         }
         let x = rms_norm(&x, &F32s::of(&self.norm)?, cfg.eps);
-        Ok(kernel::matmul_t(&x, b, &F32s::of(&self.lm_head)?, hidden))
+        Ok(kernel::matmul(&x, b, &self.lm_head))
     }
 
-    fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> anyhow::Result<Tensor> {
         let n = candle_nn::ops::rms_norm(x, &layer.ffn_norm, self.cfg.eps)?;
-        let gate_up = linear(&n, &layer.w_gate_up)?;
+        let gate_up = product(&n, &layer.w_gate_up)?;
         let ffn = gate_up.dim(1)? / 2;
         let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, ffn)?)?;
         let up = gate_up.narrow(1, ffn, ffn)?;
-        linear(&(gate * up)?, &layer.w_down)
+        product(&(gate * up)?, &layer.w_down)
     }
 }
 
-/// `x @ w^T` for `x` `[rows, in]` and `w` `[out, in]` (prefill: one sequence at a time).
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
+/// `x @ w^T` for `x` `[rows, inner]` (prefill: one sequence at a time).
+fn product(x: &Tensor, w: &Panels) -> anyhow::Result<Tensor> {
+    let x = x.contiguous()?;
+    let (rows, _) = x.dims2()?;
+    let out = kernel::matmul(&F32s::of(&x)?, rows, w);
+    Ok(Tensor::from_vec(out, (rows, w.outs()), &Device::Cpu)?)
 }
 
 /// A contiguous F32 CPU tensor's elements, borrowed.
