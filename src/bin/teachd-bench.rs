@@ -216,7 +216,11 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load.as_secs_f64(),
         status_kib("VmRSS:") / 1024.0,
-        if teacher.separate_scoring() { "separate scoring instance" } else { "one shared instance" },
+        match teacher.scoring_engine() {
+            "native" => "teacher forcing on the native engine",
+            "separate" => "separate scoring instance",
+            _ => "one shared instance",
+        },
         generation.0,
         generation.1,
         model_cfg.dequantize_on_cpu,

@@ -317,10 +317,13 @@ pub struct ModelConfig {
     /// and exact logits, for ~4x the memory of the quantized file. Ignored on CUDA.
     #[serde(default = "default_true")]
     pub dequantize_on_cpu: bool,
-    /// Where teacher forcing runs. `separate`: a second engine instance of this model that
-    /// serves only teacher forcing, so `/v1/logprobs` never waits behind generations (costs a
-    /// second copy of the weights in memory). `shared`: the generation engine, taken alone
-    /// between generations. `auto`: separate on CPU, shared on CUDA.
+    /// Where teacher forcing runs. `native`: on the native generation engine's model (see
+    /// `generation_engine`), one pass at a time beside the generations, with no second copy of
+    /// the weights; needs that engine and `dequantize_on_cpu`. `separate`: a second mistralrs
+    /// instance of this model that serves only teacher forcing, so `/v1/logprobs` never waits
+    /// behind generations (costs a second copy of the weights in memory). `shared`: the
+    /// mistralrs generation engine, taken alone between generations. `auto`: native where it
+    /// applies, else separate on CPU, shared on CUDA.
     #[serde(default)]
     pub scoring_engine: ScoringEngine,
     /// On CPU with a separate scoring engine, whether the generation engine dequantizes too.
@@ -333,8 +336,8 @@ pub struct ModelConfig {
     /// GGUF files, dequantized F32 weights), which batches up to `engine.native_max_batch`
     /// generations per decode step. `mistralrs`: the mistralrs engine (one generation at a
     /// time on CPU). `auto`: native where it applies (CPU, a local llama GGUF file, F32,
-    /// dequantized generation weights), mistralrs otherwise. Teacher forcing always runs on
-    /// mistralrs.
+    /// dequantized generation weights), mistralrs otherwise. Teacher forcing runs on it too
+    /// unless `scoring_engine` says otherwise.
     #[serde(default)]
     pub generation_engine: GenerationEngine,
     pub licence: LicenceConfig,
@@ -380,6 +383,7 @@ pub enum GenerationEngine {
 pub enum ScoringEngine {
     #[default]
     Auto,
+    Native,
     Separate,
     Shared,
 }

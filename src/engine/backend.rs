@@ -18,7 +18,12 @@
 //!   finished raw sequence back to `RunningCompletion` (`engine/mod.rs`, after
 //!   `pipeline.step` for prompts), so it runs one leftover decode step that may land in a
 //!   generation's bucket. A raw request is therefore never in an engine beside anything else.
-//! * By default (`scoring_engine = "separate"`, CPU) each teacher has a second engine instance
+//! * Where the native engine runs generations (CPU, a local llama GGUF file), teacher forcing
+//!   runs on its model too by default (`scoring_engine = "native"`, [`Native::logits_all`]),
+//!   one pass at a time behind a gate of its own, beside the generations: none of the hazards
+//!   below apply to it, and no mistralrs instance computes anything (the generation instance
+//!   then only renders chat templates, so it keeps the quantized weights).
+//! * Otherwise on CPU (`scoring_engine = "separate"`) each teacher has a second engine instance
 //!   that serves only teacher forcing, one request at a time: raw requests never wait behind
 //!   generations, at the cost of a second copy of the weights in memory. With
 //!   `scoring_engine = "shared"` (the default on CUDA, where weights are not doubled) one
@@ -26,7 +31,8 @@
 //!   takes it alone, and a waiting raw request stops new generations from being admitted, so
 //!   it starts as soon as the running ones end.
 //! * A batch line of teacher forcing of at most `engine.spare_max_tokens` tokens may run on
-//!   the generation engine instead, alone, when a [`SpareTurn`] could be taken there: no
+//!   the generation engine instead (with native scoring: a second native pass beside the
+//!   first), alone, when a [`SpareTurn`] could be taken there: no
 //!   generation holds or waits for a slot, nothing else holds the engine, and no interactive
 //!   request came within `engine.spare_quiet_ms` (while interactive callers are about, the
 //!   batch leaves the CPU to them). The batch runner
@@ -55,6 +61,7 @@ use tokio::sync::{
     Semaphore,
 };
 
+use super::native::Native;
 use super::EngineError;
 
 /// How often a request is re-sent when the engine's channel closes under it.
@@ -71,9 +78,9 @@ pub struct Backend {
     generation: Arc<Instance>,
     /// teachd's own batched CPU decoder: runs the generations instead of the generation
     /// instance, which then serves only spare turns and chat templating.
-    native: Option<super::native::Native>,
-    /// The instance teacher forcing runs on: its own, or the generation one (shared mode).
-    scoring: Arc<Instance>,
+    native: Option<Arc<Native>>,
+    /// Where teacher forcing runs.
+    scoring: Scoring,
     /// Generations running at once (the engine's batch).
     gen_slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
@@ -93,6 +100,20 @@ pub struct Backend {
     /// When the last interactive request came.
     last_foreground: parking_lot::Mutex<Option<Instant>>,
     next_id: AtomicUsize,
+}
+
+/// Where teacher forcing runs (`scoring_engine`).
+enum Scoring {
+    /// A mistralrs instance: one of its own (`separate`), or the generation one (`shared`).
+    Mistral(Arc<Instance>),
+    /// The native engine's model, one pass at a time behind this gate (`native`).
+    Native(Arc<Native>, Arc<RwLock<()>>),
+}
+
+/// The engine one teacher-forcing pass runs on.
+enum PassOn<'a> {
+    Mistral(&'a Instance),
+    Native(&'a Arc<Native>),
 }
 
 /// The generation engine, taken alone for one raw request while it was idle (see the module
@@ -131,12 +152,31 @@ pub struct EngineTurn {
 /// Full-vocabulary logits of one teacher-forcing pass, `[len, vocab]` f32, held as the engine
 /// produced them (no copy when they already are contiguous f32 on the CPU).
 pub struct RawLogits {
-    tensor: mistralrs::Tensor,
+    data: LogitsData,
     pub vocab: usize,
     pub rows: usize,
 }
 
+enum LogitsData {
+    /// From mistralrs.
+    Tensor(mistralrs::Tensor),
+    /// From the native engine, row-major.
+    Native(Vec<f32>),
+}
+
 impl RawLogits {
+    /// The native engine's `[rows, vocab]` row-major logits.
+    fn native(data: Vec<f32>, vocab: usize) -> anyhow::Result<Self> {
+        if vocab == 0 || !data.len().is_multiple_of(vocab) {
+            anyhow::bail!("{} logits do not make rows of {vocab}", data.len());
+        }
+        Ok(Self {
+            rows: data.len() / vocab,
+            data: LogitsData::Native(data),
+            vocab,
+        })
+    }
+
     fn new(chunks: Vec<mistralrs::Tensor>) -> anyhow::Result<Self> {
         let tensor = match chunks.len() {
             0 => anyhow::bail!("the engine returned no logits"),
@@ -150,15 +190,20 @@ impl RawLogits {
             tensor.to_dtype(mistralrs::DType::F32)?.contiguous()?
         };
         Ok(Self {
-            tensor,
+            data: LogitsData::Tensor(tensor),
             vocab,
             rows,
         })
     }
 
-    /// The logits as one row-major slice (row i predicts token i+1), borrowed from the tensor.
+    /// The logits as one row-major slice (row i predicts token i+1), borrowed in place.
     pub fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> anyhow::Result<R> {
-        with_cpu_f32(&self.tensor, f)?.context("logits are not contiguous in CPU memory")
+        match &self.data {
+            LogitsData::Tensor(tensor) => {
+                with_cpu_f32(tensor, f)?.context("logits are not contiguous in CPU memory")
+            }
+            LogitsData::Native(data) => Ok(f(data)),
+        }
     }
 
     /// A copy as a `Vec` (reference checks and tests).
@@ -196,12 +241,14 @@ impl Drop for Waiting {
 
 impl Backend {
     /// `scoring`: a second engine instance of the same model for teacher forcing, or `None` to
-    /// run it on the generation engine (behind the read-write gate).
+    /// run it on the generation engine (behind the read-write gate). `native_scoring`: run it
+    /// on `native` instead (then `scoring` must be `None`).
     #[allow(clippy::too_many_arguments)] // each is one engine part or knob, named at the call
     pub fn new(
         generation: Arc<MistralRs>,
         scoring: Option<Arc<MistralRs>>,
-        native: Option<super::native::Native>,
+        native: Option<Native>,
+        native_scoring: bool,
         max_batch: usize,
         max_queue: usize,
         settle: Duration,
@@ -212,12 +259,16 @@ impl Backend {
             mistral: generation,
             gate: Arc::new(RwLock::new(())),
         });
-        let scoring = match scoring {
-            Some(mistral) => Arc::new(Instance {
+        let native = native.map(Arc::new);
+        let scoring = match (scoring, &native) {
+            (None, Some(native)) if native_scoring => {
+                Scoring::Native(native.clone(), Arc::new(RwLock::new(())))
+            }
+            (Some(mistral), _) => Scoring::Mistral(Arc::new(Instance {
                 mistral,
                 gate: Arc::new(RwLock::new(())),
-            }),
-            None => generation.clone(),
+            })),
+            (None, _) => Scoring::Mistral(generation.clone()),
         };
         Self {
             generation,
@@ -237,9 +288,23 @@ impl Backend {
         }
     }
 
-    /// Whether teacher forcing has an engine instance of its own.
+    /// Whether teacher forcing has a lane of its own (the native engine's model, or a mistralrs
+    /// instance of its own), so that it never waits behind generations.
     pub fn separate_scoring(&self) -> bool {
-        !Arc::ptr_eq(&self.generation, &self.scoring)
+        match &self.scoring {
+            Scoring::Mistral(instance) => !Arc::ptr_eq(&self.generation, instance),
+            Scoring::Native(..) => true,
+        }
+    }
+
+    /// What runs teacher forcing: `native`, `separate` (a mistralrs instance of its own) or
+    /// `shared` (the mistralrs generation instance).
+    pub fn scoring_engine(&self) -> &'static str {
+        match &self.scoring {
+            Scoring::Native(..) => "native",
+            Scoring::Mistral(_) if self.separate_scoring() => "separate",
+            Scoring::Mistral(_) => "shared",
+        }
     }
 
     /// What runs generations (`native` or `mistralrs`) and how many at once.
@@ -311,10 +376,15 @@ impl Backend {
     /// Wait for the scoring engine alone; 503 `overloaded` when too many already wait.
     async fn raw_turn(&self) -> Result<EngineTurn, EngineError> {
         let _waiting = self.enqueue()?;
-        let guard = self.scoring.gate.clone().write_owned().await;
+        let (gate, settle) = match &self.scoring {
+            Scoring::Mistral(instance) => (&instance.gate, self.settle),
+            // No engine thread to settle: the pass ends when it returns.
+            Scoring::Native(_, gate) => (gate, Duration::ZERO),
+        };
+        let guard = gate.clone().write_owned().await;
         Ok(EngineTurn {
             held: Held::Alone(guard),
-            settle: self.settle,
+            settle,
         })
     }
 
@@ -335,9 +405,13 @@ impl Backend {
         let guard = tokio::time::timeout(wait, self.generation.gate.clone().write_owned())
             .await
             .ok()?;
+        let settle = match self.scoring {
+            Scoring::Native(..) => Duration::ZERO,
+            Scoring::Mistral(_) => self.settle,
+        };
         (idle() && self.quiet()).then_some(SpareTurn(EngineTurn {
             held: Held::Alone(guard),
-            settle: self.settle,
+            settle,
         }))
     }
 
@@ -442,11 +516,45 @@ impl Backend {
         if matches!(lane, Lane::Foreground) {
             self.mark_foreground();
         }
-        let (turn, instance, counter) = match lane {
-            Lane::Spare(SpareTurn(turn)) => (turn, &self.generation, &self.spare_passes),
-            _ => (self.raw_turn().await?, &self.scoring, &self.scoring_passes),
+        let (turn, on, counter) = match (lane, &self.scoring) {
+            // A spare turn runs where the scoring passes run, so a batch line gives the same
+            // logits on either lane.
+            (Lane::Spare(SpareTurn(turn)), Scoring::Native(native, _)) => {
+                (turn, PassOn::Native(native), &self.spare_passes)
+            }
+            (Lane::Spare(SpareTurn(turn)), Scoring::Mistral(_)) => {
+                (turn, PassOn::Mistral(&self.generation), &self.spare_passes)
+            }
+            (_, Scoring::Native(native, _)) => (
+                self.raw_turn().await?,
+                PassOn::Native(native),
+                &self.scoring_passes,
+            ),
+            (_, Scoring::Mistral(instance)) => (
+                self.raw_turn().await?,
+                PassOn::Mistral(instance),
+                &self.scoring_passes,
+            ),
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let instance = match on {
+            PassOn::Native(native) => {
+                let native = native.clone();
+                // The turn is held until `f` has returned: one buffer per gate at a time.
+                return tokio::task::spawn_blocking(move || {
+                    let vocab = native.vocab();
+                    let logits = RawLogits::native(native.logits_all(&tokens)?, vocab)?;
+                    let out = f(&logits);
+                    drop(logits);
+                    drop(turn);
+                    Ok::<_, anyhow::Error>(out)
+                })
+                .await
+                .map_err(|e| EngineError::Internal(anyhow!(e)))?
+                .map_err(EngineError::Internal);
+            }
+            PassOn::Mistral(instance) => instance,
+        };
         let turn = Arc::new(turn);
         for attempt in 1..=MAX_ATTEMPTS {
             let mut sampling = SamplingParams::neutral();

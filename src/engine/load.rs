@@ -40,25 +40,43 @@ pub(super) async fn load_teacher(
         cfg.source,
         ModelSource::Gguf { .. } | ModelSource::Hub { file: Some(_), .. }
     );
-    let separate = match cfg.scoring_engine {
-        ScoringEngine::Auto => on_cpu,
-        ScoringEngine::Separate => true,
-        ScoringEngine::Shared => false,
-    };
     // With F32 activations, dequantized weights are both the fastest CPU path for teacher
     // forcing (dense F32 matmuls) and exact with respect to the stored quantized weights.
     let dequantize_scoring = on_cpu && is_gguf && cfg.dequantize_on_cpu;
-    let dequantize_generation = if separate {
-        on_cpu
-            && is_gguf
-            && cfg
-                .generation_dequantize_on_cpu
-                .unwrap_or(cfg.dequantize_on_cpu)
-    } else {
-        dequantize_scoring
+    let dequantize_own_generation = on_cpu
+        && is_gguf
+        && cfg
+            .generation_dequantize_on_cpu
+            .unwrap_or(cfg.dequantize_on_cpu);
+    // Native scoring needs the native engine, which needs a generation engine of its own
+    // weights (the mistralrs generation instance may differ from the scoring one).
+    let native_path = match cfg.scoring_engine {
+        ScoringEngine::Shared => native_generation(cfg, on_cpu, dtype, dequantize_scoring)?,
+        _ => native_generation(cfg, on_cpu, dtype, dequantize_own_generation)?,
     };
-
-    let native_path = native_generation(cfg, on_cpu, dtype, dequantize_generation)?;
+    // The native model is dequantized: it scores only where the scoring weights would be.
+    let native_can_score = native_path.is_some() && dequantize_scoring;
+    let place = match (cfg.scoring_engine, native_can_score) {
+        (ScoringEngine::Native, false) => bail!(
+            "model `{}`: scoring_engine = native runs teacher forcing on the native generation \
+             engine's dequantized model, which this model does not have (see generation_engine \
+             and dequantize_on_cpu)",
+            cfg.id
+        ),
+        (ScoringEngine::Native | ScoringEngine::Auto, true) => ScoringEngine::Native,
+        (ScoringEngine::Auto, false) if on_cpu => ScoringEngine::Separate,
+        (ScoringEngine::Auto, false) => ScoringEngine::Shared,
+        (chosen, _) => chosen,
+    };
+    let native_scoring = place == ScoringEngine::Native;
+    let separate = place == ScoringEngine::Separate;
+    // With native generation and scoring, the mistralrs instance computes nothing (it renders
+    // chat templates and tokenizes): it keeps the quantized weights, the smallest copy.
+    let dequantize_generation = match place {
+        ScoringEngine::Native => false,
+        ScoringEngine::Separate => dequantize_own_generation,
+        _ => dequantize_scoring,
+    };
     if on_cpu && native_path.is_none() && engine.max_batch > 1 {
         bail!(
             "model `{}`: engine.max_batch = {} on CPU with generation_engine = mistralrs: \
@@ -249,12 +267,14 @@ pub(super) async fn load_teacher(
         mistral,
         scoring,
         native,
+        native_scoring,
         generations_at_once,
         engine.max_queue,
         Duration::from_millis(engine.settle_ms),
         // Batch lines may use an idle generation engine only where it computes the same
-        // logits: the same weights, dequantized alike.
-        if dequantize_generation == dequantize_scoring {
+        // logits: the same weights, dequantized alike (a native spare pass runs on the
+        // scoring passes' own model).
+        if native_scoring || dequantize_generation == dequantize_scoring {
             engine.spare_max_tokens
         } else {
             0
@@ -263,7 +283,7 @@ pub(super) async fn load_teacher(
     );
     tracing::info!(
         model = %cfg.id,
-        scoring_engine = if separate { "separate" } else { "shared" },
+        scoring_engine = backend.scoring_engine(),
         dequantize_scoring,
         dequantize_generation,
         generation_engine = if native_engine { "native" } else { "mistralrs" },

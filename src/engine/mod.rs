@@ -226,9 +226,15 @@ impl Teacher {
         self.backend.queue_depth()
     }
 
-    /// Whether teacher forcing runs on an engine instance of its own (`scoring_engine`).
+    /// Whether teacher forcing has a lane of its own, so it never waits behind generations
+    /// (`scoring_engine` native or separate).
     pub fn separate_scoring(&self) -> bool {
         self.backend.separate_scoring()
+    }
+
+    /// What runs teacher forcing: `native`, `separate` or `shared` (`scoring_engine`).
+    pub fn scoring_engine(&self) -> &'static str {
+        self.backend.scoring_engine()
     }
 
     /// What runs generations (`native` or `mistralrs`) and how many at once.

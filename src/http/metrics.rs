@@ -71,8 +71,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
     out.push_str(
         "# HELP teachd_engine_raw_passes_total Teacher-forcing passes started, by engine: \
-         `scoring` (the scoring engine, or the one engine when shared) or `generation` (batch \
-         lines on an idle generation engine).\n",
+         `scoring` (the scoring lane: the native engine's model, a mistralrs scoring \
+         instance, or the one engine when shared) or `generation` (batch lines on a spare turn \
+         of an idle generation engine).\n",
     );
     out.push_str("# TYPE teachd_engine_raw_passes_total counter\n");
     for t in state.models.iter() {

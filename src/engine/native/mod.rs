@@ -9,8 +9,13 @@
 //! (`engine.native_kv_cache_mib`; the rest wait in arrival order), runs up to [`PREFILL_PIECE`]
 //! prompt tokens, then one decode step for every running generation. A new generation therefore
 //! starts after at most the decode step in progress, and a long prompt holds the running ones
-//! up for one piece at a time. Teacher forcing stays on mistralrs (the scoring engine), so
-//! every logprob teachd reports from teacher forcing is unchanged.
+//! up for one piece at a time.
+//!
+//! Teacher forcing runs on the same model ([`Native::logits_all`], `scoring_engine = "native"`,
+//! the default where this engine runs): outside the engine loop, on the caller's blocking
+//! thread, so it never waits for a decode step and no decode step waits for it (they share the
+//! CPU). It runs the sequence in the same [`PREFILL_PIECE`] pieces as a generation's prompt, so
+//! the logits after a prompt are the same bits in both.
 //!
 //! Tokens are chosen by the same per-request step function as on mistralrs ([`StepFn`]): the
 //! engine hands it each step's logits and appends what it returns.
@@ -62,6 +67,8 @@ pub const PREFILL_PIECE: usize = 256;
 
 pub struct Native {
     jobs: std_mpsc::Sender<Job>,
+    /// Shared with the engine thread (read-only there too).
+    model: Arc<Model>,
 }
 
 impl Native {
@@ -73,7 +80,7 @@ impl Native {
         name: &str,
         kv_cache_bytes: usize,
     ) -> anyhow::Result<Self> {
-        let model = Model::load(path)?;
+        let model = Arc::new(Model::load(path)?);
         let full = model.cfg.context * model.cfg.kv_bytes_per_token();
         if kv_cache_bytes < full {
             anyhow::bail!(
@@ -97,13 +104,36 @@ impl Native {
             .build()
             .context("native engine thread pool")?;
         let (jobs, rx) = std_mpsc::channel();
+        let engine_model = model.clone();
         std::thread::Builder::new()
             .name(thread)
-            .spawn(move || {
-                pool.install(|| Engine::new(Arc::new(model), eos, kv_cache_bytes).run(rx))
-            })
+            .spawn(move || pool.install(|| Engine::new(engine_model, eos, kv_cache_bytes).run(rx)))
             .context("native engine thread")?;
-        Ok(Self { jobs })
+        Ok(Self { jobs, model })
+    }
+
+    /// Width of a logits row (the model's vocabulary).
+    pub fn vocab(&self) -> usize {
+        self.model.cfg.vocab
+    }
+
+    /// Teacher forcing: the logits after every token of `tokens`, `[len, vocab]` row-major (row
+    /// i predicts token i+1), in [`PREFILL_PIECE`] pieces. Blocking; runs on the calling
+    /// thread and rayon's global pool, beside the engine loop rather than inside it. Holds one
+    /// `[len, vocab]` buffer, the sequence's key/value cache and one piece's activations.
+    pub fn logits_all(&self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+        let cfg = &self.model.cfg;
+        if tokens.len() > cfg.context {
+            anyhow::bail!(
+                "{} tokens exceed the model's context of {}",
+                tokens.len(),
+                cfg.context
+            );
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
+            anyhow::bail!("token id {bad} is outside the vocabulary ({})", cfg.vocab);
+        }
+        self.model.logits_all(tokens, PREFILL_PIECE)
     }
 
     /// Runs one generation to its end (end of sequence chosen by `step`, or `max_new` tokens).
@@ -349,6 +379,27 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
+    }
+
+    /// Teacher forcing gives, at every position, the bits a generation's prompt pass gives
+    /// there, and a row does not depend on how much of the sequence follows it.
+    #[test]
+    fn teacher_forcing_rows_match_the_prompt_pass_and_ignore_what_follows() {
+        let m = model();
+        let v = m.cfg.vocab;
+        let p = prompt(PREFILL_PIECE + 45, 6);
+        let all = m.logits_all(&p, PREFILL_PIECE).unwrap();
+        assert_eq!(all.len(), p.len() * v);
+        // The prompt pass as the engine runs it: piece by piece, logits after the last token.
+        let mut cache = KvCache::with_capacity(&m.cfg, p.len());
+        m.append(&mut cache, &p[..PREFILL_PIECE]).unwrap();
+        let last = m.prefill(&mut cache, &p[PREFILL_PIECE..]).unwrap();
+        assert_eq!(&all[(p.len() - 1) * v..], &last[..]);
+        for len in [1, 100, PREFILL_PIECE, PREFILL_PIECE + 10] {
+            let short = m.logits_all(&p[..len], PREFILL_PIECE).unwrap();
+            assert_eq!(&short[..], &all[..len * v], "first {len} tokens");
+        }
+        assert!(all.iter().all(|x| x.is_finite()));
     }
 
     #[test]

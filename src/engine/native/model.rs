@@ -222,6 +222,21 @@ impl Model {
             .to_vec1::<f32>()?)
     }
 
+    /// Teacher forcing: the logits after every token of `tokens` (one sequence, from an empty
+    /// cache), `[len, vocab]` row-major, run in prompt pieces of `piece` tokens.
+    pub fn logits_all(&self, tokens: &[u32], piece: usize) -> anyhow::Result<Vec<f32>> {
+        let vocab = self.cfg.vocab;
+        let mut out = Vec::with_capacity(tokens.len() * vocab);
+        let mut cache = KvCache::with_capacity(&self.cfg, tokens.len());
+        for chunk in tokens.chunks(piece.max(1)) {
+            let x = self.append(&mut cache, chunk)?;
+            let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.eps)?;
+            let x = x.contiguous()?;
+            out.extend(kernel::matmul(&F32s::of(&x)?, chunk.len(), &self.lm_head));
+        }
+        Ok(out)
+    }
+
     /// Appends the embedding of each token to `x`.
     fn embed_into(&self, tokens: &[u32], x: &mut Vec<f32>) -> anyhow::Result<()> {
         let vocab = self.cfg.vocab;
