@@ -516,42 +516,24 @@ impl Backend {
         if matches!(lane, Lane::Foreground) {
             self.mark_foreground();
         }
-        let (turn, on, counter) = match (lane, &self.scoring) {
-            // A spare turn runs where the scoring passes run, so a batch line gives the same
-            // logits on either lane.
-            (Lane::Spare(SpareTurn(turn)), Scoring::Native(native, _)) => {
-                (turn, PassOn::Native(native), &self.spare_passes)
-            }
-            (Lane::Spare(SpareTurn(turn)), Scoring::Mistral(_)) => {
-                (turn, PassOn::Mistral(&self.generation), &self.spare_passes)
-            }
-            (_, Scoring::Native(native, _)) => (
-                self.raw_turn().await?,
-                PassOn::Native(native),
-                &self.scoring_passes,
-            ),
-            (_, Scoring::Mistral(instance)) => (
-                self.raw_turn().await?,
-                PassOn::Mistral(instance),
-                &self.scoring_passes,
-            ),
+        let (turn, counter, spare) = match lane {
+            Lane::Spare(SpareTurn(turn)) => (turn, &self.spare_passes, true),
+            _ => (self.raw_turn().await?, &self.scoring_passes, false),
+        };
+        let on = match (&self.scoring, spare) {
+            // With native scoring a spare turn runs a second native pass, the same logits as
+            // the scoring lane's; otherwise the mistralrs generation instance, given spare
+            // turns only where it holds the same weights, dequantized alike (`load.rs`).
+            (Scoring::Native(native, _), _) => PassOn::Native(native),
+            (Scoring::Mistral(_), true) => PassOn::Mistral(&self.generation),
+            (Scoring::Mistral(instance), false) => PassOn::Mistral(instance),
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let instance = match on {
             PassOn::Native(native) => {
                 let native = native.clone();
-                // The turn is held until `f` has returned: one buffer per gate at a time.
-                return tokio::task::spawn_blocking(move || {
-                    let vocab = native.vocab();
-                    let logits = RawLogits::native(native.logits_all(&tokens)?, vocab)?;
-                    let out = f(&logits);
-                    drop(logits);
-                    drop(turn);
-                    Ok::<_, anyhow::Error>(out)
-                })
-                .await
-                .map_err(|e| EngineError::Internal(anyhow!(e)))?
-                .map_err(EngineError::Internal);
+                let pass = move || RawLogits::native(native.logits_all(&tokens)?, native.vocab());
+                return score_blocking(pass, f, turn).await;
             }
             PassOn::Mistral(instance) => instance,
         };
@@ -567,17 +549,7 @@ impl Backend {
             );
             match Self::run_once(instance, req, rx, turn.clone()).await? {
                 Some(Response::Raw { logits_chunks, .. }) => {
-                    let held = turn.clone();
-                    return tokio::task::spawn_blocking(move || {
-                        let logits = RawLogits::new(logits_chunks)?;
-                        let out = f(&logits);
-                        drop(logits);
-                        drop(held);
-                        Ok::<_, anyhow::Error>(out)
-                    })
-                    .await
-                    .map_err(|e| EngineError::Internal(anyhow!(e)))?
-                    .map_err(EngineError::Internal);
+                    return score_blocking(move || RawLogits::new(logits_chunks), f, turn).await;
                 }
                 Some(other) => return Err(response_error(other)),
                 None => {
@@ -682,6 +654,30 @@ impl Backend {
             None => Err(EngineError::Unavailable("engine channel closed".into())),
         }
     }
+}
+
+/// On a blocking thread: takes the logits from `logits`, hands them to `f`, and only then lets
+/// go of `held` (the turn), so the next pass on that engine cannot overlap this one's buffer.
+async fn score_blocking<R, F, H>(
+    logits: impl FnOnce() -> anyhow::Result<RawLogits> + Send + 'static,
+    f: F,
+    held: H,
+) -> Result<R, EngineError>
+where
+    R: Send + 'static,
+    F: FnOnce(&RawLogits) -> R + Send + 'static,
+    H: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let logits = logits()?;
+        let out = f(&logits);
+        drop(logits);
+        drop(held);
+        Ok::<_, anyhow::Error>(out)
+    })
+    .await
+    .map_err(|e| EngineError::Internal(anyhow!(e)))?
+    .map_err(EngineError::Internal)
 }
 
 fn is_terminal(resp: &Response) -> bool {
