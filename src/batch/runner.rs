@@ -4,8 +4,9 @@
 //!
 //! **Two lines at once when the machine allows.** A step runs a batch's next line on the
 //! scoring engine and, if the line after it is teacher forcing and the model's generation
-//! engine is idle ([`crate::engine::SpareTurn`]), that one beside it on the generation engine;
-//! otherwise the second line runs first in the next step. The two are committed in order.
+//! engine is idle ([`crate::engine::SpareTurn`]), that one beside it on the generation engine
+//! (with native scoring, a second pass of the same native model); otherwise the second line
+//! runs first in the next step. The two are committed in order.
 //!
 //! **Priority.** Each line is one engine request in the model's queue, like an interactive
 //! request: an interactive `/v1/logprobs` call waits at most for the line in progress on the

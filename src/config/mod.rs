@@ -258,9 +258,10 @@ pub struct EngineConfig {
     pub native_kv_cache_mib: usize,
     /// Longest generation allowed (`max_tokens` cap).
     pub max_new_tokens: usize,
-    /// With a separate scoring engine: batch lines of teacher forcing of at most this many
-    /// tokens may also run on the generation engine while it is idle (no generation running or
-    /// waiting), so a batch runs two lines at once. A generation arriving meanwhile waits for
+    /// With a scoring lane of its own (`scoring_engine` native or separate): batch lines of
+    /// teacher forcing of at most this many tokens may also run on a spare turn of the idle
+    /// generation engine (no generation running or waiting; with native scoring, a second
+    /// native pass), so a batch runs two lines at once. A generation arriving meanwhile waits for
     /// that one pass (not measured; a 32-token call waited ~4.4 s p50 behind paired 512-token lines on the 2-core CI machine). 0 turns it off; it is off
     /// anyway when the two engines' weights differ (`generation_dequantize_on_cpu = false`).
     pub spare_max_tokens: usize,
@@ -326,7 +327,8 @@ pub struct ModelConfig {
     /// applies, else separate on CPU, shared on CUDA.
     #[serde(default)]
     pub scoring_engine: ScoringEngine,
-    /// On CPU with a separate scoring engine, whether the generation engine dequantizes too.
+    /// On CPU with a separate scoring engine, whether the generation engine dequantizes too
+    /// (`false` also rules out the native engine, which runs dequantized weights).
     /// `false` keeps the quantized weights for generation: faster decode and less memory,
     /// with generation logprobs from quantized matmuls (not bit-equal to teacher forcing; see
     /// the README's performance section). Defaults to `dequantize_on_cpu`.
