@@ -56,6 +56,7 @@ use anyhow::{anyhow, Context};
 use mistralrs_core::{
     Constraint, MistralRs, NormalRequest, Request, RequestMessage, Response, SamplingParams,
 };
+use rayon::prelude::*;
 use tokio::sync::{
     mpsc, oneshot, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, OwnedSemaphorePermit, RwLock,
     Semaphore,
@@ -154,7 +155,6 @@ pub struct EngineTurn {
 pub struct RawLogits {
     data: LogitsData,
     pub vocab: usize,
-    pub rows: usize,
 }
 
 enum LogitsData {
@@ -171,7 +171,6 @@ impl RawLogits {
             anyhow::bail!("{} logits do not make rows of {vocab}", data.len());
         }
         Ok(Self {
-            rows: data.len() / vocab,
             data: LogitsData::Native(data),
             vocab,
         })
@@ -183,7 +182,7 @@ impl RawLogits {
             1 => chunks.into_iter().next().expect("one chunk"),
             _ => mistralrs::Tensor::cat(&chunks, 0)?,
         };
-        let (rows, vocab) = tensor.dims2().context("logits are not [len, vocab]")?;
+        let (_, vocab) = tensor.dims2().context("logits are not [len, vocab]")?;
         let tensor = if tensor.dtype() == mistralrs::DType::F32 && tensor.is_contiguous() {
             tensor
         } else {
@@ -192,7 +191,6 @@ impl RawLogits {
         Ok(Self {
             data: LogitsData::Tensor(tensor),
             vocab,
-            rows,
         })
     }
 
@@ -497,22 +495,8 @@ impl Backend {
         Ok(first_rx.await.ok())
     }
 
-    /// Teacher forcing: the full-vocabulary logits for every position of `tokens`, handed to
-    /// `f` on a blocking thread. The scoring engine stays closed to the next pass until `f`
-    /// returns, so at most one `[len, vocab]` buffer per model exists at a time.
-    ///
-    /// On the [`Lane`]'s engine: the scoring engine, or the generation engine a spare turn
-    /// holds.
-    pub async fn with_raw_logits<R, F>(
-        &self,
-        tokens: Vec<u32>,
-        lane: Lane,
-        f: F,
-    ) -> Result<R, EngineError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&RawLogits) -> R + Send + 'static,
-    {
+    /// The turn and the engine for one teacher-forcing pass on `lane`, counted.
+    async fn pass_turn(&self, lane: Lane) -> Result<(EngineTurn, PassOn<'_>), EngineError> {
         if matches!(lane, Lane::Foreground) {
             self.mark_foreground();
         }
@@ -529,14 +513,97 @@ impl Backend {
             (Scoring::Mistral(instance), false) => PassOn::Mistral(instance),
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let instance = match on {
-            PassOn::Native(native) => {
+        Ok((turn, on))
+    }
+
+    /// Teacher forcing: the full-vocabulary logits for every position of `tokens`, handed to
+    /// `f` on a blocking thread. The scoring engine stays closed to the next pass until `f`
+    /// returns, so at most one `[len, vocab]` buffer per model exists at a time.
+    ///
+    /// On the [`Lane`]'s engine: the scoring engine, or the generation engine a spare turn
+    /// holds.
+    pub async fn with_raw_logits<R, F>(
+        &self,
+        tokens: Vec<u32>,
+        lane: Lane,
+        f: F,
+    ) -> Result<R, EngineError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&RawLogits) -> R + Send + 'static,
+    {
+        match self.pass_turn(lane).await? {
+            (turn, PassOn::Native(native)) => {
                 let native = native.clone();
                 let pass = move || RawLogits::native(native.logits_all(&tokens)?, native.vocab());
-                return score_blocking(pass, f, turn).await;
+                score_blocking(pass, f, turn).await
             }
-            PassOn::Mistral(instance) => instance,
-        };
+            (turn, PassOn::Mistral(instance)) => self.mistral_pass(instance, tokens, turn, f).await,
+        }
+    }
+
+    /// Teacher forcing scored row by row: `row(i, logits)` for every logits row `i` (the one
+    /// that predicts token `i + 1`), side by side on rayon's pool; the results in row order.
+    /// On the native engine each piece's rows are scored as soon as the pass has them, so no
+    /// `[len, vocab]` buffer exists, only one piece's (`native::PREFILL_PIECE` rows); on
+    /// mistralrs they are scored from its buffer, as in [`Backend::with_raw_logits`].
+    pub async fn map_logit_rows<T, F>(
+        &self,
+        tokens: Vec<u32>,
+        lane: Lane,
+        row: F,
+    ) -> Result<Vec<T>, EngineError>
+    where
+        T: Send + 'static,
+        F: Fn(usize, &[f32]) -> T + Send + Sync + 'static,
+    {
+        match self.pass_turn(lane).await? {
+            (turn, PassOn::Native(native)) => {
+                let native = native.clone();
+                tokio::task::spawn_blocking(move || {
+                    let vocab = native.vocab();
+                    let mut out = Vec::with_capacity(tokens.len());
+                    native.logits_by_piece(&tokens, |first, rows| {
+                        let scored = rows.par_chunks(vocab).enumerate();
+                        out.par_extend(scored.map(|(j, r)| row(first + j, r)));
+                    })?;
+                    drop(turn);
+                    Ok::<_, anyhow::Error>(out)
+                })
+                .await
+                .map_err(|e| EngineError::Internal(anyhow!(e)))?
+                .map_err(EngineError::Internal)
+            }
+            (turn, PassOn::Mistral(instance)) => {
+                let scored = self
+                    .mistral_pass(instance, tokens, turn, move |logits| {
+                        if logits.vocab == 0 {
+                            anyhow::bail!("the engine returned empty logit rows");
+                        }
+                        logits.with_slice(|data| {
+                            let rows = data.par_chunks(logits.vocab).enumerate();
+                            rows.map(|(i, r)| row(i, r)).collect::<Vec<_>>()
+                        })
+                    })
+                    .await?;
+                scored.map_err(EngineError::Internal)
+            }
+        }
+    }
+
+    /// One raw pass on a mistralrs instance, `f` over its logits (see
+    /// [`Backend::with_raw_logits`]); retried on a fresh sender when the channel closes.
+    async fn mistral_pass<R, F>(
+        &self,
+        instance: &Instance,
+        tokens: Vec<u32>,
+        turn: EngineTurn,
+        f: F,
+    ) -> Result<R, EngineError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&RawLogits) -> R + Send + 'static,
+    {
         let turn = Arc::new(turn);
         for attempt in 1..=MAX_ATTEMPTS {
             let mut sampling = SamplingParams::neutral();

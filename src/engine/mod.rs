@@ -12,8 +12,6 @@ mod simd;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::config::{EngineConfig, LicenceConfig, ModelConfig};
 
 pub use backend::{Lane, SpareTurn};
@@ -320,29 +318,24 @@ impl Teacher {
             ));
         }
         let owned = tokens.to_vec();
-        let rows = self
+        let len = tokens.len();
+        // Row i predicts token i + 1; only the positions asked for are scored.
+        let scored = self
             .backend
-            .with_raw_logits(tokens.to_vec(), lane, move |logits| {
-                let (vocab, len) = (logits.vocab, owned.len());
-                if vocab == 0 || logits.rows < len - 1 {
-                    anyhow::bail!(
-                        "engine returned {} logit rows for {len} tokens",
-                        logits.rows
-                    );
-                }
-                // Scored straight from the engine's buffer: no copy of `[len, vocab]`.
-                logits.with_slice(|data| {
-                    (score_from..len)
-                        .into_par_iter()
-                        .map(|i| {
-                            let row = &data[(i - 1) * vocab..i * vocab];
-                            math::score_position(row, owned[i], top_k, temperature)
-                        })
-                        .collect::<Vec<_>>()
-                })
+            .map_logit_rows(tokens.to_vec(), lane, move |i, row| {
+                let at = i + 1;
+                (score_from..len)
+                    .contains(&at)
+                    .then(|| math::score_position(row, owned[at], top_k, temperature))
             })
-            .await?
-            .map_err(EngineError::Internal)?;
+            .await?;
+        if scored.len() < len - 1 {
+            return Err(EngineError::Internal(anyhow::anyhow!(
+                "engine returned {} logit rows for {len} tokens",
+                scored.len()
+            )));
+        }
+        let rows: Vec<_> = scored.into_iter().flatten().collect();
         Ok(ScoreResult { rows })
     }
 

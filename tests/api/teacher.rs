@@ -498,6 +498,40 @@ async fn metrics_count_requests_and_need_no_key() {
     assert!(text.contains("teachd_ledger_healthy 1"));
 }
 
+/// A sequence of several prefill pieces (the native engine scores each piece's rows as the
+/// pass produces them): every position's logprob and top entries are those of the model's
+/// full logits at that position, from `score_from` on, across the pieces' boundaries.
+#[tokio::test]
+async fn logprobs_of_a_long_sequence_match_the_logits_at_every_position() {
+    let text =
+        "Teacher forcing scores each position of a sequence given all the tokens before it. "
+            .repeat(40);
+    let mut ids = tokenize(&text).await;
+    assert!(ids.len() >= 600, "{} tokens", ids.len());
+    ids.truncate(600);
+    let score_from = 100;
+    let (status, body) = post_json(
+        "/v1/logprobs",
+        json!({"model": MODEL, "token_ids": ids, "top_k": 3, "score_from": score_from}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (logits, width) = model_logits(ids.clone()).await;
+    let rows = body["token_logprobs"].as_array().unwrap();
+    assert_eq!(rows.len(), ids.len() - score_from);
+    for (j, lp) in rows.iter().enumerate() {
+        let i = score_from + j;
+        let reference = reference_log_softmax(&logits[(i - 1) * width..i * width], 1.0);
+        let lp = lp.as_f64().unwrap();
+        let want = reference[ids[i] as usize];
+        assert!((lp - want).abs() < 1e-5, "position {i}: {lp} vs {want}");
+        let best = (0..width)
+            .max_by(|&a, &b| reference[a].total_cmp(&reference[b]))
+            .unwrap();
+        assert_eq!(u32s(&body["top_ids"][j])[0], best as u32, "position {i}");
+    }
+}
+
 /// Teacher forcing on the native engine (the default on CPU) against mistralrs's own forward
 /// pass of the same weights (`scoring_engine = "separate"`), an implementation teachd shares
 /// nothing with, over a 2048-token sequence: the logprob of every actual next token agrees

@@ -11,8 +11,9 @@
 //! starts after at most the decode step in progress, and a long prompt holds the running ones
 //! up for one piece at a time.
 //!
-//! Teacher forcing runs on the same model ([`Native::logits_all`], `scoring_engine = "native"`,
-//! the default where this engine runs): outside the engine loop, on the caller's blocking
+//! Teacher forcing runs on the same model ([`Native::logits_by_piece`], scored a piece at a
+//! time, or [`Native::logits_all`]; `scoring_engine = "native"`, the default where this engine
+//! runs): outside the engine loop, on the caller's blocking
 //! thread, so it never waits for a decode step and no decode step waits for it (they share the
 //! CPU). It runs the sequence in the same [`PREFILL_PIECE`] pieces as a generation's prompt, so
 //! the logits after a prompt are the same bits in both.
@@ -122,6 +123,24 @@ impl Native {
     /// thread and rayon's global pool, beside the engine loop rather than inside it. Holds one
     /// `[len, vocab]` buffer, the sequence's key/value cache and one piece's activations.
     pub fn logits_all(&self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+        self.check(tokens)?;
+        self.model.logits_all(tokens, PREFILL_PIECE)
+    }
+
+    /// [`Native::logits_all`] a piece at a time (see [`Model::logits_by_piece`]): holds one
+    /// piece's logits (`PREFILL_PIECE` rows) instead of `[len, vocab]`.
+    pub fn logits_by_piece(
+        &self,
+        tokens: &[u32],
+        on_piece: impl FnMut(usize, &[f32]),
+    ) -> anyhow::Result<()> {
+        self.check(tokens)?;
+        self.model.logits_by_piece(tokens, PREFILL_PIECE, on_piece)
+    }
+
+    /// Refuses a sequence the model cannot run (the callers check first; this keeps the model
+    /// from panicking on one that slipped through).
+    fn check(&self, tokens: &[u32]) -> anyhow::Result<()> {
         let cfg = &self.model.cfg;
         if tokens.len() > cfg.context {
             anyhow::bail!(
@@ -133,7 +152,7 @@ impl Native {
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
             anyhow::bail!("token id {bad} is outside the vocabulary ({})", cfg.vocab);
         }
-        self.model.logits_all(tokens, PREFILL_PIECE)
+        Ok(())
     }
 
     /// Runs one generation to its end (end of sequence chosen by `step`, or `max_new` tokens).

@@ -225,16 +225,32 @@ impl Model {
     /// Teacher forcing: the logits after every token of `tokens` (one sequence, from an empty
     /// cache), `[len, vocab]` row-major, run in prompt pieces of `piece` tokens.
     pub fn logits_all(&self, tokens: &[u32], piece: usize) -> anyhow::Result<Vec<f32>> {
-        let vocab = self.cfg.vocab;
-        let mut out = Vec::with_capacity(tokens.len() * vocab);
+        let mut out = Vec::with_capacity(tokens.len() * self.cfg.vocab);
+        self.logits_by_piece(tokens, piece, |_, rows| out.extend_from_slice(rows))?;
+        Ok(out)
+    }
+
+    /// [`Model::logits_all`] a piece at a time: `on_piece(first, rows)` gets the logits after
+    /// tokens `first..first + rows.len() / vocab`, row-major, as each piece is run; only one
+    /// piece's logits exist at a time.
+    pub fn logits_by_piece(
+        &self,
+        tokens: &[u32],
+        piece: usize,
+        mut on_piece: impl FnMut(usize, &[f32]),
+    ) -> anyhow::Result<()> {
         let mut cache = KvCache::with_capacity(&self.cfg, tokens.len());
-        for chunk in tokens.chunks(piece.max(1)) {
+        let piece = piece.max(1);
+        for (i, chunk) in tokens.chunks(piece).enumerate() {
             let x = self.append(&mut cache, chunk)?;
             let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.eps)?;
             let x = x.contiguous()?;
-            out.extend(kernel::matmul(&F32s::of(&x)?, chunk.len(), &self.lm_head));
+            on_piece(
+                i * piece,
+                &kernel::matmul(&F32s::of(&x)?, chunk.len(), &self.lm_head),
+            );
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Appends the embedding of each token to `x`.
