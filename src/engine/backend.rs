@@ -103,6 +103,16 @@ pub struct Backend {
     next_id: AtomicUsize,
 }
 
+/// Where a model's teacher forcing is to run, as chosen at load (`scoring_engine`).
+pub enum ScoringOn {
+    /// The native engine's model.
+    Native,
+    /// A mistralrs instance of its own.
+    Instance(Arc<MistralRs>),
+    /// The mistralrs generation instance, behind its read-write gate.
+    Generation,
+}
+
 /// Where teacher forcing runs (`scoring_engine`).
 enum Scoring {
     /// A mistralrs instance: one of its own (`separate`), or the generation one (`shared`).
@@ -166,14 +176,11 @@ enum LogitsData {
 
 impl RawLogits {
     /// The native engine's `[rows, vocab]` row-major logits.
-    fn native(data: Vec<f32>, vocab: usize) -> anyhow::Result<Self> {
-        if vocab == 0 || !data.len().is_multiple_of(vocab) {
-            anyhow::bail!("{} logits do not make rows of {vocab}", data.len());
-        }
-        Ok(Self {
+    fn native(data: Vec<f32>, vocab: usize) -> Self {
+        Self {
             data: LogitsData::Native(data),
             vocab,
-        })
+        }
     }
 
     fn new(chunks: Vec<mistralrs::Tensor>) -> anyhow::Result<Self> {
@@ -238,37 +245,37 @@ impl Drop for Waiting {
 }
 
 impl Backend {
-    /// `scoring`: a second engine instance of the same model for teacher forcing, or `None` to
-    /// run it on the generation engine (behind the read-write gate). `native_scoring`: run it
-    /// on `native` instead (then `scoring` must be `None`).
+    /// `scoring`: where teacher forcing runs; [`ScoringOn::Native`] needs `native`.
     #[allow(clippy::too_many_arguments)] // each is one engine part or knob, named at the call
     pub fn new(
         generation: Arc<MistralRs>,
-        scoring: Option<Arc<MistralRs>>,
+        scoring: ScoringOn,
         native: Option<Native>,
-        native_scoring: bool,
         max_batch: usize,
         max_queue: usize,
         settle: Duration,
         spare_max_tokens: usize,
         spare_quiet: Duration,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let generation = Arc::new(Instance {
             mistral: generation,
             gate: Arc::new(RwLock::new(())),
         });
         let native = native.map(Arc::new);
         let scoring = match (scoring, &native) {
-            (None, Some(native)) if native_scoring => {
+            (ScoringOn::Native, Some(native)) => {
                 Scoring::Native(native.clone(), Arc::new(RwLock::new(())))
             }
-            (Some(mistral), _) => Scoring::Mistral(Arc::new(Instance {
+            (ScoringOn::Native, None) => {
+                anyhow::bail!("teacher forcing on the native engine needs the native engine")
+            }
+            (ScoringOn::Instance(mistral), _) => Scoring::Mistral(Arc::new(Instance {
                 mistral,
                 gate: Arc::new(RwLock::new(())),
             })),
-            (None, _) => Scoring::Mistral(generation.clone()),
+            (ScoringOn::Generation, _) => Scoring::Mistral(generation.clone()),
         };
-        Self {
+        Ok(Self {
             generation,
             native,
             scoring,
@@ -283,7 +290,7 @@ impl Backend {
             spare_quiet,
             last_foreground: parking_lot::Mutex::new(None),
             next_id: AtomicUsize::new(1),
-        }
+        })
     }
 
     /// Whether teacher forcing has a lane of its own (the native engine's model, or a mistralrs
@@ -535,7 +542,12 @@ impl Backend {
         match self.pass_turn(lane).await? {
             (turn, PassOn::Native(native)) => {
                 let native = native.clone();
-                let pass = move || RawLogits::native(native.logits_all(&tokens)?, native.vocab());
+                let pass = move || {
+                    Ok(RawLogits::native(
+                        native.logits_all(&tokens)?,
+                        native.vocab(),
+                    ))
+                };
                 score_blocking(pass, f, turn).await
             }
             (turn, PassOn::Mistral(instance)) => self.mistral_pass(instance, tokens, turn, f).await,

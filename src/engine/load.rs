@@ -16,7 +16,7 @@ use mistralrs_core::{
 };
 use sha2::{Digest, Sha256};
 
-use super::backend::{Backend, Lane};
+use super::backend::{Backend, Lane, ScoringOn};
 use super::native::Native;
 use super::{ModelInfo, Teacher};
 use crate::config::{
@@ -48,8 +48,8 @@ pub(super) async fn load_teacher(
         && cfg
             .generation_dequantize_on_cpu
             .unwrap_or(cfg.dequantize_on_cpu);
-    // Native scoring needs the native engine, which needs a generation engine of its own
-    // weights (the mistralrs generation instance may differ from the scoring one).
+    // The native engine runs the generation weights: with `shared` those are the scoring
+    // engine's, otherwise `generation_dequantize_on_cpu` decides how they load.
     let native_path = match cfg.scoring_engine {
         ScoringEngine::Shared => native_generation(cfg, on_cpu, dtype, dequantize_scoring)?,
         _ => native_generation(cfg, on_cpu, dtype, dequantize_own_generation)?,
@@ -259,15 +259,15 @@ pub(super) async fn load_teacher(
     };
     let mistral = build(pipeline).await;
     let scoring = match scoring_pipeline {
-        Some(p) => Some(build(p).await),
-        None => None,
+        Some(p) => ScoringOn::Instance(build(p).await),
+        None if native_scoring => ScoringOn::Native,
+        None => ScoringOn::Generation,
     };
     let native_engine = native.is_some();
     let backend = Backend::new(
         mistral,
         scoring,
         native,
-        native_scoring,
         generations_at_once,
         engine.max_queue,
         Duration::from_millis(engine.settle_ms),
@@ -280,7 +280,7 @@ pub(super) async fn load_teacher(
             0
         },
         Duration::from_millis(engine.spare_quiet_ms),
-    );
+    )?;
     tracing::info!(
         model = %cfg.id,
         scoring_engine = backend.scoring_engine(),

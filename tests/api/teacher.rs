@@ -585,9 +585,7 @@ async fn native_teacher_forcing_agrees_with_mistralrs_over_2048_tokens() {
         "native vs mistralrs teacher forcing, 2048 tokens, max |dlogprob|: next token {next:.2e}, \
          top-20 {top:.2e}, whole vocabulary {all:.2e}"
     );
+    // The top 20 are part of the whole vocabulary: reported, bounded by `all`.
     assert!(next < 1e-4, "next tokens {next:.2e}");
-    assert!(
-        top < 2.5e-4 && all < 2.5e-4,
-        "top-20 {top:.2e}, whole vocabulary {all:.2e}"
-    );
+    assert!(all < 2.5e-4, "whole vocabulary {all:.2e}");
 }

@@ -123,7 +123,6 @@ impl Native {
     /// thread and rayon's global pool, beside the engine loop rather than inside it. Holds one
     /// `[len, vocab]` buffer, the sequence's key/value cache and one piece's activations.
     pub fn logits_all(&self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
-        self.check(tokens)?;
         self.model.logits_all(tokens, PREFILL_PIECE)
     }
 
@@ -134,25 +133,7 @@ impl Native {
         tokens: &[u32],
         on_piece: impl FnMut(usize, &[f32]),
     ) -> anyhow::Result<()> {
-        self.check(tokens)?;
         self.model.logits_by_piece(tokens, PREFILL_PIECE, on_piece)
-    }
-
-    /// Refuses a sequence the model cannot run (the callers check first; this keeps the model
-    /// from panicking on one that slipped through).
-    fn check(&self, tokens: &[u32]) -> anyhow::Result<()> {
-        let cfg = &self.model.cfg;
-        if tokens.len() > cfg.context {
-            anyhow::bail!(
-                "{} tokens exceed the model's context of {}",
-                tokens.len(),
-                cfg.context
-            );
-        }
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
-            anyhow::bail!("token id {bad} is outside the vocabulary ({})", cfg.vocab);
-        }
-        Ok(())
     }
 
     /// Runs one generation to its end (end of sequence chosen by `step`, or `max_new` tokens).
